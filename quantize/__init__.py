@@ -1,0 +1,1 @@
+"""sdrt quantize stage: precision variants of exported graphs, each gated on fidelity vs fp32."""

@@ -1,0 +1,21 @@
+"""Error types whose message is a complete one-line explanation for the user."""
+
+
+class SdrtError(Exception):
+    """Base of every error sdrt reports to a user; the CLI prints it without a traceback."""
+
+
+class InputError(SdrtError, ValueError):
+    """A generation or command argument is out of range or malformed."""
+
+
+class ModelError(SdrtError):
+    """A model folder is missing, incomplete, or does not match what the runtime expects."""
+
+
+class ExportError(SdrtError):
+    """Exporting a model failed or its graphs disagree with the source model."""
+
+
+class GenerationError(SdrtError):
+    """A generation produced unusable output (NaN/Inf) or was stopped."""
