@@ -1,0 +1,229 @@
+"""NumPy samplers over a `Schedule` (k-diffusion's split), each matching a diffusers scheduler.
+
+Every sampler has one signature, `run(denoise, x, schedule, *, noise, callback) -> x`, works on
+x = x0 + sigma * eps and sits in `SAMPLERS`, so the pipeline never branches on the sampler. A
+sampler calls `callback(i, x, denoised)` after each model call and returns `denoised` at once
+when it answers True. `sample()` turns x into diffusers' own latents for callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.guidance import Denoiser, ModelFn
+from sdrt.runtime.schedules import (
+    Schedule,
+    SchedulerConfig,
+    ddim_schedule,
+    dpm_karras_schedule,
+    dpm_schedule,
+    euler_schedule,
+    pndm_schedule,
+    rescale_vp,
+)
+
+log = logging.getLogger(__name__)
+NoiseFn = Callable[[tuple[int, ...]], np.ndarray]  # shape -> standard normal draw
+StepFn = Callable[[int, np.ndarray, np.ndarray], bool]  # (i, x, denoised) -> stop?
+UserCallback = Callable[[int, int, np.ndarray], bool | None]  # (i, n, latents) -> stop?
+DEFAULT_SAMPLER = "euler"  # for scheduler classes we do not know: first order, any schedule
+# Adams–Bashforth weights on the newest-first model outputs, and their divisor.
+_ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12),
+                    4: ((55, -59, 37, -9), 24)}
+
+
+def sample_euler(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise: NoiseFn | None,
+                 callback: StepFn) -> np.ndarray:
+    """Euler's method on dx/dsigma = eps (Karras et al. 2022, alg. 1); on diffusers' DDIM tables
+    this is DDIM with eta = 0 (Song et al. 2020)."""
+    for i in range(len(sched)):
+        denoised, eps = denoise(x, sched.sigmas[i], sched.timesteps[i])
+        x = sched.relabel(x + (sched.sigmas_to[i] - sched.sigmas[i]) * eps, i)
+        if callback(i, x, denoised):
+            return denoised
+    return x
+
+
+def sample_euler_ancestral(denoise: Denoiser, x: np.ndarray, sched: Schedule, *,
+                           noise: NoiseFn | None, callback: StepFn) -> np.ndarray:
+    """Ancestral Euler (k-diffusion; Ho et al. 2020): Euler to sigma_down, then fresh noise of
+    std sigma_up, drawn every step (the last too, as diffusers does) after the Euler move."""
+    if noise is None:
+        raise InputError("sampler 'euler_a' draws noise every step; pass step_noise")
+    for i in range(len(sched)):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        denoised, eps = denoise(x, sigma, sched.timesteps[i])
+        sigma_up = sigma_next * math.sqrt(sigma**2 - sigma_next**2) / sigma
+        sigma_down = sigma_next**2 / sigma  # = sqrt(sigma_next² - sigma_up²)
+        x = x + (sigma_down - sigma) * eps
+        x = x + np.asarray(noise(x.shape), dtype=np.float32) * sigma_up
+        if callback(i, x, denoised):
+            return denoised
+    return x
+
+
+def sample_plms(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise: NoiseFn | None,
+                callback: StepFn) -> np.ndarray:
+    """PLMS (Liu et al. 2022) as diffusers' PNDM with skip_prk_steps: a trial DDIM step, a
+    Heun-like restart from the first latents with the mean output, then Adams–Bashforth (order
+    ≤ 4) on raw model outputs, each a DDIM step with the combined output."""
+    first, history = x, []  # history: raw outputs newest last; call 1's output is not kept
+    for i in range(len(sched)):
+        out = denoise.output(x, sched.sigmas[i], sched.timesteps[i])
+        if i == 1:
+            out = (out + history[0]) / 2
+            x = rescale_vp(first, sched.sigmas[0], sched.sigmas[1])
+        else:
+            history = [*history[-3:], out]
+            weights, divisor = _ADAMS_BASHFORTH[len(history)]
+            out = sum(w * h for w, h in zip(weights, reversed(history), strict=False)) / divisor
+        denoised, eps = denoise.split(out, x, sched.sigmas[i])
+        x = sched.relabel(denoised + sched.sigmas_to[i] * eps, i)
+        if callback(i, x, denoised):
+            return denoised
+    return x
+
+
+def sample_dpmpp_2m(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise: NoiseFn | None,
+                    callback: StepFn) -> np.ndarray:
+    """DPM-Solver++(2M) (Lu et al. 2022), midpoint form: first order on the first step, and the
+    step to sigma 0 returns the denoised estimate (diffusers' lower_order_final)."""
+    previous = None
+    for i in range(len(sched)):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        denoised, _ = denoise(x, sigma, sched.timesteps[i])
+        if sigma_next == 0:
+            x = denoised
+        else:
+            estimate = denoised
+            # second order needs two real steps: r = h_{i-1} / h_i, h = log-SNR step length
+            if previous is not None and sched.sigmas[i - 1] > sigma > sigma_next:
+                r = math.log(sched.sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
+                estimate = denoised + (denoised - previous) * (0.5 / r)
+            x = x * (sigma_next / sigma) + estimate * (1.0 - sigma_next / sigma)
+        previous = denoised
+        if callback(i, x, denoised):
+            return denoised
+    return x
+
+
+SamplerFn = Callable[..., np.ndarray]  # the shared signature of the functions above
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: its loop, the diffusers-compatible schedule it runs on, and its names."""
+
+    run: SamplerFn
+    schedule: Callable[[SchedulerConfig, int, int], Schedule]
+    display: str  # A1111's name, written into the PNG metadata
+    diffusers_class: str
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(sample_euler, ddim_schedule, "DDIM", "DDIMScheduler"),
+    "pndm": SamplerSpec(sample_plms, pndm_schedule, "PLMS", "PNDMScheduler"),
+    "euler": SamplerSpec(sample_euler, euler_schedule, "Euler", "EulerDiscreteScheduler"),
+    "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "Euler a",
+                           "EulerAncestralDiscreteScheduler"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPM++ 2M",
+                            "DPMSolverMultistepScheduler"),
+    "dpmpp_2m_karras": SamplerSpec(sample_dpmpp_2m, dpm_karras_schedule, "DPM++ 2M Karras",
+                                   "DPMSolverMultistepScheduler"),
+}
+_ALIASES = {
+    **{name: name for name in SAMPLERS},
+    **{spec.display.lower(): name for name, spec in SAMPLERS.items()},
+    **{spec.diffusers_class.lower(): name for name, spec in SAMPLERS.items()
+       if name != "dpmpp_2m_karras"},
+    "plms": "pndm",
+}
+
+
+def resolve_sampler(name: str) -> str:
+    """Canonical sampler name for a canonical, A1111 or diffusers class name (any case)."""
+    canonical = _ALIASES.get(str(name).strip().lower())
+    if canonical is None:
+        raise InputError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return canonical
+
+
+def default_sampler(config: SchedulerConfig) -> str:
+    """The sampler of the model folder's own scheduler class; DEFAULT_SAMPLER for other classes.
+
+    EulerDiscreteScheduler maps to "euler" even with use_karras_sigmas (A1111's Euler has no
+    Karras variant); only DPMSolverMultistepScheduler's flag selects "dpmpp_2m_karras".
+    """
+    name = _ALIASES.get(str(config.class_name or "").lower())
+    if name is None:
+        log.info("no sampler for scheduler class %r; using %s", config.class_name, DEFAULT_SAMPLER)
+        return DEFAULT_SAMPLER
+    if name == "dpmpp_2m" and config.use_karras_sigmas:
+        return "dpmpp_2m_karras"
+    return name
+
+
+def display_name(sampler: str) -> str:
+    """A1111's name for a sampler ("Euler a", "PLMS", "DPM++ 2M Karras", ...)."""
+    return SAMPLERS[resolve_sampler(sampler)].display
+
+
+def num_model_calls(sampler: str, steps: int, start_step: int = 0) -> int:
+    """Model calls of a run: `steps`, but PNDM's PLMS makes steps + 1 when steps ≥ 2."""
+    calls = steps + 1 if resolve_sampler(sampler) == "pndm" and steps > 1 else steps
+    return calls - start_step
+
+
+def start_step_for_strength(steps: int, strength: float) -> int:
+    """First step of an image-to-image run, as diffusers' img2img pipeline picks it."""
+    return steps - min(int(steps * strength), steps)
+
+
+def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
+           sampler: str = "euler_a", steps: int = 20, step_noise: NoiseFn | None = None,
+           callback: UserCallback | None = None, start_step: int = 0,
+           init_latents: np.ndarray | None = None) -> np.ndarray:
+    """Run a sampler from noise (or, for image-to-image, from init_latents noised to the level of
+    step `start_step`) and return float32 latents as diffusers hands them to the VAE.
+
+    `callback(i, n, latents)` runs after every model call (n = calls of this run); when it
+    returns True the run stops and the current denoised estimate is returned.
+    """
+    config.validate()
+    name = resolve_sampler(sampler)
+    _check_run(config, name, steps, start_step, noise, init_latents)
+    spec = SAMPLERS[name]
+    sched = spec.schedule(config, steps, start_step)
+    stopped = False
+
+    def on_step(i: int, x: np.ndarray, denoised: np.ndarray) -> bool:
+        nonlocal stopped
+        if callback is not None and callback(i, len(sched), sched.latents(x, i + 1)):
+            stopped = True
+        return stopped
+
+    x = spec.run(Denoiser(model, config.prediction_type), sched.initial(noise, init_latents),
+                 sched, noise=step_noise, callback=on_step)
+    return x if stopped else sched.latents(x, len(sched))
+
+
+def _check_run(config: SchedulerConfig, name: str, steps: int, start_step: int,
+               noise: np.ndarray, init_latents: np.ndarray | None) -> None:
+    limit = config.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise InputError(f"steps must be an integer in 1..{limit}, got {steps!r}")
+    calls = num_model_calls(name, steps)
+    if isinstance(start_step, bool) or not isinstance(start_step, int) \
+            or not 0 <= start_step < calls:
+        raise InputError(f"start_step must be an integer in 0..{calls - 1}, got {start_step!r}")
+    if start_step and init_latents is None:
+        raise InputError("start_step > 0 needs init_latents to start from")
+    if init_latents is not None and np.shape(init_latents) != np.shape(noise):
+        raise InputError(f"init_latents must have the noise's shape {np.shape(noise)}, "
+                         f"got {np.shape(init_latents)}")
