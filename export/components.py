@@ -1,0 +1,239 @@
+"""The four graphs of optimum's SD ONNX layout: torch wrappers, I/O names, example inputs.
+
+I/O names and meanings follow optimum's exporter (research/users.md §3.2): text_encoder
+`input_ids → last_hidden_state, pooler_output`; unet `sample, timestep (rank-0 float),
+encoder_hidden_states → out_sample`; vae_encoder `sample → latent_parameters` (mean ‖ logvar,
+the caller samples); vae_decoder `latent_sample → sample` (post_quant_conv included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.export.source import SourceModel
+from sdrt.runtime.errors import ModelError
+
+logger = logging.getLogger("sdrt.export")
+Inputs = dict[str, torch.Tensor]
+# Old checkpoints carry non-persistent buffers (CLIP's position_ids) that newer code rebuilds.
+_IGNORED_UNEXPECTED = ("position_ids",)
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """CLIPTextModel → (last_hidden_state, pooler_output)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetGraph(torch.nn.Module):
+    """UNet2DConditionModel → out_sample (the noise/v prediction)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """AutoencoderKL.encode → latent_parameters (the diagonal Gaussian's mean ‖ logvar)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """AutoencoderKL.decode (post_quant_conv + decoder) → sample in [-1, 1] scale."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class GraphDef:
+    """One exported graph: folder name, I/O names, dynamic axes and example-input makers."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    trace_inputs: Callable[[SourceModel], Inputs]
+    check_inputs: Callable[[SourceModel], list[Inputs]]
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)  # fixed: checks must be reproducible
+
+
+def _text_ids(src: SourceModel, batch: int, length: int, gen: torch.Generator) -> Inputs:
+    """CLIP-like ids: bos, random tokens, eos, then eos padding, as SD 1.x's tokenizer writes."""
+    # CLIP's vocabulary ends with <|startoftext|>, <|endoftext|>; SD 1.x configs often carry
+    # legacy bos/eos ids (0, 2), so take the real ids from the vocabulary size instead.
+    vocab = int(src.text_encoder["vocab_size"])
+    bos, eos = vocab - 2, vocab - 1
+    ids = torch.randint(0, bos, (batch, length), generator=gen)
+    ids[:, 0] = bos
+    for row in range(batch):
+        end = min(1 + row * 3 + length // 3, length - 1)
+        ids[row, end:] = eos
+    return {"input_ids": ids}  # (B, L) int64
+
+
+def _max_length(src: SourceModel) -> int:
+    return int(src.text_encoder.get("max_position_embeddings", 77))
+
+
+def _odd_latent(src: SourceModel) -> tuple[int, int]:
+    # Tracing at latent sides that are not multiples of the UNet's downsampling factor makes
+    # diffusers take its general upsample path (interpolate to the skip connection's size), so
+    # one graph serves every size, e.g. 520 px → latent 65 on SD 1.5 (as diffusers torch does).
+    factor = src.unet_up_factor
+    return 2 * factor + 1, 2 * factor + 3
+
+
+def _unet_inputs(src: SourceModel, batch: int, hw: tuple[int, int], t: float,
+                 gen: torch.Generator) -> Inputs:
+    channels, dim = src.unet["in_channels"], src.text_encoder["hidden_size"]
+    return {
+        "sample": torch.randn(batch, channels, *hw, generator=gen),  # (B, 4, h, w)
+        "timestep": torch.tensor(t, dtype=torch.float32),  # rank 0, as optimum exports it
+        "encoder_hidden_states": torch.randn(batch, _max_length(src), dim, generator=gen),
+    }
+
+
+def _latents(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Generator) -> Inputs:
+    return {"latent_sample": torch.randn(batch, src.latent_channels, *hw, generator=gen)}
+
+
+def _pixels(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Generator) -> Inputs:
+    side = tuple(n * src.vae_scale_factor for n in hw)
+    channels = src.vae.get("in_channels", 3)
+    return {"sample": torch.rand(batch, channels, *side, generator=gen) * 2 - 1}  # [-1, 1]
+
+
+# Check sizes (latent): a square batch of 2, and batch 1 at odd sides (25×39 latent; 50×78 px on
+# the tiny model, 200×312 px on SD 1.5), so dynamic axes and the general upsample path are both
+# exercised; small enough that checking a full SD 1.5 UNet takes seconds, not minutes.
+CHECK_LATENTS = ((2, (32, 32)), (1, (25, 39)))
+
+GRAPHS: dict[str, GraphDef] = {
+    "text_encoder": GraphDef(
+        "text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"),
+        {"input_ids": {0: "batch_size", 1: "sequence_length"},
+         "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
+         "pooler_output": {0: "batch_size"}},
+        lambda s: _text_ids(s, 2, _max_length(s), _gen()),
+        lambda s: [_text_ids(s, 2, _max_length(s), _gen()),
+                   _text_ids(s, 1, min(16, _max_length(s)), _gen())]),
+    "unet": GraphDef(
+        "unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+        {"sample": {0: "batch_size", 2: "height", 3: "width"},
+         "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+         "out_sample": {0: "batch_size", 2: "height", 3: "width"}},
+        lambda s: _unet_inputs(s, 2, _odd_latent(s), 999.0, _gen()),
+        lambda s: [_unet_inputs(s, b, hw, t, _gen())
+                   for (b, hw), t in zip(CHECK_LATENTS, (981.0, 1.0), strict=True)]),
+    "vae_encoder": GraphDef(
+        "vae_encoder", ("sample",), ("latent_parameters",),
+        {"sample": {0: "batch_size", 2: "height", 3: "width"},
+         "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}},
+        lambda s: _pixels(s, 2, _odd_latent(s), _gen()),
+        lambda s: [_pixels(s, b, hw, _gen()) for b, hw in CHECK_LATENTS]),
+    "vae_decoder": GraphDef(
+        "vae_decoder", ("latent_sample",), ("sample",),
+        {"latent_sample": {0: "batch_size", 2: "height_latent", 3: "width_latent"},
+         "sample": {0: "batch_size", 2: "height", 3: "width"}},
+        lambda s: _latents(s, 2, _odd_latent(s), _gen()),
+        lambda s: [_latents(s, b, hw, _gen()) for b, hw in CHECK_LATENTS]),
+}
+
+
+def load_text_encoder(folder: Path) -> torch.nn.Module:
+    """CLIPTextModel in float32, failing on any missing, unexpected or mismatched weight."""
+    from transformers import CLIPTextModel
+
+    return _load(CLIPTextModel, folder, "text_encoder")
+
+
+def load_unet(folder: Path) -> torch.nn.Module:
+    """UNet2DConditionModel in float32, failing on any missing, unexpected or mismatched weight."""
+    from diffusers import UNet2DConditionModel
+
+    return _load(UNet2DConditionModel, folder, "unet")
+
+
+def load_vae(folder: Path) -> torch.nn.Module:
+    """AutoencoderKL in float32, failing on any missing, unexpected or mismatched weight."""
+    from diffusers import AutoencoderKL
+
+    return _load(AutoencoderKL, folder, "vae")
+
+
+def _load(cls: Any, folder: Path, name: str) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {"torch_dtype": torch.float32, "output_loading_info": True}
+    if cls.__module__.startswith("diffusers"):
+        # diffusers' memory-saving load needs accelerate; say so up front instead of letting it
+        # print a fallback notice (without it, loading briefly holds the weights twice).
+        kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+    try:
+        with _no_progress_bars():
+            model, info = cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {name}/ weights: {first}") from exc
+    _check_loading_info(info, name)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' weight-loading bar for one call; progress is the CLI's job."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_loading_info(info: dict[str, Any], name: str) -> None:
+    """Fail loudly where a library would silently re-initialise weights (DESIGN.md pitfall)."""
+    problems = {
+        "missing": sorted(info.get("missing_keys") or ()),
+        "unexpected": sorted(key for key in info.get("unexpected_keys") or ()
+                             if not key.endswith(_IGNORED_UNEXPECTED)),
+        "mismatched": sorted(str(item[0] if isinstance(item, tuple) else item)
+                             for item in info.get("mismatched_keys") or ()),
+    }
+    found = [f"{len(keys)} {kind} (e.g. '{keys[0]}')" for kind, keys in problems.items() if keys]
+    if found:
+        raise ModelError(f"{name}/ weights do not match its config: {', '.join(found)}; "
+                         "refusing to export re-initialised weights")
+    logger.debug("%s: all weights loaded", name)

@@ -1,0 +1,200 @@
+"""Export a diffusers SD 1.x folder to optimum's ONNX layout plus sdrt's manifest.json.
+
+Output (research/users.md §3.2): model_index.json, text_encoder/ unet/ vae_encoder/
+vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, scheduler/,
+manifest.json. The folder is written under a hidden sibling name and renamed into place only
+when complete, so an interrupted export never leaves a loadable OUT_DIR behind; one component
+is in memory at a time (the SD 1.5 UNet export alone peaks near 10 GB).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.export import components as comp
+from sdrt.export.onnx_files import (
+    EXTERNAL_DATA_THRESHOLD,
+    TORCHSCRIPT_OPSETS,
+    export_graph,
+    graph_io,
+)
+from sdrt.export.source import SourceModel, read_source, source_info
+from sdrt.export.validate import check_graph
+from sdrt.runtime.errors import ExportError
+from sdrt.runtime.manifest import ComponentSpec, Manifest, scan_files
+
+logger = logging.getLogger("sdrt.export")
+
+ONNX_WEIGHTS_NAME = "model.onnx"  # optimum's constant
+EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
+# optimum's ONNX export carries no safety checker (optimum#1970); these entries become null.
+_DROPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                    opset: int = 18, force: bool = False, check: bool = True,
+                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                    source_id: str | None = None) -> Path:
+    """Export a diffusers SD folder to an optimum-layout ONNX folder; returns OUT_DIR.
+
+    `check` compares every graph with torch in ONNX Runtime before the folder is accepted;
+    `external_data_threshold` (bytes of weights) moves weights to model.onnx_data above it;
+    `source_id` records a hub id in the manifest when the caller resolved one.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    if opset not in TORCHSCRIPT_OPSETS:
+        raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
+                          f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
+    source = read_source(src)
+    _check_destination(src, out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    started = time.perf_counter()
+    try:
+        _write_folder(source, work, opset=opset, check=check, source_id=source_id,
+                      threshold=external_data_threshold)
+        _commit(work, out, force)
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written folder
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("exported %s → %s in %.1f s", src, out, time.perf_counter() - started)
+    return out
+
+
+def _check_destination(src: Path, out: Path, force: bool) -> None:
+    src_real, out_real = src.resolve(), out.resolve()
+    if out_real == src_real or out_real in src_real.parents:
+        raise ExportError(f"OUT_DIR '{out}' would contain or replace MODEL_DIR '{src}'; "
+                          "choose another folder")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ExportError(f"OUT_DIR '{out}' exists and is not a folder")
+        if not force:
+            raise ExportError(f"OUT_DIR '{out}' already exists; pass force=True (--force) "
+                              "to replace it")
+
+
+def _commit(work: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder into place; an old OUT_DIR goes only after that succeeds."""
+    old = None
+    if out.exists():
+        _check_destination(work, out, force)  # re-check: it may have appeared meanwhile
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    try:
+        os.replace(work, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None and old.is_symlink():  # OUT_DIR was a link: drop the link, not its target
+        old.unlink()
+    elif old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
+                  source_id: str | None, threshold: int) -> None:
+    _write_index(source, work)
+    shutil.copytree(source.folder / "tokenizer", work / "tokenizer")
+    shutil.copytree(source.folder / "scheduler", work / "scheduler")
+    specs: dict[str, ComponentSpec] = {}
+    steps: list[tuple[str, Callable[[Path], torch.nn.Module], list[str]]] = [
+        ("text_encoder", comp.load_text_encoder, ["text_encoder"]),
+        ("unet", comp.load_unet, ["unet"]),
+        ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
+    ]
+    for folder, loader, graphs in steps:
+        model = loader(source.folder / folder)
+        for name in graphs:
+            specs[name] = _export_component(model, name, source, work, opset=opset,
+                                            check=check, threshold=threshold)
+        del model
+        gc.collect()  # free this component's weights before loading the next one
+    _manifest(source, specs, work, opset=opset, source_id=source_id).save(work)
+
+
+def _export_component(model: torch.nn.Module, name: str, source: SourceModel, work: Path, *,
+                      opset: int, check: bool, threshold: int) -> ComponentSpec:
+    """Export one graph into `work/name/`, check it, write its config.json; returns its spec."""
+    started = time.perf_counter()
+    graph = comp.GRAPHS[name]
+    module = _WRAPPERS[name](model).eval()
+    folder = work / name
+    path = folder / ONNX_WEIGHTS_NAME
+    export_graph(module, graph, graph.trace_inputs(source), path, opset=opset,
+                 external_data_threshold=threshold)
+    extra: dict[str, Any] = {}
+    if check:
+        extra["validation"] = check_graph(module, graph, path, graph.check_inputs(source))
+    if path.with_name(path.name + "_data").exists():
+        extra["external_data"] = path.name + "_data"
+    _write_config(model, folder)
+    inputs, outputs = graph_io(path)
+    logger.info("%s: exported in %.1f s", name, time.perf_counter() - started)
+    return ComponentSpec(file=ONNX_WEIGHTS_NAME, inputs=inputs, outputs=outputs, extra=extra)
+
+
+_WRAPPERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "text_encoder": comp.TextEncoderGraph,
+    "unet": comp.UNetGraph,
+    "vae_encoder": comp.VaeEncoderGraph,
+    "vae_decoder": comp.VaeDecoderGraph,
+}
+
+
+def _write_config(model: Any, folder: Path) -> None:
+    """The component's config.json as its library writes it (vae_* carry scaling_factor)."""
+    if hasattr(model, "save_config"):  # diffusers ModelMixin
+        model.save_config(folder)
+    else:  # transformers PreTrainedModel
+        model.config.save_pretrained(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text("utf-8"))
+    if config.pop("_name_or_path", None) is not None:  # a build-machine path: not for sharing
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
+def _write_index(source: SourceModel, work: Path) -> None:
+    """model_index.json as optimum's export writes it: the pipeline's, safety checker nulled."""
+    index = dict(source.model_index)
+    for key in _DROPPED_COMPONENTS:
+        if key in index:
+            index[key] = [None, None]
+    if "requires_safety_checker" in index:
+        index["requires_safety_checker"] = False
+    (work / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
+
+
+def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, *, opset: int,
+              source_id: str | None) -> Manifest:
+    return Manifest(
+        family=source.family, source=source_info(source, source_id), components=specs,
+        scaling_factor=source.scaling_factor, latent_channels=source.latent_channels,
+        vae_scale_factor=source.vae_scale_factor, sample_size=source.sample_size,
+        prediction_type=source.prediction_type, opset=opset, versions=_versions(),
+        files=scan_files(work), variants=[], extra={"exporter": EXPORTER},
+    )
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found

@@ -1,0 +1,174 @@
+"""Read and check a diffusers Stable Diffusion pipeline folder (model_index.json layout).
+
+Only configs are read here, no weights: a bad folder is refused before torch loads anything.
+Class names from model_index.json are checked against allow-lists and never imported
+(research/users.md §3.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdrt.runtime.errors import ModelError
+
+PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+# component → (library, allowed class names), as model_index.json names them.
+COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
+    "unet": ("diffusers", frozenset({"UNet2DConditionModel"})),
+    "vae": ("diffusers", frozenset({"AutoencoderKL"})),
+    "text_encoder": ("transformers", frozenset({"CLIPTextModel"})),
+    "tokenizer": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
+}
+_SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json",
+                "text_encoder/config.json", "scheduler/scheduler_config.json")
+# diffusers' AutoencoderKL default; SD 1.x/2.x VAE configs older than that key lack it.
+DEFAULT_SCALING_FACTOR = 0.18215
+_HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)")
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A checked diffusers SD folder: its configs and the numbers the export needs."""
+
+    folder: Path
+    model_index: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    family: str
+    config_sha256: str
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.get("latent_channels", 4))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """diffusers: 2 ** (len(vae.block_out_channels) - 1) (pipeline_stable_diffusion.py)."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def unet_up_factor(self) -> int:
+        """How many times the UNet halves its input: latent sides not divisible need care."""
+        return 2 ** (len(self.unet["block_out_channels"]) - 1)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.unet["sample_size"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.get("scaling_factor", DEFAULT_SCALING_FACTOR))
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.get("prediction_type", "epsilon"))
+
+
+def read_source(folder: str | Path) -> SourceModel:
+    """Check a diffusers SD folder's model_index.json and configs; raise ModelError if unfit."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ModelError(f"model folder '{root}' does not exist or is not a folder")
+    index = _read_json(root, "model_index.json")
+    _check_index(root, index)
+    configs = {name: _read_json(root, rel) for name, rel in (
+        ("unet", "unet/config.json"), ("vae", "vae/config.json"),
+        ("text_encoder", "text_encoder/config.json"),
+        ("scheduler", "scheduler/scheduler_config.json"))}
+    _check_tokenizer(root)
+    family = detect_family(configs["unet"], configs["vae"], configs["text_encoder"])
+    source = SourceModel(folder=root, model_index=index, family=family,
+                         config_sha256=_config_hash(root), **configs)
+    if source.prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"scheduler prediction_type {source.prediction_type!r} is not one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return source
+
+
+def detect_family(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any]) -> str:
+    """'sd1' or 'sd2' from config shapes (never from folder names); ModelError otherwise."""
+    latent = vae.get("latent_channels", 4)
+    if unet.get("in_channels") != latent or unet.get("out_channels") != latent:
+        raise ModelError(f"unet in/out channels {unet.get('in_channels')}/"
+                         f"{unet.get('out_channels')} differ from the VAE's {latent} latent "
+                         "channels (inpainting/depth UNets are not supported)")
+    hidden = text.get("hidden_size")
+    if unet.get("cross_attention_dim") != hidden:
+        raise ModelError(f"unet cross_attention_dim {unet.get('cross_attention_dim')} does not "
+                         f"match text_encoder hidden_size {hidden}")
+    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim"):
+        if unet.get(key) is not None:
+            raise ModelError(f"unet has {key}={unet[key]!r}: not an SD 1.x/2.x UNet")
+    # SD 2.x: OpenCLIP-H text encoder (1024 wide) and linear projections in its transformers.
+    return "sd2" if unet.get("use_linear_projection") or hidden == 1024 else "sd1"
+
+
+def source_info(source: SourceModel, source_id: str | None = None) -> dict[str, Any]:
+    """The manifest's `source`: path as given, hub id/revision when known, config hash."""
+    info: dict[str, Any] = {"path": str(source.folder), "config_sha256": source.config_sha256}
+    match = _HUB_SNAPSHOT.search(source.folder.resolve().as_posix())
+    if source_id is not None:
+        info["hub_id"] = source_id
+    elif match:
+        info["hub_id"] = f"{match['org']}/{match['name']}"
+    if match:
+        info["revision"] = match["rev"]
+    return info
+
+
+def _check_index(root: Path, index: dict[str, Any]) -> None:
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ModelError(f"model_index.json _class_name {name!r} is not a supported pipeline "
+                         f"({', '.join(sorted(PIPELINES))})")
+    for component, (library, classes) in COMPONENTS.items():
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library
+                and entry[1] in classes):
+            raise ModelError(f"model_index.json {component} is {entry!r}, expected "
+                             f"['{library}', one of {', '.join(sorted(classes))}]")
+    entry = index.get("scheduler")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"
+            and isinstance(entry[1], str) and _SCHEDULER_CLASS.fullmatch(entry[1])):
+        raise ModelError(f"model_index.json scheduler is {entry!r}, expected a diffusers scheduler")
+    for component in (*COMPONENTS, "scheduler"):
+        if not (root / component).is_dir():
+            raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
+
+
+def _check_tokenizer(root: Path) -> None:
+    folder = root / "tokenizer"
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not (has_bpe or (folder / "tokenizer.json").is_file()):
+        raise ModelError(f"model folder '{root.name}' is incomplete: tokenizer/ has neither "
+                         "vocab.json + merges.txt nor tokenizer.json")
+
+
+def _read_json(root: Path, rel: str) -> dict[str, Any]:
+    path = root / rel
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"model folder '{root.name}' is incomplete: '{rel}' is missing") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"'{rel}' in '{root.name}' is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"'{rel}' in '{root.name}' must hold a JSON object")
+    return data
+
+
+def _config_hash(root: Path) -> str:
+    """sha256 over the config files (names and bytes): identifies the source without weights."""
+    digest = hashlib.sha256()
+    for rel in CONFIG_FILES:
+        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return digest.hexdigest()
