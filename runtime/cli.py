@@ -1,8 +1,145 @@
-"""The `sdrt` command line (click)."""
+"""The `sdrt` command line (click).
+
+Heavy modules are imported inside the command that needs them, so `sdrt --help` is instant and
+`sdrt generate` never imports torch. Errors of sdrt's own types print as one line and exit 1;
+`--verbose` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
 
 import click
 
+from sdrt.runtime.errors import SdrtError
 
-@click.group()
-def main() -> None:
-    """sdrt: Stable Diffusion on CPUs and small GPUs."""
+log = logging.getLogger("sdrt")
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """Where `count` images go: `-o x.png` (x-1.png, x-2.png, … if several) or a numbered folder."""
+    if output.suffix.lower() == ".png":
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if count == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
+    if output.exists() and not output.is_dir():
+        raise click.BadParameter(f"'{output}' exists and is not a folder", param_hint="-o")
+    output.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.stem) for p in output.glob("*.png") if p.stem.isdigit()]
+    start = max(taken, default=0) + 1  # never overwrite earlier work in the folder
+    return [output / f"{start + i:05d}.png" for i in range(count)]
+
+
+class StepProgress:
+    """A tqdm bar fed by the pipeline's step callback."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="step", leave=False, disable=None)
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+    def update(self, step: int, total: int, latents) -> None:
+        self._bar.total = total
+        self._bar.update(step + 1 - self._bar.n)
+
+
+def _reports_errors(command):
+    """Turn SdrtError (and a missing optional dependency) into `error: ...` and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", False)
+        try:
+            return command(*args, **kwargs)
+        except (SdrtError, ModuleNotFoundError) as exc:
+            if verbose:
+                raise
+            message = str(exc)
+            if isinstance(exc, ModuleNotFoundError):
+                message = (f"this command needs the '{exc.name}' package; install the extra, "
+                           "e.g. pip install torch==2.13.0 'sdrt[export]'")
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log details and show tracebacks on errors.")
+@click.version_option(package_name="sdrt")
+def main(verbose: bool) -> None:
+    """sdrt: Stable Diffusion on CPUs and small GPUs, from exported ONNX/OpenVINO graphs.
+
+    \b
+    Typical use:
+      sdrt export ./stable-diffusion-v1-5 ./sd15-onnx     # once, needs the export extra
+      sdrt generate "a lighthouse at dusk" --model ./sd15-onnx
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--opset", default=18, show_default=True, help="ONNX opset to export with.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_reports_errors
+def export(model_dir: Path, out_dir: Path, opset: int, force: bool) -> None:
+    """Export a diffusers-format SD 1.x folder to ONNX (optimum's layout) in OUT_DIR."""
+    from sdrt.export.onnx_export import export_pipeline
+
+    done = export_pipeline(model_dir, out_dir, opset=opset, force=force)
+    click.echo(f"exported {model_dir} → {done}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Exported model folder (see `sdrt export`).")
+@click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
+@click.option("--steps", default=20, show_default=True, help="Sampler steps.")
+@click.option("--guidance-scale", "--cfg-scale", "guidance_scale", default=7.5, show_default=True,
+              help="Classifier-free guidance; ≤ 1 runs the UNet once per step.")
+@click.option("--sampler", default=None,
+              help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (A1111 names too); "
+                   "default: the model's own scheduler.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the first image; image i uses seed+i.")
+@click.option("-W", "--width", type=int, default=None, help="Pixels; default: the model's size.")
+@click.option("-H", "--height", type=int, default=None, help="Pixels; default: the model's size.")
+@click.option("--num-images", default=1, show_default=True, help="Images to make.")
+@click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
+@click.option("--generator", default="torch", show_default=True,
+              help="torch (same starting noise as diffusers on CPU) or numpy.")
+@click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("outputs"),
+              show_default=True, help="A .png file, or a folder to number images in.")
+@_reports_errors
+def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, backend: str,
+             **options) -> None:
+    """Generate images from PROMPT; each PNG carries A1111 `parameters` metadata."""
+    from sdrt.runtime.metadata import save_png
+    from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    request = GenerationRequest(prompt=prompt, **options)
+    paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads)
+    with StepProgress(request.steps) as progress:
+        results = pipe.run(request, callback=progress.update)
+    for path, result in zip(paths, results, strict=True):
+        save_png(result.image, path, result.info)
+        click.echo(f"saved {path}  (seed {result.info.seed})")

@@ -1,0 +1,83 @@
+"""The four Stable Diffusion graphs as thin classes that own their I/O names.
+
+Names follow optimum's ONNX export (text encoder `input_ids → last_hidden_state`; UNet
+`sample, timestep, encoder_hidden_states → out_sample`; VAE decoder `latent_sample → sample`;
+VAE encoder `sample → latent_parameters`), and what varies between exporters (timestep rank
+and dtype, id dtype, the encoder's output) is read from the graph itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.session import Session
+
+
+def _require(session: Session, graph: str, inputs: set[str], outputs: set[str]) -> None:
+    """Refuse a graph whose I/O names are not the ones this component drives."""
+    if not inputs <= set(session.inputs) or not outputs & set(session.outputs):
+        raise ModelError(
+            f"{graph}: expected inputs {sorted(inputs)} and outputs among {sorted(outputs)}, "
+            f"the graph has inputs {sorted(session.inputs)} and outputs {sorted(session.outputs)}"
+        )
+
+
+class TextEncoder:
+    """CLIP text encoder: token ids (B, 77) → hidden states (B, 77, D)."""
+
+    def __init__(self, session: Session) -> None:
+        _require(session, "text_encoder", {"input_ids"}, {"last_hidden_state"})
+        self.session = session
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.session.run({"input_ids": input_ids})["last_hidden_state"]
+
+
+class UNet:
+    """Noise-prediction UNet; the timestep is fed as a scalar or as [batch], as the graph wants."""
+
+    def __init__(self, session: Session) -> None:
+        _require(session, "unet", {"sample", "timestep", "encoder_hidden_states"}, {"out_sample"})
+        self.session = session
+        extra = set(session.inputs) - {"sample", "timestep", "encoder_hidden_states"}
+        if extra:
+            raise ModelError(f"unet: inputs {sorted(extra)} are not supported for SD 1.x yet")
+        self._timestep_rank = len(session.inputs["timestep"].shape)
+        self.in_channels = session.inputs["sample"].shape[1]
+
+    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+        # optimum exports a rank-0 timestep; diffusers' legacy export a [batch] one.
+        timestep = np.array(t) if self._timestep_rank == 0 else np.full(sample.shape[0], t)
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+        return self.session.run(feeds)["out_sample"]
+
+
+class VaeDecoder:
+    """VAE decoder: unscaled latents (B, 4, h, w) → images (B, 3, H, W) in [-1, 1]."""
+
+    def __init__(self, session: Session) -> None:
+        _require(session, "vae_decoder", {"latent_sample"}, {"sample"})
+        self.session = session
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        return self.session.run({"latent_sample": latents})["sample"]
+
+
+class VaeEncoder:
+    """VAE encoder: images (B, 3, H, W) in [-1, 1] → the latent mean (B, 4, h, w).
+
+    optimum's graph returns mean‖logvar (`latent_parameters`); the legacy diffusers export
+    returns an already sampled `latent_sample`. Both are accepted.
+    """
+
+    def __init__(self, session: Session) -> None:
+        _require(session, "vae_encoder", {"sample"}, {"latent_parameters", "latent_sample"})
+        self.session = session
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = self.session.run({"sample": images})
+        if "latent_parameters" in out:
+            params = out["latent_parameters"]  # (B, 2C, h, w): mean then logvar
+            return params[:, : params.shape[1] // 2]
+        return out["latent_sample"]

@@ -1,0 +1,202 @@
+"""Sessions: one exported graph behind a backend (ONNX Runtime or OpenVINO), checked at one edge.
+
+A `Session` reads its input/output specs once at load, checks every feed's name, rank and static
+dimensions against them, casts feeds to the graph's dtypes, and returns float32 outputs.
+Backend-specific knobs live in each backend's constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from sdrt.runtime.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort", "openvino")
+
+# ONNX / OpenVINO element type names → NumPy dtypes.
+_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+    "f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: static dims as ints, dynamic dims as None."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: type
+
+    def check(self, value: np.ndarray, graph: str) -> None:
+        """Raise ModelError naming the tensor if `value` cannot feed this input."""
+        ok = value.ndim == len(self.shape) and all(
+            want is None or want == got for want, got in zip(self.shape, value.shape, strict=False)
+        )
+        if not ok:
+            want = tuple("?" if d is None else d for d in self.shape)
+            raise ModelError(
+                f"{graph}: expected shape {want} for '{self.name}', got {tuple(value.shape)}"
+            )
+
+
+class Session(Protocol):
+    """What components need from a loaded graph."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class CheckedSession:
+    """Shared boundary: name/shape checks and dtype casts around a backend's `_infer`."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    label: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self.inputs) - set(feeds)
+        unknown = set(feeds) - set(self.inputs)
+        if missing or unknown:
+            raise ModelError(
+                f"{self.label}: graph inputs are {sorted(self.inputs)}, "
+                f"runtime fed {sorted(feeds)}"
+            )
+        cast = {}
+        for name, value in feeds.items():
+            spec = self.inputs[name]
+            spec.check(value, self.label)
+            cast[name] = np.asarray(value, dtype=spec.dtype, order="C")  # keeps rank 0
+        try:
+            results = self._infer(cast)
+        except Exception as exc:  # backends raise their own types; the user needs one line
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in cast.items())
+            raise ModelError(f"{self.label} failed on {shapes}: {_first_line(exc)}") from exc
+        return {name: np.asarray(value, dtype=np.float32) for name, value in results.items()}
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OrtSession(CheckedSession):
+    """ONNX Runtime CPU session (`CPUExecutionProvider` unless other providers are given)."""
+
+    def __init__(self, path: Path, *, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        self.label = f"{path.parent.name}/{path.name}"
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own types for corrupt or unsupported graphs
+            message = f"{self.label}: ONNX Runtime cannot load it: {_first_line(exc)}"
+            raise ModelError(message) from exc
+        self.inputs = {i.name: _spec(i.name, i.shape, i.type) for i in self._session.get_inputs()}
+        self.outputs = {o.name: _spec(o.name, o.shape, o.type) for o in self._session.get_outputs()}
+        self._output_names = list(self.outputs)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, values, strict=True))
+
+
+class OpenVinoSession(CheckedSession):
+    """OpenVINO session: reads `.onnx` or `.xml`, compiles once per input shape (static reshape).
+
+    OpenVINO runs static shapes much faster than dynamic ones, so each distinct set of input
+    shapes gets its own compiled model, kept for the session's life. Each thread gets its own
+    infer request, since a request is not safe to share.
+    """
+
+    def __init__(self, path: Path, *, device: str = "CPU", precision_hint: str = "f32",
+                 cache_dir: Path | None = None, threads: int | None = None) -> None:
+        import openvino as ov
+
+        self.label = f"{path.parent.name}/{path.name}"
+        self._core = ov.Core()
+        # OpenVINO picks bf16 by itself on AMX CPUs; fp32 must be asked for explicitly.
+        self._config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision_hint}
+        if threads:
+            self._config["INFERENCE_NUM_THREADS"] = str(threads)
+        if cache_dir:
+            self._config["CACHE_DIR"] = str(cache_dir)
+        self._device = device
+        try:
+            self._model = self._core.read_model(str(path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
+            raise ModelError(f"{self.label}: OpenVINO cannot read it: {_first_line(exc)}") from exc
+        self.inputs = {p.any_name: _ov_spec(p) for p in self._model.inputs}
+        self.outputs = {p.any_name: _ov_spec(p) for p in self._model.outputs}
+        self._compiled: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _compiled_for(self, feeds: dict[str, np.ndarray]):
+        key = tuple(sorted((name, value.shape) for name, value in feeds.items()))
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                model = self._model.clone()
+                model.reshape({name: list(value.shape) for name, value in feeds.items()})
+                compiled = self._core.compile_model(model, self._device, self._config)
+                self._compiled[key] = compiled
+        return key, compiled
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key, compiled = self._compiled_for(feeds)
+        requests = self._local.__dict__.setdefault("requests", {})
+        request = requests.get(key)
+        if request is None:
+            request = requests[key] = compiled.create_infer_request()
+        results = request.infer(feeds)
+        return {port.any_name: value.copy() for port, value in results.items()}
+
+
+def open_session(path: Path, backend: str, *, threads: int | None = None) -> Session:
+    """Load one graph file with the named backend."""
+    if backend == "ort":
+        return OrtSession(path, threads=threads)
+    if backend == "openvino":
+        return OpenVinoSession(path, threads=threads)
+    raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+
+
+def default_threads() -> int | None:
+    """Threads from SDRT_THREADS, else the backend's own default (all cores)."""
+    value = os.environ.get("SDRT_THREADS")
+    return int(value) if value else None
+
+
+def _spec(name: str, shape: list, type_name: str) -> TensorSpec:
+    dims = tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+    if type_name not in _DTYPES:
+        raise ModelError(f"input/output '{name}' has unsupported type {type_name}")
+    return TensorSpec(name, dims, _DTYPES[type_name])
+
+
+def _ov_spec(port) -> TensorSpec:
+    shape = port.get_partial_shape()
+    dims = tuple(d.get_length() if d.is_static else None for d in shape)
+    return _spec(port.any_name, list(dims), port.get_element_type().get_type_name())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
