@@ -1,71 +1,105 @@
 """Write a random-weight diffusers Stable Diffusion folder from the configs in models/configs/.
 
-Real weights cannot be downloaded on the build machines; speed and memory do not depend on the
-values, so full-size random-weight folders of each architecture stand in for them in benchmarks.
-Usage: python models/build_random_sd.py sd15 OUT_DIR [--seed 0]
+Real weights cannot be downloaded on the build machines. Tests use `tiny_sd` (diffusers' own tiny
+test components, research/users.md §5.1: UNet block_out_channels (32, 64), a 2-block VAE so
+vae_scale_factor is 2, a 5-layer CLIP text encoder with hidden size 32 but SD's 49,408-token
+vocabulary); benchmarks use full-size architectures (`sd15`), since speed and memory do not
+depend on the values. Each component gets `torch.manual_seed(seed)` before it is built, so a seed
+gives the same weights whatever the prediction type.
+
+Usage: python models/build_random_sd.py {tiny_sd,sd15} OUT_DIR [--seed 0]
+       [--prediction-type epsilon|v_prediction]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 TOKENIZER = HERE / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+logger = logging.getLogger("sdrt.models.build_random_sd")
 
 
-def build_random_sd(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
-    """Instantiate each component of `models/configs/<arch>` with seeded random weights and save."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config_dir = CONFIGS / arch
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(config_dir / "model_index.json", out_dir / "model_index.json")
-    shutil.copytree(config_dir / "scheduler", out_dir / "scheduler", dirs_exist_ok=True)
-    (out_dir / "tokenizer").mkdir(exist_ok=True)
+def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
+                    prediction_type: str | None = None) -> Path:
+    """Write `models/configs/<arch>` as a diffusers folder with seeded random weights."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
+                         f"got {prediction_type!r}")
+    configs = CONFIGS / arch
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(configs / "model_index.json", out / "model_index.json")
+    scheduler = _read(configs / "scheduler" / "scheduler_config.json")
+    scheduler["prediction_type"] = prediction_type or scheduler.get("prediction_type", "epsilon")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (out / "tokenizer").mkdir(exist_ok=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER / name, out_dir / "tokenizer" / name)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(_config(config_dir / "unet"))
-    unet.save_pretrained(out_dir / "unet")
-    del unet
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_config(_config(config_dir / "vae"))
-    vae.save_pretrained(out_dir / "vae")
-    del vae
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_config(config_dir / "text_encoder")))
-    save_text_encoder(text_encoder, out_dir / "text_encoder")
-    return out_dir
+        shutil.copy(TOKENIZER / name, out / "tokenizer" / name)
+    _save_unet(out / "unet", _model_config(configs / "unet"), seed)
+    _save_vae(out / "vae", _model_config(configs / "vae"), seed)
+    _save_text_encoder(out / "text_encoder", _model_config(configs / "text_encoder"), seed)
+    logger.info("wrote %s folder %s (seed %d)", arch, out, seed)
+    return out
 
 
 def save_text_encoder(model, folder: Path) -> None:
-    """Save a CLIPTextModel with the standard SD key layout (`text_model.` prefix kept).
+    """Save a CLIPTextModel with SD's key layout (the `text_model.` prefix kept).
 
-    transformers 5.x drops the prefix on save, and older versions then silently re-initialise
-    every weight of such a folder (DESIGN.md, pitfalls); writing the keys ourselves avoids both.
+    transformers 5.x saves it without the prefix, and other versions then silently
+    re-initialise every weight of such a folder (DESIGN.md, pitfalls), so write keys ourselves.
     """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = ["CLIPTextModel"]  # as SD folders have it; readers check it
     model.config.save_pretrained(folder)
     state = {key if key.startswith("text_model.") else f"text_model.{key}": value.contiguous()
              for key, value in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _config(folder: Path) -> dict:
-    data = json.loads((folder / ("scheduler_config.json" if folder.name == "scheduler"
-                                 else "config.json")).read_text())
-    return {key: value for key, value in data.items() if not key.startswith("_")
-            and key not in ("architectures", "torch_dtype")}
+def _save_unet(folder: Path, config: dict[str, Any], seed: int) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder)
+
+
+def _save_vae(folder: Path, config: dict[str, Any], seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL.from_config(config).save_pretrained(folder)
+
+
+def _save_text_encoder(folder: Path, config: dict[str, Any], seed: int) -> None:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    save_text_encoder(CLIPTextModel(CLIPTextConfig(**config)), folder)
+
+
+def _model_config(folder: Path) -> dict[str, Any]:
+    data = _read(folder / "config.json")
+    return {key: value for key, value in data.items()
+            if not key.startswith("_") and key not in ("architectures", "torch_dtype")}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text("utf-8"))
 
 
 def main() -> None:
@@ -73,8 +107,10 @@ def main() -> None:
     parser.add_argument("arch", choices=sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
     args = parser.parse_args()
-    print(build_random_sd(args.arch, args.out_dir, seed=args.seed))
+    print(build_random_sd(args.arch, args.out_dir, seed=args.seed,
+                          prediction_type=args.prediction_type))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ prompt="${1:-a red circle on a blue background}"
 .venv/bin/python -m pip install -q -e ".[export]"
 model=models/generated/tiny-sd
 if [ ! -d "$model-onnx" ]; then
-    .venv/bin/python models/make_tiny_sd.py "$model"
+    .venv/bin/python models/build_random_sd.py tiny_sd "$model"
     .venv/bin/sdrt export "$model" "$model-onnx"
 fi
 .venv/bin/sdrt generate "$prompt" --model "$model-onnx" --seed 1 -o outputs

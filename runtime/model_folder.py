@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.runtime.errors import ModelError
+from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 GRAPH_FILES = {"ort": ("model.onnx",), "openvino": ("openvino_model.xml", "model.onnx")}
@@ -56,17 +57,16 @@ def graph_file(folder: Path, component: str, backend: str) -> Path:
 
 def read_facts(folder: Path) -> ModelFacts:
     """Facts from manifest.json, or from the component configs when there is no manifest."""
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        data = _read_json(manifest)
-        files = data.get("files", {})
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = Manifest.load(folder)
+        unet_file = manifest.files.get("unet/model.onnx")
         return ModelFacts(
             name=folder.resolve().name,
-            scaling_factor=float(data["scaling_factor"]),
-            latent_channels=int(data["latent_channels"]),
-            vae_scale_factor=int(data["vae_scale_factor"]),
-            sample_size=int(data["sample_size"]),
-            unet_sha256=files.get("unet/model.onnx", {}).get("sha256"),
+            scaling_factor=manifest.scaling_factor,
+            latent_channels=manifest.latent_channels,
+            vae_scale_factor=manifest.vae_scale_factor,
+            sample_size=manifest.sample_size,
+            unet_sha256=unet_file.sha256 if unet_file else None,
         )
     vae = _read_json(folder / "vae_decoder" / "config.json")
     unet = _read_json(folder / "unet" / "config.json")

@@ -8,7 +8,6 @@ Backend-specific knobs live in each backend's constructor.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,12 +175,6 @@ def open_session(path: Path, backend: str, *, threads: int | None = None) -> Ses
     if backend == "openvino":
         return OpenVinoSession(path, threads=threads)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-
-
-def default_threads() -> int | None:
-    """Threads from SDRT_THREADS, else the backend's own default (all cores)."""
-    value = os.environ.get("SDRT_THREADS")
-    return int(value) if value else None
 
 
 def _spec(name: str, shape: list, type_name: str) -> TensorSpec:

@@ -7,6 +7,7 @@ need them skip, with the reason, when the export stack (torch, diffusers, ...) i
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -22,10 +23,10 @@ def _need_export_stack() -> None:
         pytest.importorskip(name, reason=f"{name} is not installed (pip install 'sdrt[export]')")
 
 
-def _tiny_builder() -> ModuleType:
-    """models/make_tiny_sd.py, which is a script, not an installed module."""
-    path = ROOT / "models" / "make_tiny_sd.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_sd", path)
+def _model_builder() -> ModuleType:
+    """models/build_random_sd.py, which is a script, not an installed module."""
+    path = ROOT / "models" / "build_random_sd.py"
+    spec = importlib.util.spec_from_file_location("build_random_sd", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,9 +34,10 @@ def _tiny_builder() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny SD 1.x diffusers folder (epsilon prediction, seed 0): models/make_tiny_sd.py."""
+    """Tiny SD 1.x diffusers folder (epsilon prediction, seed 0): models/configs/tiny_sd."""
     _need_export_stack()
-    return _tiny_builder().make_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "tiny-sd", seed=0)
+    out = tmp_path_factory.mktemp("tiny_sd") / "tiny-sd"
+    return _model_builder().build_random_sd("tiny_sd", out, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +53,9 @@ def tiny_sd_v_dir(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """tiny_sd_dir's weights with a v_prediction scheduler config."""
     out = tmp_path_factory.mktemp("tiny_sd_v") / "tiny-sd-v"
     shutil.copytree(tiny_sd_dir, out)
-    _tiny_builder().write_scheduler(out / "scheduler", "v_prediction")
+    config_path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
     return out
 
 

@@ -32,14 +32,18 @@ REFERENCE_SCHEDULERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_sd_dir):
+def load_reference(folder):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        tiny_sd_dir, safety_checker=None, requires_safety_checker=False
+        folder, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.folder_scheduler_config = pipe.scheduler.config  # each test starts from the folder's own
     return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir):
+    return load_reference(tiny_sd_dir)
 
 
 def reference_images(pipe, sampler, *, steps, guidance, width, height, seed, num_images,
@@ -91,3 +95,15 @@ def test_guidance_off_runs_unet_once_per_step_and_matches(reference, tiny_onnx_d
     expected = reference_images(reference, "euler", steps=3, guidance=1.0, width=64, height=64,
                                 seed=3, num_images=1, negative=None)
     assert np.abs(np.asarray(images[0], dtype=np.int16) - expected[0]).max() <= 2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_v_prediction_images_equal_diffusers(tiny_sd_v_dir, tiny_onnx_v_dir, sampler):
+    reference_v = load_reference(tiny_sd_v_dir)
+    expected = reference_images(reference_v, sampler, steps=4, guidance=6.0, width=64,
+                                height=64, seed=11, num_images=1)
+    images = Pipeline.load(tiny_onnx_v_dir).generate(
+        PROMPT, negative_prompt=NEGATIVE, steps=4, guidance_scale=6.0, seed=11, sampler=sampler
+    )
+    got = np.asarray(images[0], dtype=np.int16)
+    assert np.abs(got - expected[0]).max() <= MAX_PIXEL_DIFF["ort"]
