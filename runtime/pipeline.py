@@ -96,20 +96,18 @@ class GeneratedImage:
     info: GenerationInfo
 
 
+@dataclass(frozen=True)
 class Pipeline:
     """A loaded SD 1.x model folder, ready to generate; safe to share between threads."""
 
-    def __init__(self, folder: Path, backend: str, facts: ModelFacts, tokenizer: ClipTokenizer,
-                 scheduler: SchedulerConfig, text_encoder: TextEncoder, unet: UNet,
-                 vae_decoder: VaeDecoder) -> None:
-        self.folder = folder
-        self.backend = backend
-        self.facts = facts
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self.text_encoder = text_encoder
-        self.unet = unet
-        self.vae_decoder = vae_decoder
+    folder: Path
+    backend: str
+    facts: ModelFacts
+    tokenizer: ClipTokenizer
+    scheduler: SchedulerConfig
+    text_encoder: TextEncoder
+    unet: UNet
+    vae_decoder: VaeDecoder
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "ort", *,
