@@ -71,6 +71,7 @@ def main() -> None:
     rows = []
     for sampler in SAMPLERS:
         request = GenerationRequest("a photo", steps=args.steps, sampler=sampler, seed=0,
+                                    guidance_scale=7.5,  # guided, as `latent` assumes
                                     width=args.width, height=args.height)
         overhead_s = statistics.median(step_overheads(pipe, request))
         rows.append({"sampler": sampler, "overhead_ms": overhead_s * 1e3,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import ModelError
+from sdrt.runtime.families import check_override, detect_family
 
 PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
 # component → (library, allowed class names), as model_index.json names them.
@@ -73,59 +75,57 @@ class SourceModel:
         return str(self.scheduler.get("prediction_type", "epsilon"))
 
 
-def read_source(folder: str | Path) -> SourceModel:
-    """Check a diffusers SD folder's model_index.json and configs; raise ModelError if unfit."""
+def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
+    """Check a diffusers SD folder's model_index.json and configs; raise ModelError if unfit.
+
+    The family is detected from the configs (sdrt.runtime.families); `family` overrides it with
+    another family of the same architecture (e.g. SD-Turbo weights shipped with a plain config).
+    """
     root = Path(folder)
     if not root.is_dir():
         raise ModelError(f"model folder '{root}' does not exist or is not a folder")
     index = _read_json(root, "model_index.json")
-    _check_index(root, index)
+    _check_present(root)
     configs = {name: _read_json(root, rel) for name, rel in (
         ("unet", "unet/config.json"), ("vae", "vae/config.json"),
         ("text_encoder", "text_encoder/config.json"),
         ("scheduler", "scheduler/scheduler_config.json"))}
+    # Families first: an SDXL or LCM folder gets its own message, not "unknown pipeline".
+    detected = detect_family(index, **configs)
+    _check_index(index)
     _check_tokenizer(root)
-    family = detect_family(configs["unet"], configs["vae"], configs["text_encoder"])
-    source = SourceModel(folder=root, model_index=index, family=family,
-                         config_sha256=_config_hash(root), **configs)
+    source = SourceModel(folder=root, model_index=index, config_sha256=_config_hash(root),
+                         family=detected if family is None else check_override(detected, family),
+                         **configs)
     if source.prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"scheduler prediction_type {source.prediction_type!r} is not one of "
                          f"{', '.join(PREDICTION_TYPES)}")
     return source
 
 
-def detect_family(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any]) -> str:
-    """'sd1' or 'sd2' from config shapes (never from folder names); ModelError otherwise."""
-    latent = vae.get("latent_channels", 4)
-    if unet.get("in_channels") != latent or unet.get("out_channels") != latent:
-        raise ModelError(f"unet in/out channels {unet.get('in_channels')}/"
-                         f"{unet.get('out_channels')} differ from the VAE's {latent} latent "
-                         "channels (inpainting/depth UNets are not supported)")
-    hidden = text.get("hidden_size")
-    if unet.get("cross_attention_dim") != hidden:
-        raise ModelError(f"unet cross_attention_dim {unet.get('cross_attention_dim')} does not "
-                         f"match text_encoder hidden_size {hidden}")
-    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim"):
-        if unet.get(key) is not None:
-            raise ModelError(f"unet has {key}={unet[key]!r}: not an SD 1.x/2.x UNet")
-    # SD 2.x: OpenCLIP-H text encoder (1024 wide) and linear projections in its transformers.
-    return "sd2" if unet.get("use_linear_projection") or hidden == 1024 else "sd1"
+def source_info(source: SourceModel, origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's `source`: what the user named (`origin`, else the path), config hash.
 
-
-def source_info(source: SourceModel, source_id: str | None = None) -> dict[str, Any]:
-    """The manifest's `source`: path as given, hub id/revision when known, config hash."""
+    `origin` stands in for a folder that is not what the user gave: a hub id and revision, or a
+    checkpoint's file name and sha256 (its folder is a temporary conversion). A folder's path
+    comes with the hub id and revision when the folder is a hub cache snapshot.
+    """
+    if origin is not None:
+        return {**origin, "config_sha256": source.config_sha256}
     info: dict[str, Any] = {"path": str(source.folder), "config_sha256": source.config_sha256}
     match = _HUB_SNAPSHOT.search(source.folder.resolve().as_posix())
-    if source_id is not None:
-        info["hub_id"] = source_id
-    elif match:
-        info["hub_id"] = f"{match['org']}/{match['name']}"
     if match:
-        info["revision"] = match["rev"]
+        info.update(hub_id=f"{match['org']}/{match['name']}", revision=match["rev"])
     return info
 
 
-def _check_index(root: Path, index: dict[str, Any]) -> None:
+def _check_present(root: Path) -> None:
+    for component in (*COMPONENTS, "scheduler"):
+        if not (root / component).is_dir():
+            raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
+
+
+def _check_index(index: dict[str, Any]) -> None:
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ModelError(f"model_index.json _class_name {name!r} is not a supported pipeline "
@@ -140,9 +140,6 @@ def _check_index(root: Path, index: dict[str, Any]) -> None:
     if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"
             and isinstance(entry[1], str) and _SCHEDULER_CLASS.fullmatch(entry[1])):
         raise ModelError(f"model_index.json scheduler is {entry!r}, expected a diffusers scheduler")
-    for component in (*COMPONENTS, "scheduler"):
-        if not (root / component).is_dir():
-            raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
 
 
 def _check_tokenizer(root: Path) -> None:

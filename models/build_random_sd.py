@@ -1,14 +1,26 @@
 """Write a random-weight diffusers Stable Diffusion folder from the configs in models/configs/.
 
-Real weights cannot be downloaded on the build machines. Tests use `tiny_sd` (diffusers' own tiny
-test components, research/users.md §5.1: UNet block_out_channels (32, 64), a 2-block VAE so
-vae_scale_factor is 2, a 5-layer CLIP text encoder with hidden size 32 but SD's 49,408-token
-vocabulary); benchmarks use full-size architectures (`sd15`), since speed and memory do not
-depend on the values. Each component gets `torch.manual_seed(seed)` before it is built, so a seed
-gives the same weights whatever the prediction type.
+Real weights cannot be downloaded on the build machines. Each `models/configs/<arch>/` mirrors a
+diffusers folder without weights: tests use the tiny ones, benchmarks the full-size ones, since
+speed and memory do not depend on the values.
 
-Usage: python models/build_random_sd.py {tiny_sd,sd15} OUT_DIR [--seed 0]
-       [--prediction-type epsilon|v_prediction]
+- `tiny_sd` (SD 1.x): diffusers' own tiny test components (research/users.md §5.1): UNet
+  block_out_channels (32, 64), a 2-block VAE so vae_scale_factor is 2, a 5-layer CLIP text
+  encoder with hidden size 32 but SD's 49,408-token vocabulary.
+- `tiny_sd2` (SD 2.x 768-v): the same sizes with SD 2.x's features: v-prediction DDIM, linear
+  projections and one head count per UNet block, a gelu (OpenCLIP) text encoder, `!` padding,
+  and a larger native size (sample_size 48 against 32, as 768 against 512).
+- `tiny_turbo` (SD-Turbo): tiny_sd2's architecture at sample_size 32 with SD-Turbo's scheduler
+  (epsilon, Euler, trailing spacing).
+- `sd15`, `sd21` (768-v), `sd_turbo`: the full-size architectures.
+
+The tokenizer is `models/clip_tokenizer/` (the vocabulary SD 1.x and 2.x share) with the files of
+`models/configs/<arch>/tokenizer/`, when there is one, in place of its own (SD 2.x pads with `!`).
+Each component gets `torch.manual_seed(seed)` before it is built, so a seed gives the same weights
+whatever the prediction type.
+
+Usage: python models/build_random_sd.py {tiny_sd,tiny_sd2,tiny_turbo,sd15,sd21,sd_turbo} OUT_DIR
+       [--seed 0] [--prediction-type epsilon|v_prediction]
 """
 
 from __future__ import annotations
@@ -42,14 +54,20 @@ def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
     scheduler["prediction_type"] = prediction_type or scheduler.get("prediction_type", "epsilon")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    (out / "tokenizer").mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER / name, out / "tokenizer" / name)
+    _copy_tokenizer(configs / "tokenizer", out / "tokenizer")
     _save_unet(out / "unet", _model_config(configs / "unet"), seed)
     _save_vae(out / "vae", _model_config(configs / "vae"), seed)
     _save_text_encoder(out / "text_encoder", _model_config(configs / "text_encoder"), seed)
     logger.info("wrote %s folder %s (seed %d)", arch, out, seed)
     return out
+
+
+def _copy_tokenizer(overrides: Path, folder: Path) -> None:
+    """The shared CLIP tokenizer files, each replaced by the config's own copy where it has one."""
+    folder.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        own = overrides / name
+        shutil.copy(own if own.is_file() else TOKENIZER / name, folder / name)
 
 
 def save_text_encoder(model, folder: Path) -> None:

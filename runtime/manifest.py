@@ -5,13 +5,13 @@ latent channels, VAE scale factor, UNet `sample_size`, prediction type), each gr
 (name → shape with `None` for dynamic axes, dtype), and the size and sha256 of every file, so a
 truncated or swapped file is caught before a graph is loaded. Stdlib only: the runtime reads it.
 
-Keys (format_version 1): format, format_version, family ("sd1"/"sd2"), source {path, hub_id?,
-revision?, config_sha256}, prediction_type, sample_size, latent_channels, vae_scale_factor,
-scaling_factor, opset, versions {package: version}, components {name: {file (relative to the
-`name/` folder), inputs, outputs, validation?, external_data?}}, files {relative path: {sha256,
-bytes}}, variants [objects the quantize stage adds]. Unknown keys are kept (top level in `extra`,
-per component in `ComponentSpec.extra`) and written back by `save`, so a newer writer's
-additions survive an older reader that rewrites the file.
+Keys (format_version 1): format, format_version, family (a name in sdrt.runtime.families),
+source {path, hub_id?, revision?, config_sha256}, prediction_type, sample_size, latent_channels,
+vae_scale_factor, scaling_factor, opset, versions {package: version}, components {name: {file
+(relative to the `name/` folder), inputs, outputs, validation?, external_data?}}, files
+{relative path: {sha256, bytes}}, variants [objects the quantize stage adds]. Unknown keys are
+kept (top level in `extra`, per component in `ComponentSpec.extra`) and written back by `save`,
+so a newer writer's additions survive an older reader that rewrites the file.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A model folder on disk: which graph files it holds and the numbers the pipeline needs.
 
-The numbers come from `manifest.json` when sdrt exported the folder, else from the component
-`config.json` files that optimum writes (diffusers layout, research/users.md §3.1–3.2).
+The numbers and the model family come from `manifest.json` when sdrt exported the folder, else
+from the component `config.json` files that optimum writes (diffusers layout, research/users.md
+§3.1–3.2).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.runtime.errors import ModelError
+from sdrt.runtime.families import Family, detect_family, get_family
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -22,6 +24,7 @@ class ModelFacts:
     """What the pipeline must know about a model besides its graphs."""
 
     name: str
+    family: Family
     scaling_factor: float
     latent_channels: int
     vae_scale_factor: int
@@ -62,6 +65,7 @@ def read_facts(folder: Path) -> ModelFacts:
         unet_file = manifest.files.get("unet/model.onnx")
         return ModelFacts(
             name=folder.resolve().name,
+            family=get_family(manifest.family),
             scaling_factor=manifest.scaling_factor,
             latent_channels=manifest.latent_channels,
             vae_scale_factor=manifest.vae_scale_factor,
@@ -70,8 +74,12 @@ def read_facts(folder: Path) -> ModelFacts:
         )
     vae = _read_json(folder / "vae_decoder" / "config.json")
     unet = _read_json(folder / "unet" / "config.json")
+    family = detect_family(_read_json(folder / "model_index.json"), unet, vae,
+                           _read_json(folder / "text_encoder" / "config.json"),
+                           _read_json(folder / "scheduler" / "scheduler_config.json"))
     return ModelFacts(
         name=folder.resolve().name,
+        family=get_family(family),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         latent_channels=int(vae.get("latent_channels", 4)),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),

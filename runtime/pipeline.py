@@ -39,12 +39,12 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One text-to-image call; None fields take the model's defaults in `resolve`."""
+    """One text-to-image call; None fields take the model family's defaults in `resolve`."""
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
+    steps: int | None = None
+    guidance_scale: float | None = None
     sampler: str | None = None
     seed: int | None = None
     width: int | None = None
@@ -53,10 +53,15 @@ class GenerationRequest:
     generator: str = "torch"
 
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
-        """Fill defaults from the model, then check every field (InputError names the field)."""
+        """Fill defaults from the model and its family, then check each field (errors name it)."""
+        family = facts.family
+        sampler = self.sampler or family.sampler
         filled = replace(
             self,
-            sampler=resolve_sampler(self.sampler) if self.sampler else default_sampler(scheduler),
+            steps=family.steps if self.steps is None else self.steps,
+            guidance_scale=family.guidance_scale if self.guidance_scale is None
+            else self.guidance_scale,
+            sampler=resolve_sampler(sampler) if sampler else default_sampler(scheduler),
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
             width=facts.default_size if self.width is None else self.width,
             height=facts.default_size if self.height is None else self.height,
@@ -98,7 +103,7 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A loaded SD 1.x model folder, ready to generate; safe to share between threads."""
+    """A loaded SD 1.x/2.x model folder, ready to generate; safe to share between threads."""
 
     folder: Path
     backend: str

@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny random SD 1.x model (diffusers layout) and its ONNX export.
+"""Session fixtures: tiny random models of each family (diffusers layout) and their ONNX exports,
+and the parity helpers that compare sdrt's images with diffusers' (imported by test modules).
 
 Built once per test run into a temporary folder, never fetched from the network. Tests that
 need them skip, with the reason, when the export stack (torch, diffusers, ...) is missing.
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,20 +34,30 @@ def _model_builder() -> ModuleType:
     return module
 
 
+def _build(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/configs/<arch> with seed-0 random weights, in a fresh temporary folder."""
+    _need_export_stack()
+    return _model_builder().build_random_sd(arch, tmp_path_factory.mktemp(arch) / arch, seed=0)
+
+
+def _export(src: Path, tmp_path_factory: pytest.TempPathFactory, *, check: bool = True) -> Path:
+    """`src` exported to optimum's ONNX layout with manifest.json."""
+    from sdrt.export.onnx_export import export_pipeline
+
+    name = f"{src.name}-onnx"
+    return export_pipeline(src, tmp_path_factory.mktemp(name) / name, check=check)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny SD 1.x diffusers folder (epsilon prediction, seed 0): models/configs/tiny_sd."""
-    _need_export_stack()
-    out = tmp_path_factory.mktemp("tiny_sd") / "tiny-sd"
-    return _model_builder().build_random_sd("tiny_sd", out, seed=0)
+    return _build("tiny_sd", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_dir(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_sd_dir exported to optimum's ONNX layout with manifest.json (graphs checked)."""
-    from sdrt.export.onnx_export import export_pipeline
-
-    return export_pipeline(tiny_sd_dir, tmp_path_factory.mktemp("tiny_onnx") / "tiny-sd-onnx")
+    return _export(tiny_sd_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +74,94 @@ def tiny_sd_v_dir(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def tiny_onnx_v_dir(tiny_sd_v_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_sd_v_dir exported (graphs equal tiny_onnx_dir's, so not re-checked)."""
-    from sdrt.export.onnx_export import export_pipeline
+    return _export(tiny_sd_v_dir, tmp_path_factory, check=False)
 
-    out = tmp_path_factory.mktemp("tiny_onnx_v") / "tiny-sd-v-onnx"
-    return export_pipeline(tiny_sd_v_dir, out, check=False)
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD 2.x 768-v diffusers folder (v-prediction DDIM, `!` padding): tiny_sd2."""
+    return _build("tiny_sd2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_onnx_dir(tiny_sd2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_sd2_dir exported (graphs checked)."""
+    return _export(tiny_sd2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD-Turbo diffusers folder (Euler, trailing spacing, epsilon): tiny_turbo."""
+    return _build("tiny_turbo", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_turbo_onnx_dir(tiny_turbo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_turbo_dir exported (graphs checked)."""
+    return _export(tiny_turbo_dir, tmp_path_factory)
+
+
+# ---------------------------------------------------------------- helpers shared by test modules
+
+# The issue's bounds, in 8-bit steps: ORT runs the same float32 kernels as torch up to operator
+# fusion order; OpenVINO fp32 reorders more aggressively (optimum-intel uses atol 6e-3 ≈ 1.5/255).
+MAX_PIXEL_DIFF = {"ort": 2, "openvino": 4}
+
+PROMPT = "a small red circle in the top left on a blue background"
+NEGATIVE = "blurry, text"
+
+REFERENCE_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def load_reference(folder: Path):
+    """diffusers' StableDiffusionPipeline on a diffusers folder, the parity reference."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.folder_scheduler_config = pipe.scheduler.config  # each test starts from the folder's own
+    return pipe
+
+
+def reference_images(pipe, sampler: str, *, steps: int, guidance: float, width: int, height: int,
+                     seed: int, num_images: int, negative: str | None = NEGATIVE,
+                     prompt: str = PROMPT) -> np.ndarray:
+    """diffusers' images, (B, H, W, 3) int16 in 0..255, with sdrt's sampler and seed+i rule."""
+    import diffusers
+    import torch
+
+    class_name, overrides = REFERENCE_SCHEDULERS[sampler]
+    scheduler_class = getattr(diffusers, class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.folder_scheduler_config, **overrides)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps,
+               guidance_scale=guidance, width=width, height=height, generator=generators,
+               num_images_per_prompt=num_images, output_type="np")
+    return np.round(out.images * 255).astype(np.int16)
+
+
+def as_array(images: list) -> np.ndarray:
+    """sdrt's PIL images as one (B, H, W, 3) int16 array, comparable to reference_images."""
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def count_unet_calls(pipe, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The `sample` shape of every UNet call `pipe` makes from now on (a live list)."""
+    calls = []
+    original = pipe.unet.session.run
+
+    def counting_run(feeds):
+        calls.append(feeds["sample"].shape)
+        return original(feeds)
+
+    monkeypatch.setattr(pipe.unet.session, "run", counting_run)
+    return calls

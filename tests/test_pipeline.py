@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import count_unet_calls
 
 from sdrt.runtime.errors import GenerationError, InputError
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
@@ -10,18 +11,6 @@ from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 @pytest.fixture(scope="module")
 def pipe(tiny_onnx_dir):
     return Pipeline.load(tiny_onnx_dir)
-
-
-def count_unet_calls(pipe, monkeypatch):
-    calls = []
-    original = pipe.unet.session.run
-
-    def counting_run(feeds):
-        calls.append(feeds["sample"].shape)
-        return original(feeds)
-
-    monkeypatch.setattr(pipe.unet.session, "run", counting_run)
-    return calls
 
 
 def test_callback_stops_early(pipe, monkeypatch):
