@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sdrt.export.source import SourceModel
-from sdrt.runtime.errors import ModelError
+from sdrt.runtime.errors import ModelError, first_line
 
 logger = logging.getLogger("sdrt.export")
 Inputs = dict[str, torch.Tensor]
@@ -203,9 +203,8 @@ def _load(cls: Any, folder: Path, name: str) -> torch.nn.Module:
         with _no_progress_bars():
             model, info = cls.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {name}/ weights: {first}") from exc
-    _check_loading_info(info, name)
+        raise ModelError(f"cannot load {name}/ weights: {first_line(exc)}") from exc
+    check_loading_info(info, name)
     return model.eval().requires_grad_(False)
 
 
@@ -223,7 +222,7 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_loading_info(info: dict[str, Any], name: str) -> None:
+def check_loading_info(info: dict[str, Any], name: str) -> None:
     """Fail loudly where a library would silently re-initialise weights (DESIGN.md pitfall)."""
     problems = {
         "missing": sorted(info.get("missing_keys") or ()),

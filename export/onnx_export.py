@@ -1,4 +1,4 @@
-"""Export a diffusers SD 1.x folder to optimum's ONNX layout plus sdrt's manifest.json.
+"""Export a diffusers SD 1.x/2.x folder to optimum's ONNX layout plus sdrt's manifest.json.
 
 Output (research/users.md §3.2): model_index.json, text_encoder/ unet/ vae_encoder/
 vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, scheduler/,
@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -46,25 +46,27 @@ _DROPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                     opset: int = 18, force: bool = False, check: bool = True,
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                    source_id: str | None = None) -> Path:
+                    origin: Mapping[str, Any] | None = None, family: str | None = None) -> Path:
     """Export a diffusers SD folder to an optimum-layout ONNX folder; returns OUT_DIR.
 
     `check` compares every graph with torch in ONNX Runtime before the folder is accepted;
     `external_data_threshold` (bytes of weights) moves weights to model.onnx_data above it;
-    `source_id` records a hub id in the manifest when the caller resolved one.
+    `origin` names the source in the manifest when `src_dir` stands in for it (a hub id and
+    revision, a converted checkpoint's name and sha256: sdrt.export.sources); `family`
+    overrides the family detected from the configs (sdrt.runtime.families).
     """
     src, out = Path(src_dir), Path(out_dir)
     if opset not in TORCHSCRIPT_OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
                           f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
-    source = read_source(src)
+    source = read_source(src, family)
     _check_destination(src, out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     started = time.perf_counter()
     try:
-        _write_folder(source, work, opset=opset, check=check, source_id=source_id,
+        _write_folder(source, work, opset=opset, check=check, origin=origin,
                       threshold=external_data_threshold)
         _commit(work, out, force)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written folder
@@ -107,7 +109,7 @@ def _commit(work: Path, out: Path, force: bool) -> None:
 
 
 def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
-                  source_id: str | None, threshold: int) -> None:
+                  origin: Mapping[str, Any] | None, threshold: int) -> None:
     _write_index(source, work)
     shutil.copytree(source.folder / "tokenizer", work / "tokenizer")
     shutil.copytree(source.folder / "scheduler", work / "scheduler")
@@ -124,7 +126,7 @@ def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
                                             check=check, threshold=threshold)
         del model
         gc.collect()  # free this component's weights before loading the next one
-    _manifest(source, specs, work, opset=opset, source_id=source_id).save(work)
+    _manifest(source, specs, work, opset=opset, origin=origin).save(work)
 
 
 def _export_component(model: torch.nn.Module, name: str, source: SourceModel, work: Path, *,
@@ -180,9 +182,9 @@ def _write_index(source: SourceModel, work: Path) -> None:
 
 
 def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, *, opset: int,
-              source_id: str | None) -> Manifest:
+              origin: Mapping[str, Any] | None) -> Manifest:
     return Manifest(
-        family=source.family, source=source_info(source, source_id), components=specs,
+        family=source.family, source=source_info(source, origin), components=specs,
         scaling_factor=source.scaling_factor, latent_channels=source.latent_channels,
         vae_scale_factor=source.vae_scale_factor, sample_size=source.sample_size,
         prediction_type=source.prediction_type, opset=opset, versions=_versions(),

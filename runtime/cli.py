@@ -15,8 +15,15 @@ from pathlib import Path
 import click
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.families import FAMILIES
 
 log = logging.getLogger("sdrt")
+SIZE_HELP = "Pixels; default: the model's native size (768 for SD 2.x 768-v, else 512)."
+
+
+def family_defaults(field: str) -> str:
+    """Help text listing each model family's default for one generation field."""
+    return ", ".join(f"{family.title} {getattr(family, field):g}" for family in FAMILIES.values())
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -37,7 +44,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 class StepProgress:
     """A tqdm bar fed by the pipeline's step callback."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int | None) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(total=total, unit="step", leave=False, disable=None)
@@ -93,17 +100,42 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("source")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--opset", default=18, show_default=True, help="ONNX opset to export with.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--family", type=click.Choice(list(FAMILIES)), default=None,
+              help="Record this model family instead of the one detected from the configs "
+                   "(same architecture only, e.g. sd-turbo for SD-Turbo weights whose scheduler "
+                   "config lacks trailing spacing).")
+@click.option("--config", default=None,
+              help="For a single-file checkpoint whose weights fit several shipped configs "
+                   "(models/configs/NAME, e.g. sd21 or sd_turbo): the one to use.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read pickle weights (.ckpt/.pt/.pth/.bin) with torch.load(weights_only=True). "
+                   "Pickle can run code: only for files you trust.")
+@click.option("--revision", default=None,
+              help="Hub branch, tag or commit (hub ids only; ORG/NAME@REV works too).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Hugging Face cache folder (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).")
 @_reports_errors
-def export(model_dir: Path, out_dir: Path, opset: int, force: bool) -> None:
-    """Export a diffusers-format SD 1.x folder to ONNX (optimum's layout) in OUT_DIR."""
-    from sdrt.export.onnx_export import export_pipeline
+def export(source: str, out_dir: Path, opset: int, force: bool, family: str | None,
+           config: str | None, allow_pickle: bool, revision: str | None,
+           cache_dir: Path | None) -> None:
+    """Export SOURCE to ONNX (optimum's layout) in OUT_DIR.
 
-    done = export_pipeline(model_dir, out_dir, opset=opset, force=force)
-    click.echo(f"exported {model_dir} → {done}")
+    SOURCE is a diffusers SD 1.x/2.x folder, an A1111/civitai single-file checkpoint
+    (.safetensors; .ckpt with --allow-pickle), or a Hugging Face hub id ORG/NAME, taken from the
+    cache when HF_HUB_OFFLINE is set.
+    """
+    from sdrt.export.onnx_export import export_pipeline
+    from sdrt.export.sources import resolve_source
+
+    with resolve_source(source, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                        revision=revision, config=config, scratch=out_dir.parent) as (src, origin):
+        done = export_pipeline(src, out_dir, opset=opset, force=force, family=family,
+                               origin=origin)
+    click.echo(f"exported {source} → {done}")
 
 
 @main.command()
@@ -111,16 +143,18 @@ def export(model_dir: Path, out_dir: Path, opset: int, force: bool) -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Exported model folder (see `sdrt export`).")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
-@click.option("--steps", default=20, show_default=True, help="Sampler steps.")
-@click.option("--guidance-scale", "--cfg-scale", "guidance_scale", default=7.5, show_default=True,
-              help="Classifier-free guidance; ≤ 1 runs the UNet once per step.")
+@click.option("--steps", type=int, default=None,
+              help=f"Sampler steps; default: the model family's ({family_defaults('steps')}).")
+@click.option("--guidance-scale", "--cfg-scale", "guidance_scale", type=float, default=None,
+              help="Classifier-free guidance; ≤ 1 runs the UNet once per step; default: the "
+                   f"model family's ({family_defaults('guidance_scale')}).")
 @click.option("--sampler", default=None,
               help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (A1111 names too); "
-                   "default: the model's own scheduler.")
+                   "default: the model folder's own scheduler.")
 @click.option("--seed", type=int, default=None,
               help="Seed of the first image; image i uses seed+i.")
-@click.option("-W", "--width", type=int, default=None, help="Pixels; default: the model's size.")
-@click.option("-H", "--height", type=int, default=None, help="Pixels; default: the model's size.")
+@click.option("-W", "--width", type=int, default=None, help=SIZE_HELP)
+@click.option("-H", "--height", type=int, default=None, help=SIZE_HELP)
 @click.option("--num-images", default=1, show_default=True, help="Images to make.")
 @click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
 @click.option("--generator", default="torch", show_default=True,

@@ -19,3 +19,9 @@ class ExportError(SdrtError):
 
 class GenerationError(SdrtError):
     """A generation produced unusable output (NaN/Inf) or was stopped."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library exception's message (its type's name if empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
