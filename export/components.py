@@ -1,9 +1,15 @@
-"""The four graphs of optimum's SD ONNX layout: torch wrappers, I/O names, example inputs.
+"""The graphs of optimum's SD/SDXL ONNX layout: torch wrappers, I/O names, example inputs.
 
-I/O names and meanings follow optimum's exporter (research/users.md §3.2): text_encoder
-`input_ids → last_hidden_state, pooler_output`; unet `sample, timestep (rank-0 float),
-encoder_hidden_states → out_sample`; vae_encoder `sample → latent_parameters` (mean ‖ logvar,
-the caller samples); vae_decoder `latent_sample → sample` (post_quant_conv included).
+I/O names and meanings follow optimum's exporter (research/users.md §3.2, peers.md §1):
+text_encoder `input_ids → last_hidden_state, pooler_output`; unet `sample, timestep (rank-0
+float), encoder_hidden_states → out_sample`; vae_encoder `sample → latent_parameters` (mean ‖
+logvar, the caller samples); vae_decoder `latent_sample → sample` (post_quant_conv included).
+
+SDXL adds text_encoder_2 `input_ids → text_embeds, last_hidden_state` and the UNet inputs
+`text_embeds` (B, projection_dim) and `time_ids` (B, 6). optimum exports every
+`hidden_states.N` of both encoders; SDXL reads only the penultimate one (`hidden_states[-2]`,
+index num_hidden_layers − 1), so sdrt exports that one alone under optimum's name: 33 outputs
+of OpenCLIP bigG would only add graph outputs nobody reads.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 
 from sdrt.export.source import SourceModel
+from sdrt.runtime.conditioning import HIDDEN_STATES, penultimate_output
 from sdrt.runtime.errors import ModelError, first_line
 
 logger = logging.getLogger("sdrt.export")
@@ -27,28 +34,39 @@ Inputs = dict[str, torch.Tensor]
 _IGNORED_UNEXPECTED = ("position_ids",)
 
 
-class TextEncoderGraph(torch.nn.Module):
-    """CLIPTextModel → (last_hidden_state, pooler_output)."""
+SD_TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+class TextEncoderGraph(torch.nn.Module):
+    """CLIPTextModel(WithProjection) → the named outputs (`hidden_states.N`: layer N's input)."""
+
+    def __init__(self, model: torch.nn.Module,
+                 outputs: tuple[str, ...] = SD_TEXT_OUTPUTS) -> None:
         super().__init__()
         self.model = model
+        self.outputs = outputs
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = any(name.startswith(HIDDEN_STATES) for name in self.outputs)
+        out = self.model(input_ids=input_ids, output_hidden_states=hidden, return_dict=True)
+        return tuple(out.hidden_states[int(name.removeprefix(HIDDEN_STATES))]
+                     if name.startswith(HIDDEN_STATES) else getattr(out, name)
+                     for name in self.outputs)
 
 
 class UNetGraph(torch.nn.Module):
-    """UNet2DConditionModel → out_sample (the noise/v prediction)."""
+    """UNet2DConditionModel → out_sample (the noise/v prediction); SDXL's added conditions too."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                          return_dict=False)[0]
 
 
 class VaeEncoderGraph(torch.nn.Module):
@@ -83,17 +101,18 @@ class GraphDef:
     dynamic_axes: dict[str, dict[int, str]]
     trace_inputs: Callable[[SourceModel], Inputs]
     check_inputs: Callable[[SourceModel], list[Inputs]]
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # the loaded model → the traced module
 
 
 def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)  # fixed: checks must be reproducible
 
 
-def _text_ids(src: SourceModel, batch: int, length: int, gen: torch.Generator) -> Inputs:
+def _text_ids(config: dict[str, Any], batch: int, length: int, gen: torch.Generator) -> Inputs:
     """CLIP-like ids: bos, random tokens, eos, then eos padding, as SD 1.x's tokenizer writes."""
     # CLIP's vocabulary ends with <|startoftext|>, <|endoftext|>; SD 1.x configs often carry
     # legacy bos/eos ids (0, 2), so take the real ids from the vocabulary size instead.
-    vocab = int(src.text_encoder["vocab_size"])
+    vocab = int(config["vocab_size"])
     bos, eos = vocab - 2, vocab - 1
     ids = torch.randint(0, bos, (batch, length), generator=gen)
     ids[:, 0] = bos
@@ -103,8 +122,8 @@ def _text_ids(src: SourceModel, batch: int, length: int, gen: torch.Generator) -
     return {"input_ids": ids}  # (B, L) int64
 
 
-def _max_length(src: SourceModel) -> int:
-    return int(src.text_encoder.get("max_position_embeddings", 77))
+def _max_length(config: dict[str, Any]) -> int:
+    return int(config.get("max_position_embeddings", 77))
 
 
 def _odd_latent(src: SourceModel) -> tuple[int, int]:
@@ -117,12 +136,20 @@ def _odd_latent(src: SourceModel) -> tuple[int, int]:
 
 def _unet_inputs(src: SourceModel, batch: int, hw: tuple[int, int], t: float,
                  gen: torch.Generator) -> Inputs:
-    channels, dim = src.unet["in_channels"], src.text_encoder["hidden_size"]
-    return {
+    channels, dim = src.unet["in_channels"], src.unet["cross_attention_dim"]
+    feeds = {
         "sample": torch.randn(batch, channels, *hw, generator=gen),  # (B, 4, h, w)
         "timestep": torch.tensor(t, dtype=torch.float32),  # rank 0, as optimum exports it
-        "encoder_hidden_states": torch.randn(batch, _max_length(src), dim, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, _max_length(src.text_encoder), dim,
+                                             generator=gen),
     }
+    if src.text_encoder_2 is not None:
+        pixels = [side * src.vae_scale_factor for side in hw]
+        feeds["text_embeds"] = torch.randn(batch, src.text_encoder_2["projection_dim"],
+                                           generator=gen)  # (B, P)
+        # (B, 6): original size, crop top-left, target size, as diffusers' _get_add_time_ids.
+        feeds["time_ids"] = torch.tensor([[*pixels, 0.0, 0.0, *pixels]] * batch)
+    return feeds
 
 
 def _latents(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Generator) -> Inputs:
@@ -140,36 +167,70 @@ def _pixels(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Genera
 # exercised; small enough that checking a full SD 1.5 UNet takes seconds, not minutes.
 CHECK_LATENTS = ((2, (32, 32)), (1, (25, 39)))
 
-GRAPHS: dict[str, GraphDef] = {
-    "text_encoder": GraphDef(
-        "text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"),
-        {"input_ids": {0: "batch_size", 1: "sequence_length"},
-         "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-         "pooler_output": {0: "batch_size"}},
-        lambda s: _text_ids(s, 2, _max_length(s), _gen()),
-        lambda s: [_text_ids(s, 2, _max_length(s), _gen()),
-                   _text_ids(s, 1, min(16, _max_length(s)), _gen())]),
-    "unet": GraphDef(
-        "unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+def _text_graph(name: str, config_of: Callable[[SourceModel], dict[str, Any]],
+                outputs: tuple[str, ...]) -> GraphDef:
+    def ids(src: SourceModel, batch: int, length: int) -> Inputs:
+        return _text_ids(config_of(src), batch, length, _gen())
+
+    def full(src: SourceModel) -> int:
+        return _max_length(config_of(src))
+
+    axes = {out: {0: "batch_size"} if out in ("pooler_output", "text_embeds")
+            else {0: "batch_size", 1: "sequence_length"} for out in outputs}
+    return GraphDef(
+        name, ("input_ids",), outputs,
+        {"input_ids": {0: "batch_size", 1: "sequence_length"}, **axes},
+        lambda s: ids(s, 2, full(s)),
+        lambda s: [ids(s, 2, full(s)), ids(s, 1, min(16, full(s)))],
+        lambda model: TextEncoderGraph(model, outputs))
+
+
+def _unet_graph(extra: tuple[str, ...] = ()) -> GraphDef:
+    return GraphDef(
+        "unet", ("sample", "timestep", "encoder_hidden_states", *extra), ("out_sample",),
         {"sample": {0: "batch_size", 2: "height", 3: "width"},
          "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+         **{name: {0: "batch_size"} for name in extra},
          "out_sample": {0: "batch_size", 2: "height", 3: "width"}},
         lambda s: _unet_inputs(s, 2, _odd_latent(s), 999.0, _gen()),
         lambda s: [_unet_inputs(s, b, hw, t, _gen())
-                   for (b, hw), t in zip(CHECK_LATENTS, (981.0, 1.0), strict=True)]),
+                   for (b, hw), t in zip(CHECK_LATENTS, (981.0, 1.0), strict=True)],
+        UNetGraph)
+
+
+GRAPHS: dict[str, GraphDef] = {
+    "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder, SD_TEXT_OUTPUTS),
+    "unet": _unet_graph(),
     "vae_encoder": GraphDef(
         "vae_encoder", ("sample",), ("latent_parameters",),
         {"sample": {0: "batch_size", 2: "height", 3: "width"},
          "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}},
         lambda s: _pixels(s, 2, _odd_latent(s), _gen()),
-        lambda s: [_pixels(s, b, hw, _gen()) for b, hw in CHECK_LATENTS]),
+        lambda s: [_pixels(s, b, hw, _gen()) for b, hw in CHECK_LATENTS],
+        VaeEncoderGraph),
     "vae_decoder": GraphDef(
         "vae_decoder", ("latent_sample",), ("sample",),
         {"latent_sample": {0: "batch_size", 2: "height_latent", 3: "width_latent"},
          "sample": {0: "batch_size", 2: "height", 3: "width"}},
         lambda s: _latents(s, 2, _odd_latent(s), _gen()),
-        lambda s: [_latents(s, b, hw, _gen()) for b, hw in CHECK_LATENTS]),
+        lambda s: [_latents(s, b, hw, _gen()) for b, hw in CHECK_LATENTS],
+        VaeDecoderGraph),
 }
+
+
+def graphs_for(src: SourceModel) -> dict[str, GraphDef]:
+    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions."""
+    if src.text_encoder_2 is None:
+        return GRAPHS
+    return {
+        **GRAPHS,
+        "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder,
+                                    (*SD_TEXT_OUTPUTS, penultimate_output(src.text_encoder))),
+        "text_encoder_2": _text_graph("text_encoder_2", lambda s: s.text_encoder_2,
+                                      ("text_embeds", "last_hidden_state",
+                                       penultimate_output(src.text_encoder_2))),
+        "unet": _unet_graph(("text_embeds", "time_ids")),
+    }
 
 
 def load_text_encoder(folder: Path) -> torch.nn.Module:
@@ -177,6 +238,13 @@ def load_text_encoder(folder: Path) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
     return _load(CLIPTextModel, folder, "text_encoder")
+
+
+def load_text_encoder_2(folder: Path) -> torch.nn.Module:
+    """SDXL's CLIPTextModelWithProjection in float32, failing on any mismatched weight."""
+    from transformers import CLIPTextModelWithProjection
+
+    return _load(CLIPTextModelWithProjection, folder, "text_encoder_2")
 
 
 def load_unet(folder: Path) -> torch.nn.Module:

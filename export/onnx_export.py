@@ -1,10 +1,11 @@
-"""Export a diffusers SD 1.x/2.x folder to optimum's ONNX layout plus sdrt's manifest.json.
+"""Export a diffusers SD 1.x/2.x/XL folder to optimum's ONNX layout plus sdrt's manifest.json.
 
 Output (research/users.md §3.2): model_index.json, text_encoder/ unet/ vae_encoder/
 vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, scheduler/,
-manifest.json. The folder is written under a hidden sibling name and renamed into place only
-when complete, so an interrupted export never leaves a loadable OUT_DIR behind; one component
-is in memory at a time (the SD 1.5 UNet export alone peaks near 10 GB).
+manifest.json; SDXL adds text_encoder_2/ and tokenizer_2/. The folder is written under a hidden
+sibling name and renamed into place only when complete, so an interrupted export never leaves a
+loadable OUT_DIR behind; one component is in memory at a time (the SD 1.5 UNet export alone
+peaks near 10 GB).
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ def _commit(work: Path, out: Path, force: bool) -> None:
 def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
                   origin: Mapping[str, Any] | None, threshold: int) -> None:
     _write_index(source, work)
-    shutil.copytree(source.folder / "tokenizer", work / "tokenizer")
-    shutil.copytree(source.folder / "scheduler", work / "scheduler")
+    sdxl = source.text_encoder_2 is not None
+    for name in ("tokenizer", "scheduler", *(("tokenizer_2",) if sdxl else ())):
+        shutil.copytree(source.folder / name, work / name)
     specs: dict[str, ComponentSpec] = {}
     steps: list[tuple[str, Callable[[Path], torch.nn.Module], list[str]]] = [
         ("text_encoder", comp.load_text_encoder, ["text_encoder"]),
+        *([("text_encoder_2", comp.load_text_encoder_2, ["text_encoder_2"])] if sdxl else []),
         ("unet", comp.load_unet, ["unet"]),
         ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
     ]
@@ -133,8 +136,8 @@ def _export_component(model: torch.nn.Module, name: str, source: SourceModel, wo
                       opset: int, check: bool, threshold: int) -> ComponentSpec:
     """Export one graph into `work/name/`, check it, write its config.json; returns its spec."""
     started = time.perf_counter()
-    graph = comp.GRAPHS[name]
-    module = _WRAPPERS[name](model).eval()
+    graph = comp.graphs_for(source)[name]
+    module = graph.wrap(model).eval()
     folder = work / name
     path = folder / ONNX_WEIGHTS_NAME
     export_graph(module, graph, graph.trace_inputs(source), path, opset=opset,
@@ -148,14 +151,6 @@ def _export_component(model: torch.nn.Module, name: str, source: SourceModel, wo
     inputs, outputs = graph_io(path)
     logger.info("%s: exported in %.1f s", name, time.perf_counter() - started)
     return ComponentSpec(file=ONNX_WEIGHTS_NAME, inputs=inputs, outputs=outputs, extra=extra)
-
-
-_WRAPPERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
-    "text_encoder": comp.TextEncoderGraph,
-    "unet": comp.UNetGraph,
-    "vae_encoder": comp.VaeEncoderGraph,
-    "vae_decoder": comp.VaeDecoderGraph,
-}
 
 
 def _write_config(model: Any, folder: Path) -> None:

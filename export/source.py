@@ -18,13 +18,20 @@ from typing import Any
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.families import check_override, detect_family
 
-PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+# pipeline class → whether it has SDXL's second text encoder.
+PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
+             "StableDiffusionXLPipeline": True, "StableDiffusionXLImg2ImgPipeline": True}
 # component → (library, allowed class names), as model_index.json names them.
 COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
     "unet": ("diffusers", frozenset({"UNet2DConditionModel"})),
     "vae": ("diffusers", frozenset({"AutoencoderKL"})),
     "text_encoder": ("transformers", frozenset({"CLIPTextModel"})),
     "tokenizer": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
+}
+# SDXL's second pair, required when model_index.json names text_encoder_2.
+SDXL_COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
+    "text_encoder_2": ("transformers", frozenset({"CLIPTextModelWithProjection"})),
+    "tokenizer_2": COMPONENTS["tokenizer"],
 }
 _SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -47,6 +54,7 @@ class SourceModel:
     scheduler: dict[str, Any]
     family: str
     config_sha256: str
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
 
     @property
     def latent_channels(self) -> int:
@@ -85,15 +93,19 @@ def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
     if not root.is_dir():
         raise ModelError(f"model folder '{root}' does not exist or is not a folder")
     index = _read_json(root, "model_index.json")
-    _check_present(root)
+    wanted = {**COMPONENTS, **(SDXL_COMPONENTS if "text_encoder_2" in index else {})}
+    _check_present(root, wanted)
     configs = {name: _read_json(root, rel) for name, rel in (
         ("unet", "unet/config.json"), ("vae", "vae/config.json"),
         ("text_encoder", "text_encoder/config.json"),
         ("scheduler", "scheduler/scheduler_config.json"))}
-    # Families first: an SDXL or LCM folder gets its own message, not "unknown pipeline".
+    if "text_encoder_2" in wanted:
+        configs["text_encoder_2"] = _read_json(root, "text_encoder_2/config.json")
+    # Families first: an LCM folder gets its own message, not "unknown pipeline".
     detected = detect_family(index, **configs)
-    _check_index(index)
-    _check_tokenizer(root)
+    _check_index(index, wanted)
+    for tokenizer in (name for name in wanted if name.startswith("tokenizer")):
+        _check_tokenizer(root, tokenizer)
     source = SourceModel(folder=root, model_index=index, config_sha256=_config_hash(root),
                          family=detected if family is None else check_override(detected, family),
                          **configs)
@@ -119,18 +131,22 @@ def source_info(source: SourceModel, origin: Mapping[str, Any] | None = None) ->
     return info
 
 
-def _check_present(root: Path) -> None:
-    for component in (*COMPONENTS, "scheduler"):
+def _check_present(root: Path, components: Mapping[str, Any]) -> None:
+    for component in (*components, "scheduler"):
         if not (root / component).is_dir():
             raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
 
 
-def _check_index(index: dict[str, Any]) -> None:
+def _check_index(index: dict[str, Any], components: Mapping[str, tuple[str, frozenset[str]]]
+                 ) -> None:
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ModelError(f"model_index.json _class_name {name!r} is not a supported pipeline "
                          f"({', '.join(sorted(PIPELINES))})")
-    for component, (library, classes) in COMPONENTS.items():
+    if PIPELINES[name] != ("text_encoder_2" in components):
+        raise ModelError(f"model_index.json _class_name {name!r} does not fit its components: "
+                         f"text_encoder_2 is {'missing' if PIPELINES[name] else 'present'}")
+    for component, (library, classes) in components.items():
         entry = index.get(component)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library
                 and entry[1] in classes):
@@ -142,11 +158,11 @@ def _check_index(index: dict[str, Any]) -> None:
         raise ModelError(f"model_index.json scheduler is {entry!r}, expected a diffusers scheduler")
 
 
-def _check_tokenizer(root: Path) -> None:
-    folder = root / "tokenizer"
+def _check_tokenizer(root: Path, name: str) -> None:
+    folder = root / name
     has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     if not (has_bpe or (folder / "tokenizer.json").is_file()):
-        raise ModelError(f"model folder '{root.name}' is incomplete: tokenizer/ has neither "
+        raise ModelError(f"model folder '{root.name}' is incomplete: {name}/ has neither "
                          "vocab.json + merges.txt nor tokenizer.json")
 
 
@@ -166,6 +182,7 @@ def _read_json(root: Path, rel: str) -> dict[str, Any]:
 def _config_hash(root: Path) -> str:
     """sha256 over the config files (names and bytes): identifies the source without weights."""
     digest = hashlib.sha256()
-    for rel in CONFIG_FILES:
+    sdxl = ("text_encoder_2/config.json",) if (root / "text_encoder_2").is_dir() else ()
+    for rel in (*CONFIG_FILES, *sdxl):
         digest.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
     return digest.hexdigest()

@@ -124,7 +124,7 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
            cache_dir: Path | None) -> None:
     """Export SOURCE to ONNX (optimum's layout) in OUT_DIR.
 
-    SOURCE is a diffusers SD 1.x/2.x folder, an A1111/civitai single-file checkpoint
+    SOURCE is a diffusers SD 1.x/2.x/XL folder, an A1111/civitai single-file checkpoint
     (.safetensors; .ckpt with --allow-pickle), or a Hugging Face hub id ORG/NAME, taken from the
     cache when HF_HUB_OFFLINE is set.
     """

@@ -24,33 +24,57 @@ def _require(session: Session, graph: str, inputs: set[str], outputs: set[str]) 
 
 
 class TextEncoder:
-    """CLIP text encoder: token ids (B, 77) → hidden states (B, 77, D)."""
+    """CLIP text encoder: token ids (B, 77) → hidden states (B, 77, D), or named outputs."""
 
-    def __init__(self, session: Session) -> None:
-        _require(session, "text_encoder", {"input_ids"}, {"last_hidden_state"})
+    def __init__(self, session: Session, graph: str = "text_encoder") -> None:
+        _require(session, graph, {"input_ids"}, {"last_hidden_state"})
         self.session = session
+        self.graph = graph
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         return self.session.run({"input_ids": input_ids})["last_hidden_state"]
 
+    def outputs(self, input_ids: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """The named outputs (SDXL: `hidden_states.N`, `text_embeds`); ModelError if absent."""
+        missing = [name for name in names if name not in self.session.outputs]
+        if missing:
+            raise ModelError(f"{self.graph}: the graph has no output {missing[0]!r} (outputs: "
+                             f"{', '.join(sorted(self.session.outputs))})")
+        out = self.session.run({"input_ids": input_ids})
+        return [out[name] for name in names]
+
+
+# UNet inputs beyond sample/timestep/context that sdrt can feed: SDXL's added conditions.
+ADDED_CONDITIONS = frozenset({"text_embeds", "time_ids"})
+
 
 class UNet:
-    """Noise-prediction UNet; the timestep is fed as a scalar or as [batch], as the graph wants."""
+    """Noise-prediction UNet; the timestep is fed as a scalar or as [batch], as the graph wants.
+
+    `added` names the graph's extra conditioning inputs (SDXL: text_embeds, time_ids), which
+    each call must feed, row-aligned with the context.
+    """
 
     def __init__(self, session: Session) -> None:
         _require(session, "unet", {"sample", "timestep", "encoder_hidden_states"}, {"out_sample"})
         self.session = session
         extra = set(session.inputs) - {"sample", "timestep", "encoder_hidden_states"}
-        if extra:
-            raise ModelError(f"unet: inputs {sorted(extra)} are not supported for SD 1.x yet")
+        if not extra <= ADDED_CONDITIONS:
+            raise ModelError(f"unet: inputs {sorted(extra - ADDED_CONDITIONS)} are not supported")
+        self.added = frozenset(extra)
         self._timestep_rank = len(session.inputs["timestep"].shape)
         self.in_channels = session.inputs["sample"].shape[1]
 
-    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
+                 added: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        added = added or {}
+        if set(added) != self.added:
+            raise ModelError(f"unet: the graph takes added conditions {sorted(self.added)}, "
+                             f"the model's text conditioning gives {sorted(added)}")
         # optimum exports a rank-0 timestep; diffusers' legacy export a [batch] one.
         timestep = np.array(t) if self._timestep_rank == 0 else np.full(sample.shape[0], t)
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-        return self.session.run(feeds)["out_sample"]
+        return self.session.run({**feeds, **added})["out_sample"]
 
 
 class VaeDecoder:

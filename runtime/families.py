@@ -3,21 +3,25 @@
 Recognition reads configs (and so the weight shapes they fix), never folder or file names
 (DESIGN.md), in this order:
 
-1. Refused until supported: SDXL (a `text_encoder_2` in model_index.json, or a UNet with
-   addition_embed_type "text_time") and LCM (a UNet with time_cond_proj_dim, which takes the
-   guidance scale as an input, or an LCMScheduler).
-2. Architecture: SD 2.x has an OpenCLIP ViT-H text encoder (hidden_act "gelu", 1024 wide; its
-   penultimate-layer output is baked into a 23-layer config) and linear projections in the UNet's
-   transformer blocks; SD 1.x has OpenAI CLIP ViT-L (quick_gelu, 768 wide). Any SD 2.x sign wins.
-3. SD-Turbo: SD 2.x weights shipped with an epsilon-prediction scheduler and "trailing" timestep
-   spacing. Adversarial diffusion distillation (Sauer et al. 2023) samples from pure noise in 1–4
-   steps, which needs trailing spacing; SD 2.x releases ship "leading" or no spacing, and
-   v-prediction with "trailing" marks zero-terminal-SNR fine-tunes (Lin et al. 2023), which want
-   guidance and many steps. Where a folder's configs say otherwise, `sdrt export --family`
-   records the right family in manifest.json, which the runtime trusts over the configs.
+1. Refused until supported: LCM (a UNet with time_cond_proj_dim, which takes the guidance scale
+   as an input, or an LCMScheduler).
+2. Architecture: SDXL has a second text encoder (`text_encoder_2` in model_index.json) and a UNet
+   with addition_embed_type "text_time" (pooled text embeddings plus size/crop
+   micro-conditioning, Podell et al. 2023); one sign without the other is refused. SD 2.x has an
+   OpenCLIP ViT-H text encoder (hidden_act "gelu", 1024 wide; its penultimate-layer output is
+   baked into a 23-layer config) and linear projections in the UNet's transformer blocks; SD 1.x
+   has OpenAI CLIP ViT-L (quick_gelu, 768 wide). Any SD 2.x sign wins.
+3. Turbo: SD 2.x (SD-Turbo) or SDXL (SDXL-Turbo) weights shipped with an epsilon-prediction
+   scheduler and "trailing" timestep spacing. Adversarial diffusion distillation (Sauer et al.
+   2023) samples from pure noise in 1–4 steps, which needs trailing spacing; SD 2.x/XL releases
+   ship "leading" or no spacing, and v-prediction with "trailing" marks zero-terminal-SNR
+   fine-tunes (Lin et al. 2023), which want guidance and many steps. Where a folder's configs say
+   otherwise, `sdrt export --family` records the right family in manifest.json, which the
+   runtime trusts over the configs.
 
 The native image size is not in the table: it is the UNet's sample_size × the VAE's scale factor
-(768 for SD 2.x 768-v, 512 for the SD 2.x base and SD-Turbo, 512 for SD 1.x), as diffusers has it.
+(1024 for SDXL, 768 for SD 2.x 768-v, 512 for the SD 2.x base, SD-Turbo, SDXL-Turbo and SD 1.x),
+as diffusers has it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class Family:
 
     name: str
     title: str
-    architecture: str  # families that share one run the same graphs ("sd1", "sd2")
+    architecture: str  # families that share one run the same graphs ("sd1", "sd2", "sdxl")
     steps: int
     guidance_scale: float  # ≤ 1 runs the UNet once per step (no classifier-free guidance)
     sampler: str | None = None  # None: the model folder's own scheduler
@@ -47,6 +51,9 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("sd1", "SD 1.x", "sd1", steps=20, guidance_scale=7.5),
     Family("sd2", "SD 2.x", "sd2", steps=20, guidance_scale=7.5),
     Family("sd-turbo", "SD-Turbo", "sd2", steps=1, guidance_scale=0.0),
+    # diffusers' SDXL pipeline defaults to guidance 5; 25 steps is the usual Euler budget.
+    Family("sdxl", "SDXL", "sdxl", steps=25, guidance_scale=5.0),
+    Family("sdxl-turbo", "SDXL-Turbo", "sdxl", steps=1, guidance_scale=0.0),
 )}
 
 
@@ -59,17 +66,31 @@ def get_family(name: str) -> Family:
 
 
 def detect_family(index: Config, unet: Config, vae: Config, text_encoder: Config,
-                  scheduler: Config) -> str:
+                  scheduler: Config, text_encoder_2: Config | None = None) -> str:
     """The family of a model from its configs (see the module docstring); ModelError if unfit."""
-    _refuse_unsupported(index, unet, scheduler)
+    _refuse_unsupported(unet, scheduler)
+    if _is_sdxl(index, unet, text_encoder_2):
+        _check_unet(unet, vae, text_encoder, text_encoder_2)
+        return "sdxl-turbo" if _is_turbo(scheduler) else "sdxl"
     _check_unet(unet, vae, text_encoder)
     if text_encoder.get("hidden_act") == "gelu" or text_encoder.get("hidden_size") == 1024 \
             or unet.get("use_linear_projection"):
-        if scheduler.get("prediction_type", "epsilon") == "epsilon" \
-                and scheduler.get("timestep_spacing") == "trailing":
-            return "sd-turbo"
-        return "sd2"
+        return "sd-turbo" if _is_turbo(scheduler) else "sd2"
     return "sd1"
+
+
+def _is_sdxl(index: Config, unet: Config, text_encoder_2: Config | None) -> bool:
+    two_encoders = "text_encoder_2" in index or text_encoder_2 is not None
+    text_time = unet.get("addition_embed_type") == "text_time"
+    if two_encoders != text_time or (two_encoders and text_encoder_2 is None):
+        raise ModelError("SDXL needs both a text_encoder_2 (with its config) and a unet with "
+                         "addition_embed_type 'text_time'; this model has only one of them")
+    return text_time
+
+
+def _is_turbo(scheduler: Config) -> bool:
+    return scheduler.get("prediction_type", "epsilon") == "epsilon" \
+        and scheduler.get("timestep_spacing") == "trailing"
 
 
 def check_override(detected: str, chosen: str) -> str:
@@ -81,25 +102,27 @@ def check_override(detected: str, chosen: str) -> str:
     return chosen
 
 
-def _refuse_unsupported(index: Config, unet: Config, scheduler: Config) -> None:
-    if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
-        raise ModelError("SDXL models (a second text encoder, unet addition_embed_type "
-                         "'text_time') are not supported yet")
+def _refuse_unsupported(unet: Config, scheduler: Config) -> None:
     if unet.get("time_cond_proj_dim") is not None or scheduler.get("_class_name") == "LCMScheduler":
         raise ModelError("LCM models (unet time_cond_proj_dim: guidance is a UNet input; "
                          "LCMScheduler) are not supported yet")
 
 
-def _check_unet(unet: Config, vae: Config, text_encoder: Config) -> None:
+def _check_unet(unet: Config, vae: Config, text_encoder: Config,
+                text_encoder_2: Config | None = None) -> None:
     latent = vae.get("latent_channels", 4)
     if unet.get("in_channels") != latent or unet.get("out_channels") != latent:
         raise ModelError(f"unet in/out channels {unet.get('in_channels')}/"
                          f"{unet.get('out_channels')} differ from the VAE's {latent} latent "
                          "channels (inpainting/depth UNets are not supported)")
-    hidden = text_encoder.get("hidden_size")
+    # SDXL's context is both encoders' hidden states side by side.
+    hidden = sum(config.get("hidden_size", 0) for config in (text_encoder, text_encoder_2 or {}))
     if unet.get("cross_attention_dim") != hidden:
         raise ModelError(f"unet cross_attention_dim {unet.get('cross_attention_dim')} does not "
-                         f"match text_encoder hidden_size {hidden}")
-    for key in ("addition_embed_type", "class_embed_type"):
-        if unet.get(key) is not None:
-            raise ModelError(f"unet has {key}={unet[key]!r}: not an SD 1.x/2.x UNet")
+                         f"match the text encoders' hidden size {hidden}")
+    if text_encoder_2 is None and unet.get("addition_embed_type") is not None:
+        raise ModelError(f"unet has addition_embed_type={unet['addition_embed_type']!r}: "
+                         "not an SD 1.x/2.x UNet")
+    if unet.get("class_embed_type") is not None:
+        raise ModelError(f"unet has class_embed_type={unet['class_embed_type']!r}: not a Stable "
+                         "Diffusion text-to-image UNet")

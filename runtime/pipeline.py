@@ -1,4 +1,4 @@
-"""Text-to-image: tokenizer → text encoder → NumPy sampler loop over the UNet → VAE decoder.
+"""Text-to-image: tokenizer → text encoder(s) → NumPy sampler loop over the UNet → VAE decoder.
 
 Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Salimans, 2022),
 run from exported graphs. `Pipeline.load` does all file I/O; `Pipeline.run` reads as numbered
@@ -7,7 +7,6 @@ steps and keeps all per-call state local, so several threads may generate at onc
 
 from __future__ import annotations
 
-import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from sdrt.runtime import guidance
-from sdrt.runtime.components import TextEncoder, UNet, VaeDecoder
+from sdrt.runtime.components import UNet, VaeDecoder
+from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
 from sdrt.runtime.errors import GenerationError, InputError
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
 from sdrt.runtime.model_folder import ModelFacts, check_folder, graph_file, read_facts
@@ -26,8 +26,6 @@ from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
 from sdrt.runtime.session import BACKENDS, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
-
-log = logging.getLogger(__name__)
 
 MAX_SIDE = 2048  # pixels; beyond this one UNet call needs more memory than the machines we target
 MAX_IMAGES = 16  # per call; larger batches belong to `sdrt batch`
@@ -103,16 +101,20 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A loaded SD 1.x/2.x model folder, ready to generate; safe to share between threads."""
+    """A loaded SD 1.x/2.x/XL model folder, ready to generate; safe to share between threads."""
 
     folder: Path
     backend: str
     facts: ModelFacts
-    tokenizer: ClipTokenizer
     scheduler: SchedulerConfig
-    text_encoder: TextEncoder
+    conditioner: TextConditioner  # the family's prompts → UNet conditioning
     unet: UNet
     vae_decoder: VaeDecoder
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        """The (first) text encoder's tokenizer."""
+        return self.conditioner.tokenizer
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "ort", *,
@@ -129,9 +131,9 @@ class Pipeline:
         def session(component: str):
             return open_session(graph_file(folder, component, backend), backend, threads=threads)
 
-        return cls(folder, backend, facts, ClipTokenizer.from_dir(folder / "tokenizer"), scheduler,
-                   TextEncoder(session("text_encoder")), UNet(session("unet")),
-                   VaeDecoder(session("vae_decoder")))
+        return cls(folder, backend, facts, scheduler,
+                   load_conditioner(folder, facts.family.architecture, session),
+                   UNet(session("unet")), VaeDecoder(session("vae_decoder")))
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  **options) -> list[Image.Image]:
@@ -147,8 +149,10 @@ class Pipeline:
         # 1. Fill defaults and validate.
         req = request.resolve(self.facts, self.scheduler)
         guided = req.guidance_scale > 1.0  # diffusers' rule: guidance ≤ 1 means one UNet call
-        # 2. Text embeddings: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D).
-        context = self._encode(req, guided)
+        # 2. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
+        #    with the UNet's added conditions (SDXL) row-aligned.
+        cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
+                                width=req.width, height=req.height).repeat(req.num_images)
         # 3. Starting noise: one generator per image, seeded seed + i (A1111's convention).
         generators = [make_generator(req.generator, req.seed + i) for i in range(req.num_images)]
         latent_shape = (1, self.facts.latent_channels,
@@ -161,7 +165,7 @@ class Pipeline:
 
         noise = draw((req.num_images, *latent_shape[1:]))
         # 4. Sampler loop over the guided UNet.
-        latents = sample(self._model_fn(context, req.guidance_scale, guided), noise,
+        latents = sample(self._model_fn(cond, req.guidance_scale, guided), noise,
                          config=self.scheduler, sampler=req.sampler, steps=req.steps,
                          step_noise=draw, callback=callback)
         # 5. Decode, one image at a time to bound peak memory.
@@ -169,23 +173,13 @@ class Pipeline:
         # 6. Attach what made each image.
         return [GeneratedImage(image, self._info(req, i)) for i, image in enumerate(pixels)]
 
-    def _encode(self, req: GenerationRequest, guided: bool) -> np.ndarray:
-        prompts = [req.negative_prompt, req.prompt] if guided else [req.prompt]
-        for text in prompts:
-            cut = self.tokenizer.truncated(text)
-            if cut:
-                log.warning("prompt longer than %d tokens; ignored: %r",
-                            self.tokenizer.max_length, cut)
-        hidden = self.text_encoder(self.tokenizer(prompts))  # (1 or 2, 77, D)
-        return np.repeat(hidden, req.num_images, axis=0)  # (B or 2B, 77, D), uncond rows first
-
-    def _model_fn(self, context: np.ndarray, scale: float, guided: bool):
-        unet = self.unet
+    def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool):
+        unet, context, added = self.unet, conditioning.context, conditioning.added
 
         def model(x_in: np.ndarray, t: float) -> np.ndarray:
             if not guided:
-                return unet(x_in, t, context)
-            out = unet(np.concatenate([x_in, x_in]), t, context)  # (2B, C, h, w)
+                return unet(x_in, t, context, added)
+            out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
             uncond, cond = np.split(out, 2)
             return guidance.cfg_combine(uncond, cond, scale)
 

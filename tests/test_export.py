@@ -317,7 +317,7 @@ BAD_SOURCES = {
     "unknown-pipeline": (lambda r: _break_index(r, _class_name="os.system"),
                          "not a supported pipeline"),
     "sdxl-pipeline": (lambda r: _break_index(r, _class_name="StableDiffusionXLPipeline"),
-                      "not a supported pipeline"),
+                      "does not fit its components: text_encoder_2 is missing"),
     "foreign-class": (lambda r: _break_index(r, unet=["os", "system"]), "unet"),
     "missing-unet": (lambda r: shutil.rmtree(r / "unet"), "'unet/' is missing"),
     "missing-vae-config": (lambda r: (r / "vae" / "config.json").unlink(), "vae/config.json"),

@@ -35,6 +35,8 @@ def configs_of(arch: str) -> dict[str, dict]:
     files = {"index": "model_index.json", "unet": "unet/config.json", "vae": "vae/config.json",
              "text_encoder": "text_encoder/config.json",
              "scheduler": "scheduler/scheduler_config.json"}
+    if (CONFIGS / arch / "text_encoder_2").is_dir():  # SDXL
+        files["text_encoder_2"] = "text_encoder_2/config.json"
     return {key: json.loads((CONFIGS / arch / rel).read_text()) for key, rel in files.items()}
 
 
@@ -43,7 +45,8 @@ def configs_of(arch: str) -> dict[str, dict]:
 
 @pytest.mark.parametrize(("arch", "family"), [
     ("tiny_sd", "sd1"), ("sd15", "sd1"), ("tiny_sd2", "sd2"), ("sd21", "sd2"),
-    ("tiny_turbo", "sd-turbo"), ("sd_turbo", "sd-turbo"),
+    ("tiny_turbo", "sd-turbo"), ("sd_turbo", "sd-turbo"), ("tiny_sdxl", "sdxl"),
+    ("sdxl", "sdxl"), ("tiny_sdxl_turbo", "sdxl-turbo"), ("sdxl_turbo", "sdxl-turbo"),
 ])
 def test_family_detected_from_configs(arch, family):
     assert detect_family(**configs_of(arch)) == family
@@ -68,8 +71,8 @@ def test_each_sd2_sign_alone_is_enough():
 
 
 @pytest.mark.parametrize(("part", "change", "fragment"), [
-    ("index", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "SDXL"),
-    ("unet", {"addition_embed_type": "text_time"}, "SDXL"),
+    ("index", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "only one"),
+    ("unet", {"addition_embed_type": "text_time"}, "only one"),
     ("unet", {"time_cond_proj_dim": 256}, "LCM"),
     ("scheduler", {"_class_name": "LCMScheduler"}, "LCM"),
     ("unet", {"in_channels": 9}, "inpainting"),
@@ -81,7 +84,7 @@ def test_unsupported_models_are_refused_with_a_reason(part, change, fragment):
     with pytest.raises(ModelError, match=fragment) as info:
         detect_family(**configs)
     assert "\n" not in str(info.value)
-    if fragment in ("SDXL", "LCM"):
+    if fragment == "LCM":
         assert "not supported yet" in str(info.value)
 
 
@@ -91,7 +94,9 @@ def test_family_override_keeps_the_architecture():
     with pytest.raises(ModelError, match="does not fit"):
         check_override("sd1", "sd-turbo")
     with pytest.raises(ModelError, match="not supported"):
-        check_override("sd1", "sdxl")
+        check_override("sd1", "sd3")
+    with pytest.raises(ModelError, match="does not fit"):
+        check_override("sd2", "sdxl-turbo")
 
 
 def test_every_family_default_is_valid():
@@ -103,7 +108,7 @@ def test_every_family_default_is_valid():
 # ---------------------------------------------------------------- export records the family
 
 
-def test_sdxl_folder_gets_the_sdxl_message(tiny_sd_dir, tmp_path):
+def test_sdxl_index_without_second_encoder_names_it(tiny_sd_dir, tmp_path):
     from sdrt.export.source import read_source
 
     src = shutil.copytree(tiny_sd_dir, tmp_path / "src")
@@ -111,7 +116,7 @@ def test_sdxl_folder_gets_the_sdxl_message(tiny_sd_dir, tmp_path):
     index.update(_class_name="StableDiffusionXLPipeline",
                  text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
     (src / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="SDXL models .* are not supported yet"):
+    with pytest.raises(ModelError, match="incomplete: 'text_encoder_2/' is missing"):
         read_source(src)
 
 
@@ -143,6 +148,8 @@ def resolved(folder: Path, **fields) -> GenerationRequest:
     ("tiny_onnx_dir", ("sd1", 20, 7.5, "pndm", 64)),
     ("tiny_sd2_onnx_dir", ("sd2", 20, 7.5, "ddim", 96)),  # 96 = 768-v's 1.5 × the base size
     ("tiny_turbo_onnx_dir", ("sd-turbo", 1, 0.0, "euler", 64)),
+    ("tiny_sdxl_onnx_dir", ("sdxl", 25, 5.0, "euler", 64)),
+    ("tiny_sdxl_turbo_onnx_dir", ("sdxl-turbo", 1, 0.0, "euler_a", 64)),
 ])
 def test_defaults_follow_the_family(request, folder, want):
     path = request.getfixturevalue(folder)
@@ -164,8 +171,8 @@ def test_folder_without_manifest_detects_its_family(tiny_turbo_onnx_dir, tmp_pat
 def test_unknown_family_in_manifest_is_refused_at_load(tiny_onnx_dir, tmp_path):
     folder = shutil.copytree(tiny_onnx_dir, tmp_path / "future")
     data = json.loads((folder / MANIFEST_NAME).read_text())
-    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "sdxl"}))
-    with pytest.raises(ModelError, match="model family 'sdxl' is not supported"):
+    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "sd3"}))
+    with pytest.raises(ModelError, match="model family 'sd3' is not supported"):
         Pipeline.load(folder)
 
 
@@ -180,13 +187,6 @@ def test_cli_turbo_defaults_and_metadata(tiny_turbo_onnx_dir, tmp_path):
 # ---------------------------------------------------------------- parity with diffusers
 
 parity = pytest.mark.parity
-
-
-@pytest.fixture(scope="module", params=["ort", "openvino"])
-def backend(request):
-    if request.param == "openvino":
-        pytest.importorskip("openvino")
-    return request.param
 
 
 @pytest.fixture(scope="module")
