@@ -12,14 +12,25 @@ speed and memory do not depend on the values.
   and a larger native size (sample_size 48 against 32, as 768 against 512).
 - `tiny_turbo` (SD-Turbo): tiny_sd2's architecture at sample_size 32 with SD-Turbo's scheduler
   (epsilon, Euler, trailing spacing).
-- `sd15`, `sd21` (768-v), `sd_turbo`: the full-size architectures.
+- `tiny_sd_1k` (SD 1.x): smaller still, for the committed fixtures of tests/fixtures/foreign/:
+  UNet block_out_channels (8, 16), a 4-block VAE (8, 16, 16, 16) so vae_scale_factor is SD's 8
+  (diffusers' legacy ONNX layout has no configs to say otherwise), 4 norm groups, and a 2-layer
+  CLIP text encoder with a 1,000-token vocabulary (as hf-internal-testing's tiny-random-clip).
+- `tiny_sdxl` (SDXL): diffusers' tiny SDXL test components: UNet block_out_channels (32, 64)
+  with transformer_layers_per_block (1, 2), "text_time" added conditioning (addition_time_embed_dim
+  8, so projection_class_embeddings_input_dim 6 × 8 + 32), two 32-wide CLIP encoders (the second
+  a CLIPTextModelWithProjection) concatenated to cross_attention_dim 64; `!` pads tokenizer_2.
+- `tiny_sdxl_turbo` (SDXL-Turbo): tiny_sdxl's weights' shapes with Euler ancestral, trailing.
+- `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`: the full-size
+  architectures.
 
 The tokenizer is `models/clip_tokenizer/` (the vocabulary SD 1.x and 2.x share) with the files of
 `models/configs/<arch>/tokenizer/`, when there is one, in place of its own (SD 2.x pads with `!`).
+A text encoder vocab_size below CLIP's 49,408 keeps a prefix of the vocabulary (see `_shrink_bpe`).
 Each component gets `torch.manual_seed(seed)` before it is built, so a seed gives the same weights
 whatever the prediction type.
 
-Usage: python models/build_random_sd.py {tiny_sd,tiny_sd2,tiny_turbo,sd15,sd21,sd_turbo} OUT_DIR
+Usage: python models/build_random_sd.py ARCH OUT_DIR  (ARCH: a folder of models/configs/)
        [--seed 0] [--prediction-type epsilon|v_prediction]
 """
 
@@ -37,6 +48,7 @@ CONFIGS = HERE / "configs"
 TOKENIZER = HERE / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 logger = logging.getLogger("sdrt.models.build_random_sd")
 
 
@@ -54,10 +66,18 @@ def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
     scheduler["prediction_type"] = prediction_type or scheduler.get("prediction_type", "epsilon")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    _copy_tokenizer(configs / "tokenizer", out / "tokenizer")
     _save_unet(out / "unet", _model_config(configs / "unet"), seed)
     _save_vae(out / "vae", _model_config(configs / "vae"), seed)
-    _save_text_encoder(out / "text_encoder", _model_config(configs / "text_encoder"), seed)
+    # SDXL: text_encoder_2 and tokenizer_2 beside the first pair.
+    for suffix in ("", "_2"):
+        encoder = configs / f"text_encoder{suffix}"
+        if not encoder.is_dir():
+            continue
+        config = _read(encoder / "config.json")
+        _copy_tokenizer(configs / f"tokenizer{suffix}", out / f"tokenizer{suffix}")
+        _shrink_bpe(out / f"tokenizer{suffix}", config["vocab_size"])
+        _save_text_encoder(out / encoder.name, _model_config(encoder),
+                           config["architectures"][0], seed)
     logger.info("wrote %s folder %s (seed %d)", arch, out, seed)
     return out
 
@@ -70,20 +90,46 @@ def _copy_tokenizer(overrides: Path, folder: Path) -> None:
         shutil.copy(own if own.is_file() else TOKENIZER / name, folder / name)
 
 
+def _shrink_bpe(folder: Path, vocab_size: int) -> None:
+    """Keep CLIP's first `vocab_size - 2` tokens, the merges that make them, and the 2 specials.
+
+    CLIP's vocab.json lists the 512 byte symbols, then one token per merge in merges.txt order,
+    then `<|startoftext|>` and `<|endoftext|>`; every merge joins earlier tokens, so a prefix of
+    the merges is a complete BPE over a prefix of the vocabulary.
+    """
+    vocab = _read(folder / "vocab.json")
+    if vocab_size >= len(vocab):
+        return
+    specials = ("<|startoftext|>", "<|endoftext|>")
+    ordered = sorted((token for token in vocab if token not in specials), key=vocab.get)
+    kept = [*ordered[: vocab_size - len(specials)], *specials]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(kept)}))
+    header, *merges = (folder / "merges.txt").read_text("utf-8").splitlines()
+    count = vocab_size - len(specials) - 512  # one merge per token after the byte symbols
+    (folder / "merges.txt").write_text("\n".join([header, *merges[:count]]) + "\n", "utf-8")
+
+
 def save_text_encoder(model, folder: Path) -> None:
-    """Save a CLIPTextModel with SD's key layout (the `text_model.` prefix kept).
+    """Save a CLIPTextModel(WithProjection) with SD's key layout (`text_model.` prefix kept).
 
     transformers 5.x saves it without the prefix, and other versions then silently
     re-initialise every weight of such a folder (DESIGN.md, pitfalls), so write keys ourselves.
+    SDXL's CLIPTextModelWithProjection keeps `text_projection.weight` at the top level.
     """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.architectures = ["CLIPTextModel"]  # as SD folders have it; readers check it
+    # As SD folders have it; readers check it.
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
-    state = {key if key.startswith("text_model.") else f"text_model.{key}": value.contiguous()
-             for key, value in model.state_dict().items()}
+    state = {_sd_text_key(key): value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _sd_text_key(key: str) -> str:
+    if key.startswith(("text_model.", "text_projection.")):
+        return key
+    return f"text_model.{key}"
 
 
 def _save_unet(folder: Path, config: dict[str, Any], seed: int) -> None:
@@ -102,12 +148,17 @@ def _save_vae(folder: Path, config: dict[str, Any], seed: int) -> None:
     AutoencoderKL.from_config(config).save_pretrained(folder)
 
 
-def _save_text_encoder(folder: Path, config: dict[str, Any], seed: int) -> None:
+def _save_text_encoder(folder: Path, config: dict[str, Any], architecture: str,
+                       seed: int) -> None:
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
 
+    if architecture not in TEXT_ENCODERS:
+        raise ValueError(f"text encoder architecture must be one of {TEXT_ENCODERS}, "
+                         f"got {architecture!r}")
     torch.manual_seed(seed)
-    save_text_encoder(CLIPTextModel(CLIPTextConfig(**config)), folder)
+    model_class = getattr(transformers, architecture)
+    save_text_encoder(model_class(transformers.CLIPTextConfig(**config)), folder)
 
 
 def _model_config(folder: Path) -> dict[str, Any]:

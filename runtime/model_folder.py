@@ -1,13 +1,17 @@
 """A model folder on disk: which graph files it holds and the numbers the pipeline needs.
 
 The numbers and the model family come from `manifest.json` when sdrt exported the folder, else
-from the component `config.json` files that optimum writes (diffusers layout, research/users.md
-§3.1–3.2).
+from the component `config.json` files that optimum and optimum-intel write (diffusers layout,
+research/users.md §3.1–3.3), else, for diffusers' legacy ONNX layout, which has no component
+configs, from SD 1.x's constants as diffusers' `OnnxStableDiffusionPipeline` hard-codes them.
+model_index.json's class names are checked against allow-lists, never imported.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +19,39 @@ from sdrt.runtime.errors import ModelError
 from sdrt.runtime.families import Family, detect_family, get_family
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 
+log = logging.getLogger(__name__)
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 GRAPH_FILES = {"ort": ("model.onnx",), "openvino": ("openvino_model.xml", "model.onnx")}
+IR_FILE = "openvino_model.xml"
+# model_index.json `_class_name`s of the folders sdrt reads: diffusers' and its legacy ONNX
+# pipelines (optimum and optimum-intel keep diffusers' names), and the ORT/OV names optimum's
+# docs use; whether the family is supported is families.py's call.
+PIPELINE_CLASSES = frozenset({
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
+    "OnnxStableDiffusionImg2ImgPipeline", "ORTStableDiffusionPipeline",
+    "OVStableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+    "ORTStableDiffusionXLPipeline", "OVStableDiffusionXLPipeline",
+})
+# Classes model_index.json may name for the parts sdrt loads; `OnnxRuntimeModel` is the legacy
+# ONNX layout's entry for every graph.
+COMPONENT_CLASSES = {
+    "text_encoder": {"CLIPTextModel", "OnnxRuntimeModel"},
+    "text_encoder_2": {"CLIPTextModelWithProjection", "OnnxRuntimeModel"},
+    "unet": {"UNet2DConditionModel", "OnnxRuntimeModel"},
+    "vae": {"AutoencoderKL"},
+    "vae_decoder": {"OnnxRuntimeModel"},
+    "vae_encoder": {"OnnxRuntimeModel"},
+    "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
+    "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
+}
+_SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")
+# SD 1.x's numbers: diffusers' config defaults, and the constants its legacy
+# OnnxStableDiffusionPipeline hard-codes for folders without component configs.
+SD1_SCALING_FACTOR = 0.18215
+SD1_LATENT_CHANNELS = 4
+SD1_VAE_BLOCKS = 4  # vae_scale_factor 2 ** (4 - 1) = 8
+SD1_SAMPLE_SIZE = 64  # latent side: 512 px
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,7 @@ def check_folder(folder: Path) -> None:
         raise ModelError(f"model folder '{folder}' does not exist or is not a folder")
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"'{folder}' is not a model folder: model_index.json is missing")
+    _check_index(read_json(folder / "model_index.json"))
     for name in (*COMPONENTS, "tokenizer", "scheduler"):
         if not (folder / name).is_dir():
             raise ModelError(f"model folder '{folder.name}' is incomplete: '{name}/' is missing")
@@ -54,6 +90,9 @@ def graph_file(folder: Path, component: str, backend: str) -> Path:
         path = folder / component / name
         if path.is_file():
             return path
+    if (folder / component / IR_FILE).is_file():
+        raise ModelError(f"{component}/ holds only OpenVINO IR ({IR_FILE}), which the "
+                         f"{backend} backend cannot read: use the openvino backend")
     wanted = " or ".join(GRAPH_FILES[backend])
     raise ModelError(f"model folder '{folder.name}' is incomplete: {component}/{wanted} is missing")
 
@@ -72,23 +111,63 @@ def read_facts(folder: Path) -> ModelFacts:
             sample_size=manifest.sample_size,
             unet_sha256=unet_file.sha256 if unet_file else None,
         )
-    vae = _read_json(folder / "vae_decoder" / "config.json")
-    unet = _read_json(folder / "unet" / "config.json")
-    family = detect_family(_read_json(folder / "model_index.json"), unet, vae,
-                           _read_json(folder / "text_encoder" / "config.json"),
-                           _read_json(folder / "scheduler" / "scheduler_config.json"))
+    if not any((folder / name / "config.json").is_file() for name in COMPONENTS):
+        return _legacy_facts(folder)
+    vae = read_json(folder / "vae_decoder" / "config.json")
+    unet = read_json(folder / "unet" / "config.json")
+    second = folder / "text_encoder_2" / "config.json"  # SDXL's
+    family = detect_family(read_json(folder / "model_index.json"), unet, vae,
+                           read_json(folder / "text_encoder" / "config.json"),
+                           read_json(folder / "scheduler" / "scheduler_config.json"),
+                           read_json(second) if second.parent.is_dir() else None)
     return ModelFacts(
         name=folder.resolve().name,
         family=get_family(family),
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
-        sample_size=int(unet.get("sample_size", 64)),
+        scaling_factor=float(vae.get("scaling_factor", SD1_SCALING_FACTOR)),
+        latent_channels=int(vae.get("latent_channels", SD1_LATENT_CHANNELS)),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * SD1_VAE_BLOCKS)) - 1),
+        sample_size=int(unet.get("sample_size", SD1_SAMPLE_SIZE)),
         unet_sha256=None,
     )
 
 
-def _read_json(path: Path) -> dict:
+def _legacy_facts(folder: Path) -> ModelFacts:
+    """SD 1.x's numbers for diffusers' legacy ONNX layout, whose graphs come without configs."""
+    log.warning("'%s' has no manifest.json and no component config.json (diffusers' legacy "
+                "ONNX layout): assuming SD 1.x (VAE scaling factor %s, 8x VAE, 512 px)",
+                folder.name, SD1_SCALING_FACTOR)
+    # SD 2.x's generation defaults are the same, and the prediction type is the scheduler
+    # config's, which this layout keeps.
+    return ModelFacts(
+        name=folder.resolve().name,
+        family=get_family("sd1"),
+        scaling_factor=SD1_SCALING_FACTOR,
+        latent_channels=SD1_LATENT_CHANNELS,
+        vae_scale_factor=2 ** (SD1_VAE_BLOCKS - 1),
+        sample_size=SD1_SAMPLE_SIZE,
+        unet_sha256=None,
+    )
+
+
+def _check_index(index: dict) -> None:
+    """Refuse a model_index.json whose pipeline or part classes are not on the allow-lists."""
+    name = index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ModelError(f"model_index.json _class_name {name!r} is not a supported pipeline "
+                         f"({', '.join(sorted(PIPELINE_CLASSES))})")
+    for part, classes in (*COMPONENT_CLASSES.items(), ("scheduler", None)):
+        entry = index.get(part)
+        if entry is None or entry == [None, None]:
+            continue
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and (
+            entry[1] in classes if classes else _SCHEDULER_CLASS.fullmatch(entry[1]) is not None)
+        if not ok:
+            wanted = f"one of {', '.join(sorted(classes))}" if classes else "a scheduler class"
+            raise ModelError(f"model_index.json {part} is {entry!r}, expected {wanted}")
+
+
+def read_json(path: Path) -> dict:
+    """A component's JSON file; ModelError naming it when missing or malformed."""
     try:
         return json.loads(path.read_text("utf-8"))
     except FileNotFoundError as exc:

@@ -8,6 +8,9 @@ Backend-specific knobs live in each backend's constructor.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +141,12 @@ class OpenVinoSession(CheckedSession):
             self._config["CACHE_DIR"] = str(cache_dir)
         self._device = device
         try:
-            self._model = self._core.read_model(str(path))
+            self._model = _read_ov_model(self._core, path)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             raise ModelError(f"{self.label}: OpenVINO cannot read it: {_first_line(exc)}") from exc
         self.inputs = {p.any_name: _ov_spec(p) for p in self._model.inputs}
         self.outputs = {p.any_name: _ov_spec(p) for p in self._model.outputs}
+        self._output_names = list(self.outputs)
         self._compiled: dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -165,7 +169,36 @@ class OpenVinoSession(CheckedSession):
         if request is None:
             request = requests[key] = compiled.create_infer_request()
         results = request.infer(feeds)
-        return {port.any_name: value.copy() for port, value in results.items()}
+        # By position: compiling can merge an output's name with inner tensors' names, and
+        # any_name then returns one of those (seen on torch.onnx exports of CLIP).
+        return {name: results[i].copy() for i, name in enumerate(self._output_names)}
+
+
+def _read_ov_model(core, path: Path):
+    """read_model; an ONNX graph in a folder of symlinks (the hub cache) is staged first.
+
+    OpenVINO refuses ONNX external data whose real path lies outside the model's folder, which
+    is every file of a hub cache snapshot (symlinks into `blobs/`). So the component folder's
+    files are hard-linked (or, across filesystems, copied) into one private folder, read from
+    there, and the folder is removed: OpenVINO has the weights in memory or mapped by then.
+    """
+    folder = path.parent
+    if path.suffix != ".onnx" or not any(item.is_symlink() for item in folder.iterdir()):
+        return core.read_model(str(path))
+    with tempfile.TemporaryDirectory(prefix="sdrt-ov-") as staging:
+        for item in folder.iterdir():
+            if item.is_file():
+                _link_or_copy(item.resolve(), Path(staging) / item.name)
+        return core.read_model(str(Path(staging) / path.name))
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # another filesystem, or links not allowed there
+        log.warning("copying %s (%d bytes) to load it with OpenVINO", source.name,
+                    source.stat().st_size)
+        shutil.copyfile(source, dest)
 
 
 def open_session(path: Path, backend: str, *, threads: int | None = None) -> Session:

@@ -96,9 +96,42 @@ def tiny_turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SDXL diffusers folder (two text encoders, text_time UNet, Euler): tiny_sdxl."""
+    return _build("tiny_sdxl", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_onnx_dir(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_sdxl_dir exported (graphs checked)."""
+    return _export(tiny_sdxl_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SDXL-Turbo diffusers folder (Euler ancestral, trailing spacing): tiny_sdxl_turbo."""
+    return _build("tiny_sdxl_turbo", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo_onnx_dir(tiny_sdxl_turbo_dir: Path,
+                             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_sdxl_turbo_dir exported (its graphs equal tiny_sdxl_onnx_dir's, so not re-checked)."""
+    return _export(tiny_sdxl_turbo_dir, tmp_path_factory, check=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_turbo_onnx_dir(tiny_turbo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_turbo_dir exported (graphs checked)."""
     return _export(tiny_turbo_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["ort", "openvino"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each runtime backend in turn (OpenVINO skipped where it is not installed)."""
+    if request.param == "openvino":
+        pytest.importorskip("openvino")
+    return request.param
 
 
 # ---------------------------------------------------------------- helpers shared by test modules
@@ -120,13 +153,20 @@ REFERENCE_SCHEDULERS = {
 }
 
 
+# model_index.json's pipeline → what keeps diffusers' output pure: no safety checker; no invisible
+# watermark, which SDXL adds to the pixels when the invisible-watermark package is installed.
+REFERENCE_PIPELINES = {
+    "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": {"add_watermarker": False},
+}
+
+
 def load_reference(folder: Path):
-    """diffusers' StableDiffusionPipeline on a diffusers folder, the parity reference."""
+    """The diffusers pipeline model_index.json names (SD or SDXL), the parity reference."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False
-    )
+    name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    pipe = getattr(diffusers, name).from_pretrained(folder, **REFERENCE_PIPELINES[name])
     pipe.set_progress_bar_config(disable=True)
     pipe.folder_scheduler_config = pipe.scheduler.config  # each test starts from the folder's own
     return pipe
