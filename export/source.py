@@ -17,6 +17,7 @@ from typing import Any
 
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.families import check_override, detect_family
+from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
@@ -33,12 +34,9 @@ SDXL_COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
     "text_encoder_2": ("transformers", frozenset({"CLIPTextModelWithProjection"})),
     "tokenizer_2": COMPONENTS["tokenizer"],
 }
-_SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json",
                 "text_encoder/config.json", "scheduler/scheduler_config.json")
-# diffusers' AutoencoderKL default; SD 1.x/2.x VAE configs older than that key lack it.
-DEFAULT_SCALING_FACTOR = 0.18215
 _HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)")
 
 
@@ -76,7 +74,7 @@ class SourceModel:
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.get("scaling_factor", DEFAULT_SCALING_FACTOR))
+        return float(self.vae.get("scaling_factor", SD1_SCALING_FACTOR))
 
     @property
     def prediction_type(self) -> str:
@@ -154,7 +152,7 @@ def _check_index(index: dict[str, Any], components: Mapping[str, tuple[str, froz
                              f"['{library}', one of {', '.join(sorted(classes))}]")
     entry = index.get("scheduler")
     if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"
-            and isinstance(entry[1], str) and _SCHEDULER_CLASS.fullmatch(entry[1])):
+            and isinstance(entry[1], str) and SCHEDULER_CLASS.fullmatch(entry[1])):
         raise ModelError(f"model_index.json scheduler is {entry!r}, expected a diffusers scheduler")
 
 

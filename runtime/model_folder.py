@@ -45,7 +45,7 @@ COMPONENT_CLASSES = {
     "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
     "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
 }
-_SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")
+SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")  # any diffusers scheduler name
 # SD 1.x's numbers: diffusers' config defaults, and the constants its legacy
 # OnnxStableDiffusionPipeline hard-codes for folders without component configs.
 SD1_SCALING_FACTOR = 0.18215
@@ -160,7 +160,7 @@ def _check_index(index: dict) -> None:
         if entry is None or entry == [None, None]:
             continue
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and (
-            entry[1] in classes if classes else _SCHEDULER_CLASS.fullmatch(entry[1]) is not None)
+            entry[1] in classes if classes else SCHEDULER_CLASS.fullmatch(entry[1]) is not None)
         if not ok:
             wanted = f"one of {', '.join(sorted(classes))}" if classes else "a scheduler class"
             raise ModelError(f"model_index.json {part} is {entry!r}, expected {wanted}")
