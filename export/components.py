@@ -6,7 +6,8 @@ float), encoder_hidden_states → out_sample`; vae_encoder `sample → latent_pa
 logvar, the caller samples); vae_decoder `latent_sample → sample` (post_quant_conv included).
 
 SDXL adds text_encoder_2 `input_ids → text_embeds, last_hidden_state` and the UNet inputs
-`text_embeds` (B, projection_dim) and `time_ids` (B, 6). optimum exports every
+`text_embeds` (B, projection_dim) and `time_ids` (B, 6); an LCM UNet (time_cond_proj_dim) adds
+`timestep_cond` (B, time_cond_proj_dim), the guidance-scale embedding. optimum exports every
 `hidden_states.N` of both encoders; SDXL reads only the penultimate one (`hidden_states[-2]`,
 index num_hidden_layers − 1), so sdrt exports that one alone under optimum's name: 33 outputs
 of OpenCLIP bigG would only add graph outputs nobody reads.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from sdrt.export.source import SourceModel
+from sdrt.runtime.components import GUIDANCE_INPUT
 from sdrt.runtime.conditioning import HIDDEN_STATES, penultimate_output
 from sdrt.runtime.errors import ModelError, first_line
 
@@ -35,6 +37,7 @@ _IGNORED_UNEXPECTED = ("position_ids",)
 
 
 SD_TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
+SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -55,17 +58,20 @@ class TextEncoderGraph(torch.nn.Module):
 
 
 class UNetGraph(torch.nn.Module):
-    """UNet2DConditionModel → out_sample (the noise/v prediction); SDXL's added conditions too."""
+    """UNet2DConditionModel → out_sample (the noise/v prediction), fed the graph's extra inputs
+    by name: SDXL's text_embeds and time_ids, LCM's timestep_cond."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, conditions: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
+        self.conditions = conditions
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.conditions, conditions, strict=True))
+        added = {key: named[key] for key in SDXL_UNET_INPUTS if key in named} or None
+        return self.model(sample, timestep, encoder_hidden_states,
+                          timestep_cond=named.get(GUIDANCE_INPUT), added_cond_kwargs=added,
                           return_dict=False)[0]
 
 
@@ -149,6 +155,9 @@ def _unet_inputs(src: SourceModel, batch: int, hw: tuple[int, int], t: float,
                                            generator=gen)  # (B, P)
         # (B, 6): original size, crop top-left, target size, as diffusers' _get_add_time_ids.
         feeds["time_ids"] = torch.tensor([[*pixels, 0.0, 0.0, *pixels]] * batch)
+    if src.unet.get("time_cond_proj_dim") is not None:
+        feeds[GUIDANCE_INPUT] = torch.randn(batch, src.unet["time_cond_proj_dim"],
+                                            generator=gen)  # (B, time_cond_proj_dim)
     return feeds
 
 
@@ -195,7 +204,7 @@ def _unet_graph(extra: tuple[str, ...] = ()) -> GraphDef:
         lambda s: _unet_inputs(s, 2, _odd_latent(s), 999.0, _gen()),
         lambda s: [_unet_inputs(s, b, hw, t, _gen())
                    for (b, hw), t in zip(CHECK_LATENTS, (981.0, 1.0), strict=True)],
-        UNetGraph)
+        lambda model: UNetGraph(model, extra))
 
 
 GRAPHS: dict[str, GraphDef] = {
@@ -219,9 +228,11 @@ GRAPHS: dict[str, GraphDef] = {
 
 
 def graphs_for(src: SourceModel) -> dict[str, GraphDef]:
-    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions."""
+    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions; a
+    UNet with time_cond_proj_dim (LCM) takes `timestep_cond` last, as optimum orders it."""
+    guidance = (GUIDANCE_INPUT,) if src.unet.get("time_cond_proj_dim") is not None else ()
     if src.text_encoder_2 is None:
-        return GRAPHS
+        return {**GRAPHS, "unet": _unet_graph(guidance)} if guidance else GRAPHS
     return {
         **GRAPHS,
         "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder,
@@ -229,7 +240,7 @@ def graphs_for(src: SourceModel) -> dict[str, GraphDef]:
         "text_encoder_2": _text_graph("text_encoder_2", lambda s: s.text_encoder_2,
                                       ("text_embeds", "last_hidden_state",
                                        penultimate_output(src.text_encoder_2))),
-        "unet": _unet_graph(("text_embeds", "time_ids")),
+        "unet": _unet_graph((*SDXL_UNET_INPUTS, *guidance)),
     }
 
 

@@ -21,6 +21,7 @@ from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
+             "LatentConsistencyModelPipeline": False,
              "StableDiffusionXLPipeline": True, "StableDiffusionXLImg2ImgPipeline": True}
 # component → (library, allowed class names), as model_index.json names them.
 COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
@@ -99,7 +100,7 @@ def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
         ("scheduler", "scheduler/scheduler_config.json"))}
     if "text_encoder_2" in wanted:
         configs["text_encoder_2"] = _read_json(root, "text_encoder_2/config.json")
-    # Families first: an LCM folder gets its own message, not "unknown pipeline".
+    # Families first: a folder sdrt cannot run gets the reason, not "unknown pipeline".
     detected = detect_family(index, **configs)
     _check_index(index, wanted)
     for tokenizer in (name for name in wanted if name.startswith("tokenizer")):

@@ -21,6 +21,10 @@ speed and memory do not depend on the values.
   8, so projection_class_embeddings_input_dim 6 × 8 + 32), two 32-wide CLIP encoders (the second
   a CLIPTextModelWithProjection) concatenated to cross_attention_dim 64; `!` pads tokenizer_2.
 - `tiny_sdxl_turbo` (SDXL-Turbo): tiny_sdxl's weights' shapes with Euler ancestral, trailing.
+- `tiny_sd_lcm` (LCM, as SimianLuo/LCM_Dreamshaper_v7): tiny_sd with a 32-wide guidance-scale
+  input (UNet time_cond_proj_dim), LCMScheduler and LatentConsistencyModelPipeline.
+- `tiny_sdxl_lcm` (LCM-SDXL, as latent-consistency/lcm-sdxl in the SDXL base pipeline): tiny_sdxl
+  with the same guidance input and LCMScheduler.
 - `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`: the full-size
   architectures.
 

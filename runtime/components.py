@@ -44,37 +44,57 @@ class TextEncoder:
         return [out[name] for name in names]
 
 
-# UNet inputs beyond sample/timestep/context that sdrt can feed: SDXL's added conditions.
+# UNet inputs beyond sample/timestep/context that sdrt can feed: SDXL's added conditions, and
+# LCM's guidance-scale embedding (optimum's name for it).
 ADDED_CONDITIONS = frozenset({"text_embeds", "time_ids"})
+GUIDANCE_INPUT = "timestep_cond"
 
 
 class UNet:
     """Noise-prediction UNet; the timestep is fed as a scalar or as [batch], as the graph wants.
 
     `added` names the graph's extra conditioning inputs (SDXL: text_embeds, time_ids), which
-    each call must feed, row-aligned with the context.
+    each call must feed, row-aligned with the context. `guidance_dim` is the width of an LCM
+    UNet's `timestep_cond` (its time_cond_proj_dim), None for a UNet without that input.
     """
 
     def __init__(self, session: Session) -> None:
         _require(session, "unet", {"sample", "timestep", "encoder_hidden_states"}, {"out_sample"})
         self.session = session
         extra = set(session.inputs) - {"sample", "timestep", "encoder_hidden_states"}
-        if not extra <= ADDED_CONDITIONS:
-            raise ModelError(f"unet: inputs {sorted(extra - ADDED_CONDITIONS)} are not supported")
-        self.added = frozenset(extra)
+        unknown = extra - ADDED_CONDITIONS - {GUIDANCE_INPUT}
+        if unknown:
+            raise ModelError(f"unet: inputs {sorted(unknown)} are not supported")
+        self.added = frozenset(extra & ADDED_CONDITIONS)
+        self.guidance_dim = _guidance_dim(session) if GUIDANCE_INPUT in extra else None
         self._timestep_rank = len(session.inputs["timestep"].shape)
         self.in_channels = session.inputs["sample"].shape[1]
 
     def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
-                 added: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                 added: dict[str, np.ndarray] | None = None,
+                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
         added = added or {}
         if set(added) != self.added:
             raise ModelError(f"unet: the graph takes added conditions {sorted(self.added)}, "
                              f"the model's text conditioning gives {sorted(added)}")
+        if (timestep_cond is None) != (self.guidance_dim is None):
+            raise ModelError(f"unet: the graph {'takes' if self.guidance_dim else 'has no'} "
+                             f"input {GUIDANCE_INPUT!r} (the guidance-scale embedding of LCM)")
         # optimum exports a rank-0 timestep; diffusers' legacy export a [batch] one.
         timestep = np.array(t) if self._timestep_rank == 0 else np.full(sample.shape[0], t)
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-        return self.session.run({**feeds, **added})["out_sample"]
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context,
+                 **added}
+        if timestep_cond is not None:
+            feeds[GUIDANCE_INPUT] = timestep_cond
+        return self.session.run(feeds)["out_sample"]
+
+
+def _guidance_dim(session: Session) -> int:
+    shape = session.inputs[GUIDANCE_INPUT].shape
+    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 4:
+        raise ModelError(f"unet: {GUIDANCE_INPUT!r} must be (batch, time_cond_proj_dim ≥ 4) "
+                         f"with a fixed width, the graph has {list(shape)}")
+    return shape[1]
 
 
 class VaeDecoder:

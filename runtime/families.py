@@ -3,21 +3,28 @@
 Recognition reads configs (and so the weight shapes they fix), never folder or file names
 (DESIGN.md), in this order:
 
-1. Refused until supported: LCM (a UNet with time_cond_proj_dim, which takes the guidance scale
-   as an input, or an LCMScheduler).
-2. Architecture: SDXL has a second text encoder (`text_encoder_2` in model_index.json) and a UNet
+1. Architecture: SDXL has a second text encoder (`text_encoder_2` in model_index.json) and a UNet
    with addition_embed_type "text_time" (pooled text embeddings plus size/crop
    micro-conditioning, Podell et al. 2023); one sign without the other is refused. SD 2.x has an
    OpenCLIP ViT-H text encoder (hidden_act "gelu", 1024 wide; its penultimate-layer output is
    baked into a 23-layer config) and linear projections in the UNet's transformer blocks; SD 1.x
    has OpenAI CLIP ViT-L (quick_gelu, 768 wide). Any SD 2.x sign wins.
+2. LCM (Luo et al. 2023): a UNet with time_cond_proj_dim takes the guidance scale as an input
+   (`timestep_cond`) instead of classifier-free guidance: LCM-Dreamshaper (SD 1.x) and
+   lcm-sdxl. Their model cards run 4 steps at guidance 8 (diffusers' LCM pipeline defaults to
+   8.5; 8 is what the releases show). Without that input but with an LCMScheduler, the weights
+   are distilled for LCM sampling with ordinary guidance, as LCM-LoRA fused into SD 1.x or SDXL
+   is (Luo et al. 2023b): 4 steps at guidance 1, i.e. one UNet call per step, as its model
+   cards run it. SD 2.x has no LCM release: a guidance input there is refused.
 3. Turbo: SD 2.x (SD-Turbo) or SDXL (SDXL-Turbo) weights shipped with an epsilon-prediction
    scheduler and "trailing" timestep spacing. Adversarial diffusion distillation (Sauer et al.
    2023) samples from pure noise in 1–4 steps, which needs trailing spacing; SD 2.x/XL releases
    ship "leading" or no spacing, and v-prediction with "trailing" marks zero-terminal-SNR
-   fine-tunes (Lin et al. 2023), which want guidance and many steps. Where a folder's configs say
-   otherwise, `sdrt export --family` records the right family in manifest.json, which the
-   runtime trusts over the configs.
+   fine-tunes (Lin et al. 2023), which want guidance and many steps.
+
+Where a folder's configs say otherwise (an exported SD 1.5 with LCM-LoRA fused keeps its PNDM
+config), `sdrt export --family` records the right family in manifest.json, which the runtime
+trusts over the configs; it must keep the architecture and whether the UNet takes the guidance.
 
 The native image size is not in the table: it is the UNet's sample_size × the VAE's scale factor
 (1024 for SDXL, 768 for SD 2.x 768-v, 512 for the SD 2.x base, SD-Turbo, SDXL-Turbo and SD 1.x),
@@ -45,6 +52,7 @@ class Family:
     steps: int
     guidance_scale: float  # ≤ 1 runs the UNet once per step (no classifier-free guidance)
     sampler: str | None = None  # None: the model folder's own scheduler
+    guidance_input: bool = False  # the UNet takes the scale as `timestep_cond` (LCM), no CFG
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -54,7 +62,15 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     # diffusers' SDXL pipeline defaults to guidance 5; 25 steps is the usual Euler budget.
     Family("sdxl", "SDXL", "sdxl", steps=25, guidance_scale=5.0),
     Family("sdxl-turbo", "SDXL-Turbo", "sdxl", steps=1, guidance_scale=0.0),
+    Family("lcm", "LCM", "sd1", steps=4, guidance_scale=8.0, sampler="lcm", guidance_input=True),
+    Family("lcm-sdxl", "LCM-SDXL", "sdxl", steps=4, guidance_scale=8.0, sampler="lcm",
+           guidance_input=True),
+    Family("lcm-lora", "LCM-LoRA", "sd1", steps=4, guidance_scale=1.0, sampler="lcm"),
+    Family("lcm-lora-sdxl", "LCM-LoRA SDXL", "sdxl", steps=4, guidance_scale=1.0, sampler="lcm"),
 )}
+# architecture → (its LCM family, its LCM-LoRA family); (its Turbo family)
+_LCM = {"sd1": ("lcm", "lcm-lora"), "sdxl": ("lcm-sdxl", "lcm-lora-sdxl")}
+_TURBO = {"sd2": "sd-turbo", "sdxl": "sdxl-turbo"}
 
 
 def get_family(name: str) -> Family:
@@ -68,14 +84,29 @@ def get_family(name: str) -> Family:
 def detect_family(index: Config, unet: Config, vae: Config, text_encoder: Config,
                   scheduler: Config, text_encoder_2: Config | None = None) -> str:
     """The family of a model from its configs (see the module docstring); ModelError if unfit."""
-    _refuse_unsupported(unet, scheduler)
+    architecture = _architecture(index, unet, vae, text_encoder, text_encoder_2)
+    if unet.get("time_cond_proj_dim") is not None:
+        if architecture not in _LCM:
+            raise ModelError("unet has time_cond_proj_dim (LCM's guidance input), which sdrt "
+                             "supports on SD 1.x and SDXL only, not on "
+                             f"{get_family(architecture).title}")
+        return _LCM[architecture][0]
+    if scheduler.get("_class_name") == "LCMScheduler" and architecture in _LCM:
+        return _LCM[architecture][1]
+    if _is_turbo(scheduler) and architecture in _TURBO:
+        return _TURBO[architecture]
+    return architecture
+
+
+def _architecture(index: Config, unet: Config, vae: Config, text_encoder: Config,
+                  text_encoder_2: Config | None) -> str:
     if _is_sdxl(index, unet, text_encoder_2):
         _check_unet(unet, vae, text_encoder, text_encoder_2)
-        return "sdxl-turbo" if _is_turbo(scheduler) else "sdxl"
+        return "sdxl"
     _check_unet(unet, vae, text_encoder)
     if text_encoder.get("hidden_act") == "gelu" or text_encoder.get("hidden_size") == 1024 \
             or unet.get("use_linear_projection"):
-        return "sd-turbo" if _is_turbo(scheduler) else "sd2"
+        return "sd2"
     return "sd1"
 
 
@@ -94,18 +125,17 @@ def _is_turbo(scheduler: Config) -> bool:
 
 
 def check_override(detected: str, chosen: str) -> str:
-    """`chosen` if it names a family of the detected one's architecture; ModelError otherwise."""
+    """`chosen` if it fits the detected family's architecture and guidance input; else
+    ModelError (an LCM family's guidance embedding is in the UNet's weights or not)."""
     found, wanted = get_family(detected), get_family(chosen)
     if wanted.architecture != found.architecture:
         raise ModelError(f"family {chosen!r} ({wanted.title}) does not fit this model: its "
                          f"configs are {found.title}'s architecture")
+    if wanted.guidance_input != found.guidance_input:
+        has = "has" if found.guidance_input else "has no"
+        raise ModelError(f"family {chosen!r} ({wanted.title}) does not fit this model: its UNet "
+                         f"{has} LCM's guidance input (time_cond_proj_dim)")
     return chosen
-
-
-def _refuse_unsupported(unet: Config, scheduler: Config) -> None:
-    if unet.get("time_cond_proj_dim") is not None or scheduler.get("_class_name") == "LCMScheduler":
-        raise ModelError("LCM models (unet time_cond_proj_dim: guidance is a UNet input; "
-                         "LCMScheduler) are not supported yet")
 
 
 def _check_unet(unet: Config, vae: Config, text_encoder: Config,

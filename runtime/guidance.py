@@ -1,4 +1,5 @@
-"""What a raw UNet output means: eps- or v-prediction as a denoiser, and classifier-free guidance.
+"""What a raw UNet output means: eps- or v-prediction as a denoiser, and how guidance reaches
+the UNet: classifier-free guidance, or the guidance-scale embedding an LCM UNet takes as input.
 
 The only module that knows prediction types; samplers see a `Denoiser` on x = x0 + sigma * eps.
 """
@@ -18,6 +19,17 @@ ModelFn = Callable[[np.ndarray, float], np.ndarray]  # (x_in (B, C, h, w) float3
 def cfg_combine(uncond: np.ndarray, cond: np.ndarray, scale: float) -> np.ndarray:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale · (cond - uncond)."""
     return uncond + float(scale) * (cond - uncond)
+
+
+def guidance_embedding(scale: float, dim: int) -> np.ndarray:
+    """An LCM UNet's `timestep_cond`, the guidance scale as an input (Luo et al. 2023) in VDM's
+    sinusoidal embedding (Kingma et al. 2021): 1000 · (scale − 1) on dim/2 log-spaced
+    frequencies, sines then cosines, (dim,) float32 (a zero appended for odd dim), computed in
+    float32 as diffusers does."""
+    half = dim // 2
+    step = np.log(np.float32(10000.0)) / np.float32(half - 1)
+    angles = np.float32((scale - 1.0) * 1000.0) * np.exp(np.arange(half, dtype=np.float32) * -step)
+    return np.concatenate([np.sin(angles), np.cos(angles), np.zeros(dim % 2, np.float32)])
 
 
 class Denoiser:

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.runtime.errors import ModelError
+from sdrt.runtime.errors import InputError, ModelError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+CONSISTENCY_SIGMA_DATA = 0.5  # Song et al. 2023's sigma_data, which LCM keeps (Luo et al. 2023)
 _UNSUPPORTED_FLAGS = {  # config flags whose diffusers behaviour the runtime does not implement
     "clip_sample": "clips latents to [-1, 1]",
     "thresholding": "dynamic thresholding is for pixel-space models",
@@ -36,6 +37,8 @@ class SchedulerConfig:
     `timestep_spacing` and `set_alpha_to_one` may be None (absent from the file): each sampler
     then uses the default of its diffusers class, as `Scheduler.from_config` does. `clip_sample`
     defaults to False here although DDIMScheduler's default is True: no latent model relies on it.
+    `original_inference_steps` and `timestep_scaling` are LCMScheduler's (its defaults when the
+    folder's scheduler is another class, as LCMScheduler.from_config gives them).
     """
 
     class_name: str | None = None
@@ -52,6 +55,8 @@ class SchedulerConfig:
     clip_sample: bool = False
     thresholding: bool = False
     rescale_betas_zero_snr: bool = False
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
@@ -96,6 +101,12 @@ class SchedulerConfig:
         for flag, why in _UNSUPPORTED_FLAGS.items():
             if getattr(self, flag) is True:
                 return f"{flag}=true is not supported ({why})"
+        if not _is_int(self.original_inference_steps) \
+                or not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            return (f"original_inference_steps must be an integer in 1..{self.num_train_timesteps}"
+                    f", got {self.original_inference_steps!r}")
+        if not _is_number(self.timestep_scaling) or not 0 < self.timestep_scaling < math.inf:
+            return f"timestep_scaling must be a positive number, got {self.timestep_scaling!r}"
         return self._beta_problem()
 
     def _beta_problem(self) -> str | None:
@@ -341,3 +352,31 @@ def dpm_schedule(config: SchedulerConfig, steps: int, start: int = 0,
 def dpm_karras_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Schedule:
     """DPMSolverMultistepScheduler's run with use_karras_sigmas=True."""
     return dpm_schedule(config, steps, start, karras=True)
+
+
+@dataclass(frozen=True)
+class ConsistencySchedule(Schedule):
+    """A Schedule with each step's consistency-model boundary scalings (Song et al. 2023, §3):
+    a step's estimate is c_skip · (x's VP latents) + c_out · D(x), which is x itself at t = 0."""
+
+    c_skip: tuple[float, ...]
+    c_out: tuple[float, ...]
+
+
+def lcm_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> ConsistencySchedule:
+    """LCMScheduler's run (Luo et al. 2023): `steps` timesteps taken evenly by index from the
+    skipping-step schedule t = k·j − 1 (j = original_inference_steps … 1, k = T // that one),
+    boundary scalings at t · timestep_scaling; the last step lands on sigma 0."""
+    original = config.original_inference_steps
+    if steps > original:
+        raise InputError(f"sampler 'lcm' takes at most original_inference_steps ({original}) "
+                         f"steps, got {steps}")
+    skipping = np.arange(original, 0, -1) * (config.num_train_timesteps // original) - 1
+    ts = skipping[np.floor(np.linspace(0, original, steps, endpoint=False)).astype(np.int64)]
+    sigmas = np.append(vp_to_sigma(alphas_cumprod(config)[ts]), 0.0)
+    scaled = ts * float(config.timestep_scaling)
+    c_skip = CONSISTENCY_SIGMA_DATA**2 / (scaled**2 + CONSISTENCY_SIGMA_DATA**2)
+    c_out = scaled / np.sqrt(scaled**2 + CONSISTENCY_SIGMA_DATA**2)
+    base = _make(ts, sigmas, sigmas[1:], math.hypot(1.0, sigmas[start]), True, start)
+    return ConsistencySchedule(**vars(base), c_skip=tuple(float(c) for c in c_skip[start:]),
+                               c_out=tuple(float(c) for c in c_out[start:]))

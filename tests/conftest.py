@@ -126,6 +126,33 @@ def tiny_turbo_onnx_dir(tiny_turbo_dir: Path, tmp_path_factory: pytest.TempPathF
     return _export(tiny_turbo_dir, tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny LCM diffusers folder (SD 1.x UNet with time_cond_proj_dim, LCMScheduler):
+    tiny_sd_lcm."""
+    return _build("tiny_sd_lcm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_onnx_dir(tiny_lcm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_lcm_dir exported (graphs checked; the UNet takes timestep_cond)."""
+    return _export(tiny_lcm_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny LCM-SDXL diffusers folder (tiny_sdxl with time_cond_proj_dim, LCMScheduler):
+    tiny_sdxl_lcm."""
+    return _build("tiny_sdxl_lcm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_sdxl_onnx_dir(tiny_lcm_sdxl_dir: Path,
+                           tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_lcm_sdxl_dir exported (graphs checked)."""
+    return _export(tiny_lcm_sdxl_dir, tmp_path_factory)
+
+
 @pytest.fixture(scope="module", params=["ort", "openvino"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Each runtime backend in turn (OpenVINO skipped where it is not installed)."""
@@ -150,6 +177,7 @@ REFERENCE_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
 }
 
 
@@ -158,6 +186,7 @@ REFERENCE_SCHEDULERS = {
 REFERENCE_PIPELINES = {
     "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionXLPipeline": {"add_watermarker": False},
+    "LatentConsistencyModelPipeline": {"safety_checker": None, "requires_safety_checker": False},
 }
 
 
@@ -175,7 +204,8 @@ def load_reference(folder: Path):
 def reference_images(pipe, sampler: str, *, steps: int, guidance: float, width: int, height: int,
                      seed: int, num_images: int, negative: str | None = NEGATIVE,
                      prompt: str = PROMPT) -> np.ndarray:
-    """diffusers' images, (B, H, W, 3) int16 in 0..255, with sdrt's sampler and seed+i rule."""
+    """diffusers' images, (B, H, W, 3) int16 in 0..255, with sdrt's sampler and seed+i rule
+    (`negative` None is left out: diffusers' LCM pipeline takes no negative prompt)."""
     import diffusers
     import torch
 
@@ -183,9 +213,10 @@ def reference_images(pipe, sampler: str, *, steps: int, guidance: float, width: 
     scheduler_class = getattr(diffusers, class_name)
     pipe.scheduler = scheduler_class.from_config(pipe.folder_scheduler_config, **overrides)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps,
-               guidance_scale=guidance, width=width, height=height, generator=generators,
-               num_images_per_prompt=num_images, output_type="np")
+    negative_option = {} if negative is None else {"negative_prompt": negative}
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width,
+               height=height, generator=generators, num_images_per_prompt=num_images,
+               output_type="np", **negative_option)
     return np.round(out.images * 255).astype(np.int16)
 
 

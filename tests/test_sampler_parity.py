@@ -1,8 +1,8 @@
 """Trajectory parity: every NumPy sampler against the diffusers scheduler driven the diffusers way.
 
 Both sides get the same deterministic fake model (one NumPy function, wrapped for torch), the
-same starting noise and, for Euler a, the same torch generator stream; the latents after every
-model call must agree.
+same starting noise and, for Euler a and LCM, the same torch generator stream; the latents after
+every model call must agree.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ DIFFUSERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {
         "algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero",
         "lower_order_final": True, "use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
 }
 SAMPLER_NAMES = list(DIFFUSERS)
+STEP_NOISE = ("euler_a", "lcm")  # samplers that draw fresh noise from the generator each step
 SEED = 1234
 
 
@@ -84,7 +86,7 @@ def _diffusers_run(name: str, config: dict, steps: int, noise: np.ndarray,
         latents = scheduler.add_noise(torch.from_numpy(init), torch.from_numpy(noise),
                                       timesteps[:1])
     generator = torch.Generator().manual_seed(SEED)
-    extra = {"generator": generator} if name == "euler_a" else {}
+    extra = {"generator": generator} if name in STEP_NOISE else {}
     trajectory = []
     for t in timesteps:
         out = _torch_model(scheduler.scale_model_input(latents, t), t)

@@ -204,8 +204,9 @@ def test_sample_rejects_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_step_count_up_to_the_training_steps_runs(name, spacing):
     # With steps_offset, "leading" at T steps asks for t = T (diffusers indexes past its table).
+    # LCM's steps are a subset of its original_inference_steps (50) schedule.
     config = SchedulerConfig(**{**SD15.__dict__, "timestep_spacing": spacing})
-    for steps in (999, 1000):
+    for steps in (49, 50) if name == "lcm" else (999, 1000):
         out = sample(gaussian_model(config), noise((1, 1, 2, 2)), config=config, sampler=name,
                      steps=steps, step_noise=rng_noise())
         assert np.isfinite(out).all()
@@ -235,7 +236,7 @@ def test_unknown_sampler_lists_the_choices():
     with pytest.raises(InputError) as info:
         resolve_sampler("heun")
     assert str(info.value) == ("unknown sampler 'heun'; choose one of: ddim, pndm, euler, "
-                               "euler_a, dpmpp_2m, dpmpp_2m_karras")
+                               "euler_a, dpmpp_2m, dpmpp_2m_karras, lcm")
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -356,6 +357,8 @@ def test_config_from_unreadable_file_is_a_model_error(tmp_path, text):
     ({"clip_sample": True}, "clip_sample=true is not supported"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas must hold 1000 values"),
+    ({"original_inference_steps": 1001}, "original_inference_steps must be an integer in 1..1000"),
+    ({"timestep_scaling": 0}, "timestep_scaling must be a positive number"),
 ])
 def test_validate_rejects_nonsense_in_one_line(data, message):
     with pytest.raises(ModelError, match=message) as info:
