@@ -17,6 +17,10 @@ class ExportError(SdrtError):
     """Exporting a model failed or its graphs disagree with the source model."""
 
 
+class QuantizeError(SdrtError):
+    """A precision variant could not be made, or failed its fidelity gate and was not listed."""
+
+
 class GenerationError(SdrtError):
     """A generation produced unusable output (NaN/Inf) or was stopped."""
 

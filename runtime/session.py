@@ -201,12 +201,15 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         shutil.copyfile(source, dest)
 
 
-def open_session(path: Path, backend: str, *, threads: int | None = None) -> Session:
-    """Load one graph file with the named backend."""
+def open_session(path: Path, backend: str, *, threads: int | None = None,
+                 execution: str = "f32") -> Session:
+    """Load one graph file with the named backend; `execution` is OpenVINO's precision hint."""
     if backend == "ort":
+        if execution != "f32":
+            raise InputError(f"execution precision {execution} needs the openvino backend")
         return OrtSession(path, threads=threads)
     if backend == "openvino":
-        return OpenVinoSession(path, threads=threads)
+        return OpenVinoSession(path, threads=threads, precision_hint=execution)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 

@@ -1,0 +1,61 @@
+"""Calibration data for static quantization: graph inputs recorded from real fp32 pipeline runs.
+
+Static int8 quantization (Jacob et al. 2018) fixes each activation's range ahead of time, so the
+ranges must come from the inputs the graph really sees: the UNet's latents at every noise level,
+its timesteps and text conditioning over a prompt set. They are recorded by wrapping the
+component's Session (DESIGN.md: capture is a decorator around a Session, not part of the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime.components import UNet, VaeDecoder
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.session import Session
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+# Components whose calibration inputs `record_inputs` can capture (the graphs the sampler loop
+# and the decoder drive); text encoders are quantized dynamically and need none.
+RECORDABLE = ("unet", "vae_decoder")
+
+
+class RecordingSession:
+    """A Session that keeps a copy of every feed, cast to the graph's dtypes, then runs it."""
+
+    def __init__(self, inner: Session) -> None:
+        self.inner = inner
+        self.inputs = inner.inputs
+        self.outputs = inner.outputs
+        self.feeds: list[Feeds] = []
+
+    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        self.feeds.append({name: np.array(value, dtype=self.inputs[name].dtype)
+                           for name, value in feeds.items()})
+        return self.inner.run(feeds)
+
+
+def record_inputs(folder: Path, backend: str, components: tuple[str, ...], prompts: list[str], *,
+                  steps: int | None = None, seed: int = 0) -> dict[str, list[Feeds]]:
+    """Every feed the fp32 pipeline gives each of `components` while generating `prompts`
+    (image i with seed seed+i, the family's sampler, guidance and size)."""
+    unknown = sorted(set(components) - set(RECORDABLE))
+    if unknown:
+        raise ValueError(f"cannot record calibration inputs of {unknown}")
+    pipe = Pipeline.load(folder, backend)
+    recorders = {name: RecordingSession(getattr(pipe, name).session) for name in components}
+    if "unet" in recorders:
+        pipe = dataclasses.replace(pipe, unet=UNet(recorders["unet"]))
+    if "vae_decoder" in recorders:
+        pipe = dataclasses.replace(pipe, vae_decoder=VaeDecoder(recorders["vae_decoder"]))
+    for i, prompt in enumerate(prompts):
+        pipe.generate(prompt, seed=seed + i, steps=steps)
+    recorded = {name: recorder.feeds for name, recorder in recorders.items()}
+    log.info("calibration: %s", ", ".join(f"{len(v)} {k} calls" for k, v in recorded.items()))
+    return recorded

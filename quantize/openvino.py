@@ -1,0 +1,128 @@
+"""OpenVINO variants of one graph as IR (`openvino_model.xml` + `.bin`), made with NNCF.
+
+- fp16: weights stored as float16 (`openvino.save_model(compress_to_fp16=True)`); OpenVINO
+  decompresses them at load, so this halves the files, not the compute.
+- int8: weight-only compression, asymmetric per-channel (`nncf.compress_weights`, INT8_ASYM).
+- int4: weight-only compression, symmetric in groups of INT4_GROUP_SIZE input channels
+  (INT4_SYM; NNCF keeps convolutions and the embedding at int8), group sizes adjusted down
+  where a layer's width is not a multiple.
+- int8-hybrid (UNet): optimum-intel's recipe for diffusion models. First weight-only int8 of the
+  layers convolutions are not (MatMul, embeddings), then `nncf.quantize` with calibration data for
+  the rest, weights and activations (convolutions above all), ignoring those MatMuls and with
+  SmoothQuant off for them, since their weights are already compressed. Other graphs get int8.
+- bf16 is an execution precision (INFERENCE_PRECISION_HINT), not a file: see `bf16_supported`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GRAPH_NAME = "openvino_model.xml"
+INT4_GROUP_SIZE = 64  # NNCF's usual group for 4-bit weights; smaller groups cost size
+HYBRID_COMPONENTS = ("unet",)
+METHODS = {
+    "fp16": "openvino.save_model(compress_to_fp16=True)",
+    "int8": "nncf.compress_weights(INT8_ASYM), weight-only per-channel",
+    "int4": f"nncf.compress_weights(INT4_SYM, group_size={INT4_GROUP_SIZE}, ratio=1, "
+            "group_size_fallback_mode=ADJUST); convolutions and embeddings int8",
+    "int8-hybrid": "unet: nncf.compress_weights(INT8_ASYM) of MatMul/embeddings, then "
+                   "nncf.quantize(model_type=TRANSFORMER) of the rest with recorded inputs "
+                   "(optimum-intel's hybrid quantization); other graphs INT8_ASYM weights",
+    "bf16": "OpenVINO INFERENCE_PRECISION_HINT=bf16 on the fp32 graphs",
+}
+
+
+def needs_calibration(precision: str, component: str) -> bool:
+    """Whether making this graph needs recorded inputs."""
+    return precision == "int8-hybrid" and component in HYBRID_COMPONENTS
+
+
+def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
+               feeds: list[dict[str, np.ndarray]] | None) -> Path:
+    """Write the `precision` variant of graph `src` (ONNX or IR) into `dest_dir`; its path."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    if precision == "fp16":
+        compressed = model
+    elif needs_calibration(precision, component):
+        compressed = hybrid_int8(model, feeds or [])
+    elif precision in ("int8", "int8-hybrid"):
+        compressed = weights_int8(model)
+    elif precision == "int4":
+        compressed = weights_int4(model)
+    else:
+        raise ValueError(f"NNCF makes no {precision} graphs")
+    dest = dest_dir / GRAPH_NAME
+    # Float weights NNCF left alone stay fp32 unless fp16 is what was asked for.
+    ov.save_model(compressed, str(dest), compress_to_fp16=precision == "fp16")
+    return dest
+
+
+def weights_int8(model):
+    """int8 asymmetric per-channel weights of every weighted layer."""
+    nncf = _nncf()
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+def weights_int4(model):
+    """int4 symmetric group-wise weights (int8 where NNCF keeps a layer at its backup mode)."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import (
+        AdvancedCompressionParameters,
+        GroupSizeFallbackMode,
+    )
+
+    return nncf.compress_weights(
+        model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP_SIZE, ratio=1.0,
+        advanced_parameters=AdvancedCompressionParameters(
+            group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+
+
+def hybrid_int8(model, feeds: list[dict[str, np.ndarray]]):
+    """Weight-only int8 for MatMuls and embeddings, full int8 (calibrated) for the rest."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+    if not feeds:
+        raise ValueError("hybrid quantization needs recorded calibration inputs")
+    weighted_matmuls = _weighted_ops(model)
+    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+    return nncf.quantize(
+        compressed, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds), ignored_scope=nncf.IgnoredScope(names=weighted_matmuls),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+
+
+def bf16_supported() -> bool:
+    """Whether this machine's CPU runs bf16 natively (OpenVINO OPTIMIZATION_CAPABILITIES)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _weighted_ops(model) -> list[str]:
+    """Names of the MatMuls with a constant operand and of embedding Gathers (float tables)."""
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        ports = (0, 1) if kind == "MatMul" else (0,) if kind == "Gather" else ()
+        if any(op.input_value(i).get_node().get_type_name() == "Constant" for i in ports):
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _nncf() -> ModuleType:
+    """nncf, logging at INFO only under `sdrt -v` (it lists every quantizer it skips)."""
+    import nncf
+
+    nncf.set_log_level(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING)
+    return nncf

@@ -1,0 +1,108 @@
+"""ONNX Runtime variants of one graph, made with onnxruntime's own tools.
+
+- fp16: weights and compute in float16, inputs and outputs kept float32
+  (`onnxruntime.transformers.float16.convert_float_to_float16`, keep_io_types=True), so the
+  runtime feeds and reads the same tensors as for fp32.
+- int8, dynamic (text encoders): int8 weights, activation ranges measured per call
+  (`onnxruntime.quantization.quantize_dynamic`; Jacob et al. 2018's affine scheme).
+- int8, static QDQ (UNet, and the VAE decoder if asked): int8 weights and activations of the
+  compute-heavy ops with ranges calibrated on recorded pipeline inputs
+  (`onnxruntime.quantization.quantize_static`, QuantizeLinear/DequantizeLinear pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+GRAPH_NAME = "model.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3  # one serialised ONNX message; bigger graphs keep external data
+# Graphs quantized statically (calibrated on recorded inputs); others get dynamic int8.
+STATIC_COMPONENTS = ("unet", "vae_decoder")
+# Dynamic int8: the text encoder's projections and its token embedding (a third of SD's CLIP).
+DYNAMIC_OPS = ["MatMul", "Gather"]
+# Static int8: only the ops that carry the compute; normalisations, softmax and element-wise ops
+# stay float, where int8 costs accuracy and saves little time.
+STATIC_OPS = ["Conv", "MatMul", "Gemm"]
+METHODS = {
+    "fp16": "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)",
+    "int8": "onnxruntime.quantization: quantize_static QDQ, per-channel int8 weights, uint8 "
+            "activations, MinMax ranges from recorded inputs (unet, vae_decoder); "
+            "quantize_dynamic int8 MatMul/Gather weights (text encoders)",
+}
+
+
+def needs_calibration(precision: str, component: str) -> bool:
+    """Whether making this graph needs recorded inputs."""
+    return precision == "int8" and component in STATIC_COMPONENTS
+
+
+def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
+               feeds: list[dict[str, np.ndarray]] | None) -> Path:
+    """Write the `precision` variant of the ONNX graph `src` into `dest_dir`; its path."""
+    dest = dest_dir / GRAPH_NAME
+    external = _has_external_data(src)
+    if precision == "fp16":
+        to_fp16(src, dest)
+    elif needs_calibration(precision, component):
+        int8_static(src, dest, feeds or [], external=external)
+    elif precision == "int8":
+        int8_dynamic(src, dest, external=external)
+    else:
+        raise ValueError(f"onnxruntime makes no {precision} graphs")
+    return dest
+
+
+def to_fp16(src: Path, dest: Path) -> None:
+    """float16 weights and compute, float32 graph inputs and outputs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    onnx.save_model(model, str(dest), save_as_external_data=weights > PROTOBUF_LIMIT // 2,
+                    all_tensors_to_one_file=True, location=dest.name + "_data")
+
+
+def int8_dynamic(src: Path, dest: Path, *, external: bool) -> None:
+    """int8 per-channel weights of MatMul and Gather; activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dest, op_types_to_quantize=DYNAMIC_OPS, per_channel=True,
+                     weight_type=QuantType.QInt8, use_external_data_format=external)
+
+
+def int8_static(src: Path, dest: Path, feeds: list[dict[str, np.ndarray]], *,
+                external: bool) -> None:
+    """QDQ int8: per-channel int8 weights, uint8 activations with MinMax calibrated ranges."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if not feeds:
+        raise ValueError("static quantization needs recorded calibration inputs")
+
+    class RecordedFeeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._feeds, None)
+
+    quantize_static(src, dest, RecordedFeeds(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=STATIC_OPS, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    use_external_data_format=external)
+
+
+def _has_external_data(src: Path) -> bool:
+    """Whether the graph keeps its weights beside it (optimum's `model.onnx_data`)."""
+    model = onnx.load(str(src), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -1,0 +1,233 @@
+"""`sdrt quantize`: make one precision variant of a model folder, gate it, list it if it passes.
+
+Steps: check the request against what each backend makes (SUPPORTED); record calibration inputs
+from fp32 pipeline runs where a recipe needs them; write the variant's graphs under
+`variants/<precision>-<backend>/`; run the fidelity gate (quantize/gates.py); then list the
+variant in manifest.json with its files' sha256, sizes, gate figures and the command, or remove
+its files and raise QuantizeError with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from sdrt.quantize import gates, prompts
+from sdrt.runtime.errors import InputError, ModelError, QuantizeError, first_line
+from sdrt.runtime.manifest import MANIFEST_NAME, Manifest, scan_files
+from sdrt.runtime.model_folder import check_folder
+from sdrt.runtime.variants import PRECISIONS, VARIANTS_DIR, ComponentVariant, Variant
+
+log = logging.getLogger(__name__)
+
+# Which backends make each precision, the first being the default.
+SUPPORTED = {
+    "fp16": ("ort", "openvino"),
+    "bf16": ("openvino",),
+    "int8": ("ort", "openvino"),
+    "int8-hybrid": ("openvino",),
+    "int4": ("openvino",),
+}
+# Graphs a variant may replace. The VAE decoder only when named (DESIGN.md: it stays fp32 unless
+# a gate proves otherwise); the VAE encoder never, since the text-to-image gate cannot test it.
+QUANTIZABLE = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+CALIBRATION_PROMPT_COUNT = 8  # × steps UNet calls: 160 samples at 20 steps
+GATE_PROMPT_COUNT = 4  # × gates.GATE_SEEDS images compared by PSNR
+SCENES_ADHERENCE_CAPTIONS = 200  # the adherence benchmark's default sample
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """One `sdrt quantize` request; None fields take the defaults described on each."""
+
+    precision: str
+    backend: str | None = None  # None: SUPPORTED's first for the precision
+    components: tuple[str, ...] | None = None  # None: DEFAULT_COMPONENTS the folder has
+    prompt_set: str = "general"  # prompts.PROMPT_SETS
+    steps: int | None = None  # None: the model family's
+    adherence: int | None = None  # captions; None: SCENES_ADHERENCE_CAPTIONS for scenes, else 0
+    force: bool = False
+
+    def command(self, folder: Path, backend: str, components: tuple[str, ...]) -> str:
+        """The `sdrt quantize` line that makes this variant (folder by name, never a path)."""
+        parts = [f"sdrt quantize {folder.name} --precision {self.precision} --backend {backend}",
+                 f"--components {','.join(components)} --prompts {self.prompt_set}"]
+        if self.steps:
+            parts.append(f"--steps {self.steps}")
+        if self.adherence is not None:
+            parts.append(f"--adherence {self.adherence}")
+        return " ".join(parts)
+
+
+def quantize_model(folder: str | Path, options: QuantizeOptions) -> dict:
+    """Make, gate and list one variant; returns its manifest entry (QuantizeError if it fails)."""
+    folder = Path(folder)
+    backend = _backend(options.precision, options.backend)
+    check_folder(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ModelError(f"'{folder.name}' has no {MANIFEST_NAME}: quantize works on folders "
+                         "`sdrt export` wrote")
+    manifest = Manifest.load(folder)
+    components = _components(manifest, options.components)
+    key = Variant(options.precision, backend).key
+    settings = _gate_settings(options)
+    if any(Variant.from_json(v).key == key for v in manifest.variants):
+        if not options.force:
+            raise QuantizeError(f"'{folder.name}' already lists {key}; pass --force to replace it")
+        manifest = _unlist(folder, manifest, key)  # if the new one fails, neither is listed
+    out = folder / VARIANTS_DIR / key
+    shutil.rmtree(out, ignore_errors=True)  # a replaced variant's, or an interrupted run's
+    try:
+        variant, method = _make_variant(folder, manifest, options, backend, components, out)
+        gate = gates.run_gate(folder, variant, settings)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    entry = _entry(folder, manifest, variant, method, gate,
+                   options.command(folder, backend, components))
+    _list(folder, manifest, variant, entry)
+    return entry
+
+
+def _backend(precision: str, backend: str | None) -> str:
+    if precision not in SUPPORTED:
+        raise InputError(f"unknown precision '{precision}' for quantize; choose one of: "
+                         f"{', '.join(p for p in PRECISIONS if p in SUPPORTED)}")
+    makers = SUPPORTED[precision]
+    if backend is None:
+        return makers[0]
+    if backend not in makers:
+        raise InputError(f"{precision} is made for the {' and '.join(makers)} backend"
+                         f"{'s' if len(makers) > 1 else ''}, not '{backend}'")
+    return backend
+
+
+def _components(manifest: Manifest, asked: tuple[str, ...] | None) -> tuple[str, ...]:
+    if asked is None:
+        return tuple(c for c in DEFAULT_COMPONENTS if c in manifest.components)
+    for name in asked:
+        if name not in QUANTIZABLE:
+            raise InputError(f"component '{name}' cannot be quantized; choose from: "
+                             f"{', '.join(QUANTIZABLE)}")
+        if name not in manifest.components:
+            raise InputError(f"component '{name}' is not in this model folder")
+    if not asked:
+        raise InputError(f"--components needs at least one of: {', '.join(QUANTIZABLE)}")
+    return tuple(dict.fromkeys(asked))
+
+
+def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
+    count = options.adherence
+    if count is None:
+        count = SCENES_ADHERENCE_CAPTIONS if options.prompt_set == "scenes" else 0
+    if count < 0:
+        raise InputError(f"--adherence must be ≥ 0, got {count}")
+    if options.steps is not None and options.steps < 1:
+        raise InputError(f"--steps must be ≥ 1, got {options.steps}")
+    captions: list[str] = []
+    if count:
+        from sdrt.benchmarks.shapes import held_out_captions
+
+        captions = held_out_captions(count, 0)  # the adherence benchmark's default split
+    return gates.GateSettings(
+        prompts=tuple(prompts.gate_prompts(options.prompt_set, GATE_PROMPT_COUNT)),
+        steps=options.steps, adherence_captions=tuple(captions))
+
+
+def _maker(backend: str) -> ModuleType:
+    if backend == "ort":
+        from sdrt.quantize import ort
+
+        return ort
+    from sdrt.quantize import openvino
+
+    return openvino
+
+
+def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, backend: str,
+                  components: tuple[str, ...], out: Path) -> tuple[Variant, str]:
+    """Write the variant's graphs into `out` (none for bf16); the Variant and its method."""
+    maker = _maker(backend)
+    if options.precision == "bf16":
+        if not maker.bf16_supported():
+            raise QuantizeError("this CPU has no native bf16 (OpenVINO's "
+                                "OPTIMIZATION_CAPABILITIES lacks BF16): bf16 would run as fp32")
+        chosen = {name: ComponentVariant(execution="bf16") for name in components}
+        return Variant("bf16", backend, chosen), maker.METHODS["bf16"]
+    calibrated = tuple(c for c in components if maker.needs_calibration(options.precision, c))
+    feeds = {}
+    if calibrated:
+        from sdrt.quantize.calibration import record_inputs
+
+        feeds = record_inputs(folder, backend, calibrated,
+                              prompts.calibration_prompts(options.prompt_set,
+                                                          CALIBRATION_PROMPT_COUNT),
+                              steps=options.steps)
+    chosen = {}
+    for name in components:
+        (out / name).mkdir(parents=True)
+        try:
+            path = maker.make_graph(options.precision, name, manifest.component_path(folder, name),
+                                    out / name, feeds.get(name))
+        except Exception as exc:  # the libraries raise many types; the user needs one line
+            raise QuantizeError(f"making the {options.precision} {name} failed: "
+                                f"{type(exc).__name__}: {first_line(exc)}") from exc
+        chosen[name] = ComponentVariant(file=path.relative_to(folder).as_posix())
+    return Variant(options.precision, backend, chosen), maker.METHODS[options.precision]
+
+
+def _entry(folder: Path, manifest: Manifest, variant: Variant, method: str, gate: dict,
+           command: str) -> dict:
+    """The manifest `variants` entry (see runtime/manifest.py for its keys)."""
+    sizes = {}
+    for name in variant.components:
+        fp32 = sum(e.bytes for p, e in manifest.files.items()
+                   if p.startswith(f"{name}/") and p != f"{name}/config.json")
+        made = folder / VARIANTS_DIR / variant.key / name
+        sizes[name] = {"variant": sum(f.stat().st_size for f in made.rglob("*") if f.is_file())
+                       if made.is_dir() else fp32, "fp32": fp32}
+    return {
+        "precision": variant.precision, "backend": variant.backend,
+        "components": {name: c.to_json() for name, c in variant.components.items()},
+        "method": method, "bytes": sizes, "gate": gate, "command": command,
+        "versions": _versions(variant.backend),
+    }
+
+
+def _list(folder: Path, manifest: Manifest, variant: Variant, entry: dict) -> None:
+    """Add the variant's files and entry to manifest.json."""
+    prefix = f"{VARIANTS_DIR}/{variant.key}/"
+    made = folder / VARIANTS_DIR / variant.key
+    files = dict(manifest.files)
+    if made.is_dir():
+        files.update({prefix + rel: e for rel, e in scan_files(made).items()})
+    updated = dataclasses.replace(manifest, files=files, variants=[*manifest.variants, entry])
+    variant.validate(updated)
+    updated.save(folder)
+
+
+def _unlist(folder: Path, manifest: Manifest, key: str) -> Manifest:
+    """manifest.json without variant `key` and its files' entries, saved; the files stay."""
+    prefix = f"{VARIANTS_DIR}/{key}/"
+    updated = dataclasses.replace(
+        manifest, files={p: e for p, e in manifest.files.items() if not p.startswith(prefix)},
+        variants=[v for v in manifest.variants if Variant.from_json(v).key != key])
+    updated.save(folder)
+    return updated
+
+
+def _versions(backend: str) -> dict[str, str]:
+    names = ("onnxruntime", "onnx") if backend == "ort" else ("openvino", "nncf")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
