@@ -19,8 +19,9 @@
 shapes: the better of both assignments); `evaluate` averages over many images.
 
 Usage:
-    python -m sdrt.benchmarks.adherence --model DIR [--n 200] [--seed 0] [--steps 20]
-        [--guidance 7.5] [--split held-out|seen] [--out results.json] [--save-images DIR]
+    python -m sdrt.benchmarks.adherence [--model DIR] [--n 200] [--seed 0] [--steps N]
+        [--guidance G] [--split held-out|seen] [--out results.json] [--save-images DIR]
+(no --model: sdrt's embedded model; no --steps/--guidance: the model family's defaults)
     python -m sdrt.benchmarks.adherence --ground-truth [--degrade] [--n 2000]
 (--ground-truth renders the captions' true images instead of generating, to check the
 evaluator; --degrade blurs, casts, adds noise and JPEG-compresses them first.)
@@ -462,15 +463,15 @@ def _ground_truth_images(captions: Sequence[str], seed: int, size: int,
 
 def _generated_images(captions: Sequence[str], args: argparse.Namespace) -> list[Image.Image]:
     """One image per caption from the runtime, with seeds seed, seed+1, ..."""
-    from sdrt.runtime.pipeline import Pipeline  # heavy: only when a model is evaluated
+    from sdrt.runtime.model_folder import EMBEDDED_MODEL  # heavy: only when a model is evaluated
+    from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.model)
-    options = {"sampler": args.sampler} if args.sampler else {}
+    pipe = Pipeline.load(args.model or EMBEDDED_MODEL)
+    options = {"steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
     images = []
     for i, text in enumerate(captions):
-        images.append(pipe.generate(text, seed=args.seed + i, steps=args.steps,
-                                    guidance_scale=args.guidance, width=args.size,
-                                    height=args.size, **options)[0])
+        images.append(pipe.generate(text, seed=args.seed + i, width=args.size, height=args.size,
+                                    **options)[0])
         print(f"\r{i + 1}/{len(captions)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return images
@@ -479,8 +480,9 @@ def _generated_images(captions: Sequence[str], args: argparse.Namespace) -> list
 def _parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model folder to generate with")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model folder to generate with (default: sdrt's "
+                        "embedded model)")
     source.add_argument("--ground-truth", action="store_true",
                         help="score the true renderings instead (checks the evaluator)")
     parser.add_argument("--degrade", action="store_true",
@@ -490,8 +492,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=200, help="captions to evaluate")
     parser.add_argument("--seed", type=int, default=0,
                         help="picks the captions; generation seeds are seed, seed+1, ...")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     parser.add_argument("--sampler", help="sampler name (default: the model's)")
     parser.add_argument("--size", type=int, default=64, help="image width and height")
     parser.add_argument("--out", type=Path, help="write accuracies and per-image results here")

@@ -2,10 +2,11 @@
 
 Output (research/users.md §3.2): model_index.json, text_encoder/ unet/ vae_encoder/
 vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, scheduler/,
-manifest.json; SDXL adds text_encoder_2/ and tokenizer_2/. The folder is written under a hidden
-sibling name and renamed into place only when complete, so an interrupted export never leaves a
-loadable OUT_DIR behind; one component is in memory at a time (the SD 1.5 UNet export alone
-peaks near 10 GB).
+manifest.json; SDXL adds text_encoder_2/ and tokenizer_2/. LoRA files given to the export are
+fused into the weights first and named in the manifest's `loras`. The folder is written under a
+hidden sibling name and renamed into place only when complete, so an interrupted export never
+leaves a loadable OUT_DIR behind; one component is in memory at a time (the SD 1.5 UNet export
+alone peaks near 10 GB).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from sdrt.export import components as comp
+from sdrt.export.lora import LORA_COMPONENTS, Lora, fuse_loras, read_loras
 from sdrt.export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
     TORCHSCRIPT_OPSETS,
@@ -33,8 +35,9 @@ from sdrt.export.onnx_files import (
 )
 from sdrt.export.source import SourceModel, read_source, source_info
 from sdrt.export.validate import check_graph
-from sdrt.runtime.errors import ExportError
-from sdrt.runtime.manifest import ComponentSpec, Manifest, scan_files
+from sdrt.runtime.errors import ExportError, InputError
+from sdrt.runtime.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
+from sdrt.runtime.samplers import resolve_sampler
 
 logger = logging.getLogger("sdrt.export")
 
@@ -47,28 +50,36 @@ _DROPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                     opset: int = 18, force: bool = False, check: bool = True,
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                    origin: Mapping[str, Any] | None = None, family: str | None = None) -> Path:
+                    origin: Mapping[str, Any] | None = None, family: str | None = None,
+                    loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+                    defaults: Mapping[str, Any] | None = None) -> Path:
     """Export a diffusers SD folder to an optimum-layout ONNX folder; returns OUT_DIR.
 
     `check` compares every graph with torch in ONNX Runtime before the folder is accepted;
     `external_data_threshold` (bytes of weights) moves weights to model.onnx_data above it;
     `origin` names the source in the manifest when `src_dir` stands in for it (a hub id and
     revision, a converted checkpoint's name and sha256: sdrt.export.sources); `family`
-    overrides the family detected from the configs (sdrt.runtime.families).
+    overrides the family detected from the configs (sdrt.runtime.families); `loras` are
+    (LoRA .safetensors file, scale) pairs fused into the weights in order (sdrt.export.lora);
+    `defaults` (steps, guidance_scale, sampler) are this model's generation defaults, recorded in
+    the manifest over its family's.
     """
     src, out = Path(src_dir), Path(out_dir)
     if opset not in TORCHSCRIPT_OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
                           f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
     source = read_source(src, family)
+    defaults = _model_defaults(defaults or {})
     _check_destination(src, out, force)
+    fused = read_loras([(Path(path), scale) for path, scale in loras], unet_config=source.unet,
+                       sdxl=source.text_encoder_2 is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     started = time.perf_counter()
     try:
         _write_folder(source, work, opset=opset, check=check, origin=origin,
-                      threshold=external_data_threshold)
+                      threshold=external_data_threshold, loras=fused, defaults=defaults)
         _commit(work, out, force)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written folder
         shutil.rmtree(work, ignore_errors=True)
@@ -110,7 +121,8 @@ def _commit(work: Path, out: Path, force: bool) -> None:
 
 
 def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
-                  origin: Mapping[str, Any] | None, threshold: int) -> None:
+                  origin: Mapping[str, Any] | None, threshold: int, loras: list[Lora],
+                  defaults: dict[str, Any]) -> None:
     _write_index(source, work)
     sdxl = source.text_encoder_2 is not None
     for name in ("tokenizer", "scheduler", *(("tokenizer_2",) if sdxl else ())):
@@ -124,12 +136,15 @@ def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
     ]
     for folder, loader, graphs in steps:
         model = loader(source.folder / folder)
+        if loras and folder in LORA_COMPONENTS:
+            fuse_loras(model, folder, loras)
         for name in graphs:
             specs[name] = _export_component(model, name, source, work, opset=opset,
                                             check=check, threshold=threshold)
         del model
         gc.collect()  # free this component's weights before loading the next one
-    _manifest(source, specs, work, opset=opset, origin=origin).save(work)
+    _manifest(source, specs, work, opset=opset, origin=origin, loras=loras,
+              defaults=defaults).save(work)
 
 
 def _export_component(model: torch.nn.Module, name: str, source: SourceModel, work: Path, *,
@@ -177,14 +192,30 @@ def _write_index(source: SourceModel, work: Path) -> None:
 
 
 def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, *, opset: int,
-              origin: Mapping[str, Any] | None) -> Manifest:
+              origin: Mapping[str, Any] | None, loras: list[Lora],
+              defaults: dict[str, Any]) -> Manifest:
+    extra: dict[str, Any] = {"exporter": EXPORTER}
+    if loras:  # the weights are no longer the source's alone
+        extra["loras"] = [lora.manifest_entry() for lora in loras]
     return Manifest(
         family=source.family, source=source_info(source, origin), components=specs,
         scaling_factor=source.scaling_factor, latent_channels=source.latent_channels,
         vae_scale_factor=source.vae_scale_factor, sample_size=source.sample_size,
         prediction_type=source.prediction_type, opset=opset, versions=_versions(),
-        files=scan_files(work), variants=[], extra={"exporter": EXPORTER},
+        files=scan_files(work), variants=[], defaults=defaults, extra=extra,
     )
+
+
+def _model_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's `defaults`: unset ones dropped, a sampler by its canonical name."""
+    chosen = {key: value for key, value in defaults.items() if value is not None}
+    unknown = sorted(set(chosen) - set(DEFAULT_KEYS))
+    if unknown:
+        raise InputError(f"unknown generation default '{unknown[0]}'; choose from "
+                         f"{', '.join(DEFAULT_KEYS)}")
+    if "sampler" in chosen:
+        chosen["sampler"] = resolve_sampler(chosen["sampler"])
+    return chosen
 
 
 def _versions() -> dict[str, str]:

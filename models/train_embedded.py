@@ -5,13 +5,14 @@ Latent diffusion (Rombach et al. 2022) at 64×64, small enough to train on a 2-c
 1. an `AutoencoderKL` (Kingma & Welling 2014; KL-regularised as in LDM) from 64×64×3 images to
    4×16×16 latents, whose `scaling_factor` is 1/std of the encoded training latents, as SD's;
 2. the training set is encoded once (posterior mean and std kept; a latent is drawn per batch);
-3. a `CLIPTextModel` (real CLIP BPE vocabulary, 77 positions) and a `UNet2DConditionModel` with
-   cross-attention are trained jointly from scratch on the epsilon objective (Ho et al. 2020),
-   min-SNR weighted (Hang et al. 2023; `--max-weight` adds 1/SNR weights at high noise), with
-   10% empty captions for classifier-free guidance (Ho & Salimans 2022), AdamW and an EMA;
-4. prompt adherence on held-out attribute combinations (`sdrt.benchmarks.adherence`) is measured
-   every few minutes with diffusers' own pipeline on the EMA weights, and logged;
-5. the EMA weights are rounded to fp16 and saved as a diffusers StableDiffusionPipeline folder
+3. a `CLIPTextModel` (real CLIP BPE vocabulary, 77 positions) is pre-trained to state the
+   attributes its caption names, then frozen, as SD's pre-trained CLIP text encoder is;
+4. a `UNet2DConditionModel` with cross-attention is trained on its hidden states with the
+   v-prediction objective (Salimans & Ho 2022), min-SNR capped (Hang et al. 2023), with 10%
+   empty captions for classifier-free guidance (Ho & Salimans 2022), AdamW and an EMA; prompt
+   adherence on held-out attribute combinations (`sdrt.benchmarks.adherence`) is measured every
+   few minutes with diffusers' own pipeline on the EMA weights, and logged;
+5. the weights are rounded to fp16 and saved as a diffusers StableDiffusionPipeline folder
    (fp16 safetensors, fp32 configs), reloaded to check every key, and evaluated once more.
 
 Usage: python models/train_embedded.py --out models/embedded/diffusers [--seed 0] [--minutes 115]
@@ -46,7 +47,17 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdrt.benchmarks.adherence import evaluate
-from sdrt.benchmarks.shapes import held_out_captions, parse_caption, render, training_samples
+from sdrt.benchmarks.shapes import (
+    BACKGROUND_COLOURS,
+    KINDS,
+    POSITIONS,
+    SHAPE_COLOURS,
+    SIZES,
+    held_out_captions,
+    parse_caption,
+    render,
+    training_samples,
+)
 
 HERE = Path(__file__).resolve().parent
 TOKENIZER_DIR = HERE / "clip_tokenizer"
@@ -102,7 +113,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,  # only "leading" spacing reads it; StableDiffusionPipeline wants 1
@@ -111,11 +122,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 BETAS = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}  # DDPM's and SD's
 
 
-def scheduler_config(beta_schedule: str) -> dict[str, Any]:
+def scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any]:
     """The shipped DDIM config with DDPM's linear or SD's scaled_linear betas."""
     start, end = BETAS[beta_schedule]
     return {**SCHEDULER_CONFIG, "beta_schedule": beta_schedule, "beta_start": start,
-            "beta_end": end}
+            "beta_end": end, "prediction_type": prediction_type}
 
 
 # --- logging ------------------------------------------------------------------------------------
@@ -193,13 +204,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 # --- models -------------------------------------------------------------------------------------
 
 
-def build_models(unet_channels: Sequence[int]) -> tuple[AutoencoderKL, CLIPTextModel,
-                                                         UNet2DConditionModel]:
-    """Fresh VAE, text encoder and UNet from the module's configs."""
+def build_models(unet_channels: Sequence[int]) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """Fresh VAE and UNet from the module's configs (the text encoder is built in phase 3)."""
     vae = AutoencoderKL(**VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": tuple(unet_channels)})
-    return vae, text_encoder, unet
+    return vae, unet
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -319,68 +328,168 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int) -> f
     return float(1.0 / sample.std())
 
 
-# --- phase 3: text encoder + UNet ---------------------------------------------------------------
+# --- phase 3: text encoder ----------------------------------------------------------------------
+
+# What a caption says, as class indices per slot (shapes in the scene's position order);
+# IGNORE where the caption does not say (e.g. no size word, or no second shape).
+SLOTS: dict[str, tuple[str, ...]] = {
+    "background": BACKGROUND_COLOURS,
+    "count": ("1", "2"),
+    **{f"{slot}_{name}": values for slot in ("first", "second")
+       for name, values in (("colour", SHAPE_COLOURS), ("kind", KINDS),
+                            ("position", tuple(POSITIONS)), ("size", SIZES))},
+}
+IGNORE = -100
 
 
-def diffusion_loss(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, latents: torch.Tensor,
-                   ids: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   weights: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction loss (Ho et al. 2020) weighted by `loss_weight`."""
+def caption_labels(captions: Sequence[str]) -> torch.Tensor:
+    """(N, len(SLOTS)) class indices of what each caption names, from `parse_caption`."""
+    rows = []
+    for text in captions:
+        scene = parse_caption(text)
+        said: dict[str, str | None] = {"background": scene.background,
+                                       "count": str(len(scene.shapes))}
+        for slot, shape in zip(("first", "second"), scene.shapes, strict=False):
+            said |= {f"{slot}_colour": shape.colour, f"{slot}_kind": shape.kind,
+                     f"{slot}_position": shape.position, f"{slot}_size": shape.size}
+        rows.append([values.index(said[name]) if said.get(name) is not None else IGNORE
+                     for name, values in SLOTS.items()])
+    return torch.tensor(rows)
+
+
+def sentence_features(text_encoder: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:
+    """Mean final hidden state over the end-of-text and padding positions, which (causal
+    attention) have read the whole caption; the UNet cross-attends to these same states."""
+    hidden = text_encoder(ids).last_hidden_state
+    after_text = (ids == TEXT_CONFIG["eos_token_id"]).float()[..., None]
+    return (hidden * after_text).sum(1) / after_text.sum(1)
+
+
+def train_text_encoder(text_encoder: CLIPTextModel, ids: torch.Tensor, labels: torch.Tensor,
+                       args: argparse.Namespace, log: Log) -> dict[str, float]:
+    """Pre-train the text encoder to state every attribute its caption names (linear heads on
+    `sentence_features`), then freeze it, as SD freezes its pre-trained CLIP text encoder.
+
+    A supervised stand-in for CLIP's contrastive pre-training (Radford et al. 2021): the UNet
+    then learns to read attributes that are already linearly separable, instead of waiting for
+    a jointly trained encoder to discover them. Returns held-out-caption accuracy per slot.
+    """
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    sizes = [len(values) for values in SLOTS.values()]
+    heads = torch.nn.Linear(TEXT_CONFIG["hidden_size"], sum(sizes))
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.text_lr, weight_decay=0.01)
+    text_encoder.train()
+    running = []
+    for step, index in zip(range(args.text_steps), batches(len(ids), args.text_batch, generator),
+                           strict=False):
+        _set_lr(optimizer, args.text_lr * lr_factor(step, args.text_steps, 100))
+        logits = heads(sentence_features(text_encoder, ids[index])).split(sizes, dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(out, labels[index, i], ignore_index=IGNORE)
+                   for i, out in enumerate(logits))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0:
+            log.write(phase="text", step=step + 1, loss=round(float(np.mean(running)), 5))
+            running = []
+    text_encoder.eval().requires_grad_(False)
+    return slot_accuracy(text_encoder, heads, sizes)
+
+
+@torch.no_grad()
+def slot_accuracy(text_encoder: CLIPTextModel, heads: torch.nn.Linear,
+                  sizes: list[int]) -> dict[str, float]:
+    """Per-slot accuracy of the attribute heads on 1,000 held-out captions."""
+    captions = held_out_captions(1000, 3)
+    ids = tokenize(CLIPTokenizer.from_pretrained(TOKENIZER_DIR), captions)
+    labels = caption_labels(captions)
+    logits = heads(sentence_features(text_encoder, ids)).split(sizes, dim=-1)
+    scores = {}
+    for i, (name, out) in enumerate(zip(SLOTS, logits, strict=True)):
+        known = labels[:, i] != IGNORE
+        if not known.any():  # held-out captions name one shape: no second-shape labels
+            continue
+        scores[name] = round(float((out.argmax(-1)[known] == labels[known, i]).float().mean()), 4)
+    return scores
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: CLIPTextModel, ids: torch.Tensor,
+                    batch_size: int = 512) -> torch.Tensor:
+    """The frozen text encoder's hidden states for every training caption, computed once."""
+    return torch.cat([text_encoder(ids[i:i + batch_size]).last_hidden_state
+                      for i in range(0, len(ids), batch_size)])
+
+
+# --- phase 4: UNet ------------------------------------------------------------------------------
+
+
+def diffusion_loss(unet: UNet2DConditionModel, latents: torch.Tensor, context: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, prediction_type: str, min_snr: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Denoising loss for epsilon (Ho et al. 2020) or v prediction (Salimans & Ho 2022),
+    weighted by `loss_weight`."""
     t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-    predicted = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
+    if prediction_type == "v_prediction":
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    else:
+        target = noise
+    predicted = unet(noisy, t, context).sample
     snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
-    return (loss_weight(snr, *weights) * (predicted - noise).square().mean(dim=(1, 2, 3))).mean()
+    weight = loss_weight(snr, prediction_type, min_snr)
+    return (weight * (predicted - target).square().mean(dim=(1, 2, 3))).mean()
 
 
-def loss_weight(snr: torch.Tensor, min_snr: float, max_weight: float) -> torch.Tensor:
-    """Min-SNR-γ weights (Hang et al. 2023) for SNR ≥ 1; below, 1/SNR capped at `max_weight`.
+def loss_weight(snr: torch.Tensor, prediction_type: str, min_snr: float) -> torch.Tensor:
+    """Per-sample weights that cap the x0-error weight at low noise (Hang et al. 2023, min-SNR-γ).
 
-    An epsilon loss weighs the x0 error by SNR, so at high noise (where the caption alone must
-    decide the background and layout) it teaches almost nothing; 1/SNR there gives those steps
-    x0-loss weight 1, as v-prediction does (Salimans & Ho 2022). `max_weight` ≤ 1: min-SNR only.
+    Epsilon: x0 weight min(SNR, γ). v: x0 weight min(1 + SNR, 1 + γ), i.e. the v loss ("SNR+1"
+    weighting, Salimans & Ho 2022) capped; unlike min-SNR on epsilon it keeps weight ≥ 1 at high
+    noise, where only the caption can decide the background and the layout of a 16×16 latent.
     """
-    high_noise = (1.0 / snr).clamp(min=1.0, max=max(1.0, max_weight))
-    return torch.where(snr < 1.0, high_noise, snr.clamp(max=min_snr) / snr)
+    if prediction_type == "v_prediction":
+        return ((1.0 + min_snr) / (1.0 + snr)).clamp(max=1.0)
+    return snr.clamp(max=min_snr) / snr
 
 
-def drop_captions(ids: torch.Tensor, empty: torch.Tensor, p: float,
+def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
                   generator: torch.Generator) -> torch.Tensor:
     """Replace a fraction `p` of captions by the empty prompt (Ho & Salimans 2022, CFG)."""
-    drop = torch.rand(len(ids), generator=generator) < p
-    return torch.where(drop[:, None], empty[None, :], ids)
+    drop = torch.rand(len(context), generator=generator) < p
+    return torch.where(drop[:, None, None], empty[None], context)
 
 
-def train_diffusion(models: dict[str, Any], data: dict[str, Any],
-                    args: argparse.Namespace, log: Log,
-                    monitor: Callable[[int], dict[str, float]]) -> int:
-    """Train text encoder and UNet jointly; call `monitor` every `eval_minutes`. Returns steps."""
-    unet, text_encoder = models["unet"], models["text_encoder"]
+def train_unet(unet: UNet2DConditionModel, ema: EMA, data: dict[str, Any],
+               args: argparse.Namespace, log: Log,
+               monitor: Callable[[int], dict[str, float]]) -> int:
+    """Train the UNet on the frozen text encoder's states; call `monitor` every `eval_minutes`.
+    Returns the steps done."""
     generator = torch.Generator().manual_seed(args.seed + 1)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     alphas_cumprod = DDIMScheduler(**data["scheduler"]).alphas_cumprod.float()
+    prediction_type = data["scheduler"]["prediction_type"]
     deadline = time.perf_counter() + 60 * args.minutes - log.elapsed()
     last_eval = time.perf_counter()
     unet.train()
-    text_encoder.train()
     running, step = [], 0
-    stream = batches(len(data["ids"]), args.batch, generator)
+    stream = batches(len(data["context"]), args.batch, generator)
     for step, index in zip(range(args.steps), stream, strict=False):
         _set_lr(optimizer, args.lr * lr_factor(step, args.steps, args.warmup))
         latents = data["mean"][index] + data["std"][index] * torch.randn(
             data["mean"][index].shape, generator=generator)
-        ids = drop_captions(data["ids"][index], data["empty"], args.drop, generator)
-        loss = diffusion_loss(unet, text_encoder, latents * data["scale"], ids, alphas_cumprod,
-                              (args.min_snr, args.max_weight), generator)
+        context = drop_captions(data["context"][index], data["empty"], args.drop, generator)
+        loss = diffusion_loss(unet, latents * data["scale"], context, alphas_cumprod,
+                              prediction_type, args.min_snr, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        models["unet_ema"].update(unet)
-        models["text_encoder_ema"].update(text_encoder)
+        ema.update(unet)
         running.append(loss.item())
         if (step + 1) % args.log_every == 0:
             log.write(phase="diffusion", step=step + 1, loss=round(float(np.mean(running)), 5),
@@ -549,14 +658,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--fg-gain", type=float, default=4.0, help="extra loss weight on shapes")
     p.add_argument("--vae-from", type=Path, help="reuse a trained vae/ folder (pilots only)")
+    p.add_argument("--text-steps", type=int, default=1500, help="text-encoder pre-training")
+    p.add_argument("--text-batch", type=int, default=128)
+    p.add_argument("--text-lr", type=float, default=2e-3)
+    p.add_argument("--text-from", type=Path, help="reuse a trained text_encoder/ (pilots only)")
     p.add_argument("--steps", type=int, default=12_000, help="diffusion training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--drop", type=float, default=0.1, help="empty-caption rate (CFG)")
     p.add_argument("--min-snr", type=float, default=5.0)
-    p.add_argument("--max-weight", type=float, default=0.0,
-                   help="cap of the 1/SNR loss weight at SNR < 1 (≤ 1: min-SNR only)")
+    p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"),
+                   default="v_prediction")
     p.add_argument("--beta-schedule", choices=sorted(BETAS), default="linear")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--unet-channels", type=lambda s: tuple(int(c) for c in s.split(",")),
@@ -594,9 +707,8 @@ def run(args: argparse.Namespace) -> None:
     log = Log(args.log)
     log.write(phase="start", args={k: str(v) for k, v in vars(args).items()})
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    vae, text_encoder, unet = build_models(args.unet_channels)
+    vae, unet = build_models(args.unet_channels)
     log.write(phase="models", parameters={"vae": parameter_count(vae),
-                                          "text_encoder": parameter_count(text_encoder),
                                           "unet": parameter_count(unet)})
     timings: dict[str, float] = {}
 
@@ -617,9 +729,21 @@ def run(args: argparse.Namespace) -> None:
     timings["encode"] = log.elapsed() - mark
     log.write(phase="encode", scaling_factor=scale, latents=list(mean.shape))
 
-    unet_ema, text_ema = EMA(unet, args.ema), EMA(text_encoder, args.ema)
-    scheduler = scheduler_config(args.beta_schedule)
-    monitor_pipe = make_pipeline(vae, text_ema.model, unet_ema.model, tokenizer, scheduler)
+    mark = log.elapsed()
+    if args.text_from:
+        text_encoder = CLIPTextModel.from_pretrained(args.text_from).eval().requires_grad_(False)
+    else:
+        torch.manual_seed(args.seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        accuracy = train_text_encoder(text_encoder, ids, caption_labels(captions), args, log)
+        log.write(phase="text", step=args.text_steps, held_out_accuracy=accuracy)
+    context = encode_captions(text_encoder, ids)
+    empty = encode_captions(text_encoder, tokenize(tokenizer, [""]))[0]
+    timings["text"] = log.elapsed() - mark
+
+    unet_ema = EMA(unet, args.ema)
+    scheduler = scheduler_config(args.beta_schedule, args.prediction_type)
+    monitor_pipe = make_pipeline(vae, text_encoder, unet_ema.model, tokenizer, scheduler)
     eval_time = [0.0]
 
     def monitor(step: int) -> dict[str, float]:
@@ -632,16 +756,14 @@ def run(args: argparse.Namespace) -> None:
 
     mark = log.elapsed()
     torch.manual_seed(args.seed + 1)
-    data = {"mean": mean, "std": std, "ids": ids, "scale": torch.tensor(scale),
-            "empty": tokenize(tokenizer, [""])[0], "scheduler": scheduler}
-    models = {"unet": unet, "text_encoder": text_encoder, "unet_ema": unet_ema,
-              "text_encoder_ema": text_ema}
-    steps = train_diffusion(models, data, args, log, monitor)
+    data = {"mean": mean, "std": std, "context": context, "scale": torch.tensor(scale),
+            "empty": empty, "scheduler": scheduler}
+    steps = train_unet(unet, unet_ema, data, args, log, monitor)
     timings["diffusion"] = log.elapsed() - mark - eval_time[0]
     timings["monitoring"] = eval_time[0]
 
     mark = log.elapsed()
-    shipped = {"vae": vae, "text_encoder": text_ema.model, "unet": unet_ema.model}
+    shipped = {"vae": vae, "text_encoder": text_encoder, "unet": unet_ema.model}
     for module in shipped.values():
         round_to_fp16(module)
     save_folder(args.out, scheduler, **shipped)

@@ -16,6 +16,8 @@ import click
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.families import FAMILIES
+from sdrt.runtime.model_folder import EMBEDDED_MODEL
+from sdrt.runtime.variants import PRECISIONS
 
 log = logging.getLogger("sdrt")
 SIZE_HELP = "Pixels; default: the model's native size (768 for SD 2.x 768-v, else 512)."
@@ -107,7 +109,7 @@ def main(verbose: bool) -> None:
 @click.option("--family", type=click.Choice(list(FAMILIES)), default=None,
               help="Record this model family instead of the one detected from the configs "
                    "(same architecture only, e.g. sd-turbo for SD-Turbo weights whose scheduler "
-                   "config lacks trailing spacing).")
+                   "config lacks trailing spacing, lcm-lora for SD 1.x with LCM-LoRA fused).")
 @click.option("--config", default=None,
               help="For a single-file checkpoint whose weights fit several shipped configs "
                    "(models/configs/NAME, e.g. sd21 or sd_turbo): the one to use.")
@@ -118,45 +120,67 @@ def main(verbose: bool) -> None:
               help="Hub branch, tag or commit (hub ids only; ORG/NAME@REV works too).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Hugging Face cache folder (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).")
+@click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
+              help="A LoRA .safetensors file (kohya or diffusers/peft keys) to fuse into the UNet "
+                   "and text encoder(s) before export; repeatable, fused in order.")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float,
+              help="Strength of each --lora, in the same order (default 1).")
+@click.option("--default-steps", type=click.IntRange(min=1), default=None,
+              help="Record this model's default steps (default: its family's).")
+@click.option("--default-guidance", type=click.FloatRange(min=0), default=None,
+              help="Record this model's default guidance scale (default: its family's).")
+@click.option("--default-sampler", default=None,
+              help="Record this model's default sampler (default: its family's, else its "
+                   "scheduler's).")
 @_reports_errors
 def export(source: str, out_dir: Path, opset: int, force: bool, family: str | None,
            config: str | None, allow_pickle: bool, revision: str | None,
-           cache_dir: Path | None) -> None:
+           cache_dir: Path | None, loras: tuple[Path, ...], lora_scales: tuple[float, ...],
+           default_steps: int | None, default_guidance: float | None,
+           default_sampler: str | None) -> None:
     """Export SOURCE to ONNX (optimum's layout) in OUT_DIR.
 
-    SOURCE is a diffusers SD 1.x/2.x/XL folder, an A1111/civitai single-file checkpoint
+    SOURCE is a diffusers SD 1.x/2.x/XL or LCM folder, an A1111/civitai single-file checkpoint
     (.safetensors; .ckpt with --allow-pickle), or a Hugging Face hub id ORG/NAME, taken from the
     cache when HF_HUB_OFFLINE is set.
     """
+    from sdrt.export.lora import pair_scales
     from sdrt.export.onnx_export import export_pipeline
     from sdrt.export.sources import resolve_source
 
+    fused = pair_scales(loras, lora_scales)  # a bad pairing fails before any download
     with resolve_source(source, allow_pickle=allow_pickle, cache_dir=cache_dir,
                         revision=revision, config=config, scratch=out_dir.parent) as (src, origin):
         done = export_pipeline(src, out_dir, opset=opset, force=force, family=family,
-                               origin=origin)
+                               origin=origin, loras=fused, defaults={
+                                   "steps": default_steps, "guidance_scale": default_guidance,
+                                   "sampler": default_sampler})
     click.echo(f"exported {source} → {done}")
 
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Exported model folder (see `sdrt export`).")
+@click.option("--model", "model_dir", default=EMBEDDED_MODEL, type=click.Path(path_type=Path),
+              help="Exported model folder (see `sdrt export`); default: sdrt's embedded 64×64 "
+                   "shapes model (models/embedded/).")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
 @click.option("--steps", type=int, default=None,
               help=f"Sampler steps; default: the model family's ({family_defaults('steps')}).")
 @click.option("--guidance-scale", "--cfg-scale", "guidance_scale", type=float, default=None,
-              help="Classifier-free guidance; ≤ 1 runs the UNet once per step; default: the "
-                   f"model family's ({family_defaults('guidance_scale')}).")
+              help="Classifier-free guidance (≤ 1 runs the UNet once per step), or an LCM "
+                   "UNet's guidance input (always one call per step); default: the model "
+                   f"family's ({family_defaults('guidance_scale')}).")
 @click.option("--sampler", default=None,
-              help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (A1111 names too); "
-                   "default: the model folder's own scheduler.")
+              help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm (A1111 names "
+                   "too); default: the model family's, else the model folder's own scheduler.")
 @click.option("--seed", type=int, default=None,
               help="Seed of the first image; image i uses seed+i.")
 @click.option("-W", "--width", type=int, default=None, help=SIZE_HELP)
 @click.option("-H", "--height", type=int, default=None, help=SIZE_HELP)
 @click.option("--num-images", default=1, show_default=True, help="Images to make.")
 @click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
+@click.option("--precision", default="fp32", show_default=True,
+              help=f"{', '.join(PRECISIONS)}: a variant `sdrt quantize` listed for this backend.")
 @click.option("--generator", default="torch", show_default=True,
               help="torch (same starting noise as diffusers on CPU) or numpy.")
 @click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
@@ -164,16 +188,55 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
               show_default=True, help="A .png file, or a folder to number images in.")
 @_reports_errors
 def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, backend: str,
-             **options) -> None:
+             precision: str, **options) -> None:
     """Generate images from PROMPT; each PNG carries A1111 `parameters` metadata."""
     from sdrt.runtime.metadata import save_png
     from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
     request = GenerationRequest(prompt=prompt, **options)
     paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
-    pipe = Pipeline.load(model_dir, backend=backend, threads=threads)
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
     with StepProgress(request.steps) as progress:
         results = pipe.run(request, callback=progress.update)
     for path, result in zip(paths, results, strict=True):
         save_png(result.image, path, result.info)
         click.echo(f"saved {path}  (seed {result.info.seed})")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--precision", required=True,
+              help="fp16 (weights), bf16 (OpenVINO execution, no new files), int8, int8-hybrid "
+                   "(OpenVINO: UNet activations too), int4 (OpenVINO, group-wise weights).")
+@click.option("--backend", default=None,
+              help="ort or openvino; default: ort where it makes the precision, else openvino.")
+@click.option("--components", default=None,
+              help="Comma-separated graphs, e.g. unet,text_encoder; default: the text encoder(s) "
+                   "and the UNet (the VAE decoder stays fp32 unless named here and gated).")
+@click.option("--prompts", "prompt_set", default="general", show_default=True,
+              help="Calibration and gate prompts: general, or scenes (sdrt's simple-scenes "
+                   "captions, for the embedded model).")
+@click.option("--steps", type=int, default=None,
+              help="Sampler steps for calibration and gate runs; default: the family's.")
+@click.option("--adherence", type=int, default=None,
+              help="Gate prompt adherence on this many held-out simple-scenes captions; "
+                   "default: 200 with --prompts scenes, else 0 (off).")
+@click.option("--force", is_flag=True,
+              help="Replace a variant the manifest already lists (unlisted first: if the new "
+                   "one fails its gate, neither is listed).")
+@_reports_errors
+def quantize(model_dir: Path, precision: str, backend: str | None, components: str | None,
+             prompt_set: str, steps: int | None, adherence: int | None, force: bool) -> None:
+    """Make a PRECISION variant of MODEL_DIR's graphs, gate it against fp32, list it if it passes.
+
+    A variant that fails its gate is removed and not listed; the command then exits 1.
+    """
+    from sdrt.quantize.stage import QuantizeOptions, quantize_model
+
+    options = QuantizeOptions(
+        precision=precision, backend=backend, prompt_set=prompt_set, steps=steps,
+        adherence=adherence, force=force,
+        components=tuple(components.split(",")) if components else None)
+    entry = quantize_model(model_dir, options)
+    click.echo(f"listed {entry['precision']} ({entry['backend']}) in {model_dir / 'manifest.json'}"
+               f": {entry['gate']['summary']}")

@@ -9,9 +9,19 @@ Keys (format_version 1): format, format_version, family (a name in sdrt.runtime.
 source {path, hub_id?, revision?, config_sha256}, prediction_type, sample_size, latent_channels,
 vae_scale_factor, scaling_factor, opset, versions {package: version}, components {name: {file
 (relative to the `name/` folder), inputs, outputs, validation?, external_data?}}, files
-{relative path: {sha256, bytes}}, variants [objects the quantize stage adds]. Unknown keys are
+{relative path: {sha256, bytes}}, variants [objects the quantize stage adds], loras? [{file,
+sha256, scale}: LoRAs fused into the weights at export, kept in `extra`], defaults? {steps?,
+guidance_scale?, sampler?: this model's generation defaults, over its family's}. Unknown keys are
 kept (top level in `extra`, per component in `ComponentSpec.extra`) and written back by `save`,
 so a newer writer's additions survive an older reader that rewrites the file.
+
+A `variants` entry (written by `sdrt quantize` only after the variant passed its gate; read by
+sdrt.runtime.variants): precision (fp16, bf16, int8, int8-hybrid, int4), backend (ort or
+openvino), components {name: {file? (relative to the model folder, under
+`variants/<precision>-<backend>/<name>/`; absent: the fp32 graph), execution (OpenVINO
+INFERENCE_PRECISION_HINT, f32 or bf16)}}, method (how the graphs were made), bytes {name:
+{variant, fp32}}, gate {figures, thresholds, prompts, seeds, steps}, command (what made it),
+versions {package: version}. Every variant file is also in `files`, so `verify_files` covers it.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,8 +48,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KNOWN_KEYS = frozenset({
     "format", "format_version", "family", "source", "components", "scaling_factor",
     "latent_channels", "vae_scale_factor", "sample_size", "prediction_type", "opset",
-    "versions", "files", "variants",
+    "versions", "files", "variants", "defaults",
 })
+DEFAULT_KEYS = ("steps", "guidance_scale", "sampler")  # what `defaults` may set
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,7 @@ class Manifest:
     versions: dict[str, str]
     files: dict[str, FileEntry]
     variants: list[dict[str, Any]] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -148,7 +161,7 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise ModelError(f"{MANIFEST_NAME} format_version {version} is newer than this sdrt "
                              f"reads ({FORMAT_VERSION}); upgrade sdrt")
-        missing = sorted(_KNOWN_KEYS - {"format", "variants"} - data.keys())
+        missing = sorted(_KNOWN_KEYS - {"format", "variants", "defaults"} - data.keys())
         _expect(not missing, f"missing key '{missing[0]}'" if missing else "")
         components, files = data["components"], data["files"]
         _expect(isinstance(components, dict), "'components' must be an object")
@@ -158,7 +171,7 @@ class Manifest:
             latent_channels=data["latent_channels"], vae_scale_factor=data["vae_scale_factor"],
             sample_size=data["sample_size"], prediction_type=data["prediction_type"],
             opset=data["opset"], versions=data["versions"], variants=data.get("variants", []),
-            format_version=version,
+            defaults=data.get("defaults", {}), format_version=version,
             components={name: ComponentSpec.from_json(spec, f"components.{name}")
                         for name, spec in components.items()},
             files={path: _file_entry(entry, path) for path, entry in files.items()},
@@ -176,7 +189,8 @@ class Manifest:
             "opset": self.opset, "versions": self.versions,
             "components": {name: spec.to_json() for name, spec in self.components.items()},
             "files": {path: entry.to_json() for path, entry in sorted(self.files.items())},
-            "variants": self.variants, **self.extra,
+            "variants": self.variants, **({"defaults": self.defaults} if self.defaults else {}),
+            **self.extra,
         }
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -208,11 +222,25 @@ class Manifest:
         _expect(isinstance(self.variants, list) and all(isinstance(v, dict)
                                                         for v in self.variants),
                 "'variants' must be a list of objects")
+        self._validate_defaults()
         for path, entry in self.files.items():
             _check_relative(path, f"files key {path!r}")
             _file_entry(entry.to_json(), path)
         self._validate_components()
         return self
+
+    def _validate_defaults(self) -> None:
+        _expect(isinstance(self.defaults, dict), "'defaults' must be an object")
+        unknown = sorted(set(self.defaults) - set(DEFAULT_KEYS))
+        _expect(not unknown, f"'defaults' may set {', '.join(DEFAULT_KEYS)}, not "
+                f"'{unknown[0]}'" if unknown else "")
+        steps, scale = self.defaults.get("steps", 1), self.defaults.get("guidance_scale", 1.0)
+        _expect(_is_int(steps) and steps > 0, f"'defaults.steps' must be a positive integer, "
+                f"got {steps!r}")
+        _expect(isinstance(scale, (int, float)) and not _is_bool(scale) and math.isfinite(scale)
+                and scale >= 0, f"'defaults.guidance_scale' must be a number ≥ 0, got {scale!r}")
+        _expect(isinstance(self.defaults.get("sampler", ""), str),
+                "'defaults.sampler' must be a sampler name")
 
     def _validate_components(self) -> None:
         missing = [name for name in REQUIRED_COMPONENTS if name not in self.components]
@@ -235,10 +263,15 @@ class Manifest:
             raise ModelError(f"{MANIFEST_NAME} lists no component '{name}'")
         return Path(folder) / name / self.components[name].file
 
-    def verify_files(self, folder: str | os.PathLike[str], *, hashes: bool = True) -> None:
-        """Check every listed file exists with its size (and sha256 unless hashes=False)."""
+    def verify_files(self, folder: str | os.PathLike[str], *, hashes: bool = True,
+                     only: Iterable[str] | None = None) -> None:
+        """Check every listed file (or those in `only`) exists with its size (and sha256 unless
+        hashes=False)."""
         root = Path(folder)
+        wanted = None if only is None else set(only)
         for rel, entry in sorted(self.files.items()):
+            if wanted is not None and rel not in wanted:
+                continue
             path = root / rel
             if not path.is_file():
                 raise ModelError(f"'{root.name}' is incomplete: '{rel}' is missing")

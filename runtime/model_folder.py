@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdrt.runtime.errors import ModelError
@@ -32,6 +32,8 @@ PIPELINE_CLASSES = frozenset({
     "OnnxStableDiffusionImg2ImgPipeline", "ORTStableDiffusionPipeline",
     "OVStableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
     "ORTStableDiffusionXLPipeline", "OVStableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline", "ORTLatentConsistencyModelPipeline",
+    "OVLatentConsistencyModelPipeline",
 })
 # Classes model_index.json may name for the parts sdrt loads; `OnnxRuntimeModel` is the legacy
 # ONNX layout's entry for every graph.
@@ -52,6 +54,9 @@ SD1_SCALING_FACTOR = 0.18215
 SD1_LATENT_CHANNELS = 4
 SD1_VAE_BLOCKS = 4  # vae_scale_factor 2 ** (4 - 1) = 8
 SD1_SAMPLE_SIZE = 64  # latent side: 512 px
+# sdrt's own small model (models/embedded/, trained by models/train_embedded.py), exported: what
+# runs when no model is named, so a fresh checkout makes pictures with no download.
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "models" / "embedded" / "onnx"
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def read_facts(folder: Path) -> ModelFacts:
         unet_file = manifest.files.get("unet/model.onnx")
         return ModelFacts(
             name=folder.resolve().name,
-            family=get_family(manifest.family),
+            # this model's own defaults (sdrt export --default-*) over its family's
+            family=replace(get_family(manifest.family), **manifest.defaults),
             scaling_factor=manifest.scaling_factor,
             latent_channels=manifest.latent_channels,
             vae_scale_factor=manifest.vae_scale_factor,

@@ -1,8 +1,9 @@
 """Text-to-image: tokenizer → text encoder(s) → NumPy sampler loop over the UNet → VAE decoder.
 
-Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Salimans, 2022),
-run from exported graphs. `Pipeline.load` does all file I/O; `Pipeline.run` reads as numbered
-steps and keeps all per-call state local, so several threads may generate at once.
+Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Salimans, 2022), or
+for LCM UNets the guidance scale as an input (Luo et al., 2023), run from exported graphs.
+`Pipeline.load` does all file I/O; `Pipeline.run` reads as numbered steps and keeps all per-call
+state local, so several threads may generate at once.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from sdrt.runtime.components import UNet, VaeDecoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
 from sdrt.runtime.errors import GenerationError, InputError
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
-from sdrt.runtime.model_folder import ModelFacts, check_folder, graph_file, read_facts
+from sdrt.runtime.model_folder import (
+    EMBEDDED_MODEL,
+    ModelFacts,
+    check_folder,
+    read_facts,
+)
 from sdrt.runtime.rng import GENERATORS, make_generator
 from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler, sample
 from sdrt.runtime.schedules import SchedulerConfig
 from sdrt.runtime.session import BACKENDS, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.variants import Variant, resolve_variant
 
 MAX_SIDE = 2048  # pixels; beyond this one UNet call needs more memory than the machines we target
 MAX_IMAGES = 16  # per call; larger batches belong to `sdrt batch`
@@ -110,6 +117,7 @@ class Pipeline:
     conditioner: TextConditioner  # the family's prompts → UNet conditioning
     unet: UNet
     vae_decoder: VaeDecoder
+    precision: str = "fp32"  # the variant that runs (sdrt.runtime.variants)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -117,23 +125,28 @@ class Pipeline:
         return self.conditioner.tokenizer
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "ort", *,
-             threads: int | None = None) -> Pipeline:
-        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`)."""
+    def load(cls, folder: str | Path = EMBEDDED_MODEL, backend: str = "ort", *,
+             threads: int | None = None, precision: str | Variant = "fp32") -> Pipeline:
+        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`);
+        by default sdrt's embedded shapes model. `precision` names a variant manifest.json lists
+        for this backend (quantize's gate passes a Variant it has not listed yet)."""
         folder = Path(folder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
         check_folder(folder)
+        variant = resolve_variant(folder, precision, backend)
         facts = read_facts(folder)
         scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
         scheduler.validate()
 
         def session(component: str):
-            return open_session(graph_file(folder, component, backend), backend, threads=threads)
+            return open_session(variant.graph_path(folder, component), backend, threads=threads,
+                                execution=variant.execution(component))
 
         return cls(folder, backend, facts, scheduler,
                    load_conditioner(folder, facts.family.architecture, session),
-                   UNet(session("unet")), VaeDecoder(session("vae_decoder")))
+                   UNet(session("unet")), VaeDecoder(session("vae_decoder")),
+                   precision=variant.precision)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  **options) -> list[Image.Image]:
@@ -148,7 +161,9 @@ class Pipeline:
         """Run one request; `callback(i, n, latents)` after each step may return True to stop."""
         # 1. Fill defaults and validate.
         req = request.resolve(self.facts, self.scheduler)
-        guided = req.guidance_scale > 1.0  # diffusers' rule: guidance ≤ 1 means one UNet call
+        # diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
+        # scale as an input (LCM's guidance embedding) instead of classifier-free guidance
+        guided = req.guidance_scale > 1.0 and self.unet.guidance_dim is None
         # 2. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
         #    with the UNet's added conditions (SDXL) row-aligned.
         cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
@@ -175,10 +190,14 @@ class Pipeline:
 
     def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool):
         unet, context, added = self.unet, conditioning.context, conditioning.added
+        embedded = None
+        if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
+            embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
+                                 len(context), axis=0)
 
         def model(x_in: np.ndarray, t: float) -> np.ndarray:
             if not guided:
-                return unet(x_in, t, context, added)
+                return unet(x_in, t, context, added, embedded)
             out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
             uncond, cond = np.split(out, 2)
             return guidance.cfg_combine(uncond, cond, scale)
@@ -195,7 +214,7 @@ class Pipeline:
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
 
     def _info(self, req: GenerationRequest, index: int) -> GenerationInfo:
-        extra = {"Backend": self.backend}
+        extra = {"Backend": self.backend, "Precision": self.precision}
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,

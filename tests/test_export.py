@@ -398,6 +398,9 @@ def test_manifest_round_trip_keeps_unknown_keys(tmp_path) -> None:
     (lambda d: d["files"]["unet/model.onnx"].update(sha256="zz"), "sha256"),
     (lambda d: d["components"]["unet"]["inputs"]["x"].update(dtype="float128"), "dtype"),
     (lambda d: d["components"]["unet"]["inputs"]["x"].update(shape=[-1]), "shape"),
+    (lambda d: d.update(defaults={"width": 64}), "defaults"),
+    (lambda d: d.update(defaults={"steps": 0}), "defaults.steps"),
+    (lambda d: d.update(defaults={"guidance_scale": "high"}), "defaults.guidance_scale"),
 ])
 def test_manifest_rejects_bad_values(change, fragment) -> None:
     data = _manifest_json()
@@ -413,3 +416,25 @@ def test_manifest_load_errors(tmp_path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("[1, 2")
     with pytest.raises(ModelError, match="not valid JSON"):
         Manifest.load(tmp_path)
+
+
+def test_model_defaults_are_recorded_and_used(tiny_sd_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_sd_dir), str(out), "--default-steps",
+                                       "3", "--default-guidance", "2.5", "--default-sampler",
+                                       "Euler a"])
+    assert result.exit_code == 0, result.output
+    assert Manifest.load(out).defaults == {"steps": 3, "guidance_scale": 2.5,
+                                           "sampler": "euler_a"}
+    pipe = Pipeline.load(out)
+    request = GenerationRequest(prompt="x").resolve(pipe.facts, pipe.scheduler)
+    assert (request.steps, request.guidance_scale, request.sampler) == (3, 2.5, "euler_a")
+    bad = CliRunner().invoke(main, ["export", str(tiny_sd_dir), str(tmp_path / "bad"),
+                                    "--default-sampler", "warp"])
+    assert bad.exit_code == 1 and "unknown sampler" in bad.output
+    assert not (tmp_path / "bad").exists()
