@@ -166,6 +166,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 # The bounds, in 8-bit steps: ORT runs the same float32 kernels as torch up to operator
 # fusion order; OpenVINO fp32 reorders more aggressively (optimum-intel uses atol 6e-3 ≈ 1.5/255).
 MAX_PIXEL_DIFF = {"ort": 2, "openvino": 4}
+# Image sizes of the parity tests, (width, height): 72 and 56 are not multiples of 64.
+PARITY_SIZES = [(64, 64), (72, 56)]
 
 PROMPT = "a small red circle in the top left on a blue background"
 NEGATIVE = "blurry, text"

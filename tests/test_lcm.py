@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import (
     MAX_PIXEL_DIFF,
+    PARITY_SIZES,
     PROMPT,
     as_array,
     count_unet_calls,
@@ -32,7 +33,6 @@ from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from sdrt.runtime.samplers import default_sampler, display_name, sample
 from sdrt.runtime.schedules import SchedulerConfig, lcm_schedule, sigma_table
 
-SIZES = [(64, 64), (72, 56)]  # (width, height); 72 and 56 are not multiples of 64
 LCM_DREAMSHAPER = SchedulerConfig(  # SimianLuo/LCM_Dreamshaper_v7's scheduler_config.json
     class_name="LCMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
@@ -223,7 +223,7 @@ def lcm_sdxl_reference(tiny_lcm_sdxl_dir):
 
 
 @parity
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", PARITY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_lcm_defaults_equal_diffusers_one_unet_call_per_step(lcm_reference, tiny_lcm_onnx_dir,
                                                             backend, size, monkeypatch):
     width, height = size
@@ -259,7 +259,7 @@ def test_explicit_guidance_equals_diffusers(lcm_reference, tiny_lcm_onnx_dir, ba
 
 
 @parity
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", PARITY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_lcm_sdxl_equals_diffusers(lcm_sdxl_reference, tiny_lcm_sdxl_onnx_dir, backend, size):
     width, height = size
     expected = reference_images(lcm_sdxl_reference, "lcm", steps=4, guidance=8.0, width=width,

@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
+    PARITY_SIZES,
     PROMPT,
     REFERENCE_SCHEDULERS,
     as_array,
@@ -24,7 +25,6 @@ pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.parity
 
-SIZES = [(64, 64), (72, 56)]  # (width, height); 72 and 56 are not multiples of 64
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def sdrt_pipe(request, tiny_onnx_dir):
     return Pipeline.load(tiny_onnx_dir, backend=request.param)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", PARITY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("sampler", sorted(REFERENCE_SCHEDULERS))
 def test_images_equal_diffusers(reference, sdrt_pipe, sampler, size):
     width, height = size

@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
+    PARITY_SIZES,
     PROMPT,
     as_array,
     count_unet_calls,
@@ -21,9 +22,6 @@ from sdrt.runtime.errors import ModelError
 from sdrt.runtime.families import detect_family
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.pipeline import Pipeline
-
-SIZES = [(64, 64), (72, 56)]  # (width, height); 72 and 56 are not multiples of 64
-
 
 # ---------------------------------------------------------------- detection (no torch needed)
 
@@ -94,7 +92,7 @@ def sdxl_reference(tiny_sdxl_dir):
 
 
 @parity
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", PARITY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("negative", [None, NEGATIVE], ids=["no-negative", "negative"])
 def test_images_equal_diffusers(sdxl_reference, tiny_sdxl_onnx_dir, backend, negative, size):
     width, height = size
