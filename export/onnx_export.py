@@ -5,8 +5,9 @@ vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, 
 manifest.json; SDXL adds text_encoder_2/ and tokenizer_2/. LoRA files given to the export are
 fused into the weights first and named in the manifest's `loras`. The folder is written under a
 hidden sibling name and renamed into place only when complete, so an interrupted export never
-leaves a loadable OUT_DIR behind; one component is in memory at a time (the SD 1.5 UNet export
-alone peaks near 10 GB).
+leaves a loadable OUT_DIR behind. One component's weights are in memory at a time, and only once:
+torch's outputs for the check are computed before the torch model is freed and ONNX Runtime loads
+the graph (benchmarks/RESULTS.md: peak RSS 1.10× the SD 1.5 weights).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sdrt.export import components as comp
@@ -34,7 +37,7 @@ from sdrt.export.onnx_files import (
     graph_io,
 )
 from sdrt.export.source import SourceModel, read_source, source_info
-from sdrt.export.validate import check_graph
+from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
 from sdrt.runtime.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
 from sdrt.runtime.samplers import resolve_sampler
@@ -138,46 +141,65 @@ def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
         model = loader(source.folder / folder)
         if loras and folder in LORA_COMPONENTS:
             fuse_loras(model, folder, loras)
-        for name in graphs:
-            specs[name] = _export_component(model, name, source, work, opset=opset,
-                                            check=check, threshold=threshold)
+        checks = {name: _export_component(model, name, source, work, opset=opset, check=check,
+                                          threshold=threshold) for name in graphs}
+        _write_config(model, work / graphs[0], *(work / name for name in graphs[1:]))
         del model
-        gc.collect()  # free this component's weights before loading the next one
+        gc.collect()  # free the torch weights before ONNX Runtime loads the graphs to check
+        for name, pending in checks.items():
+            specs[name] = _finish_component(work / name, pending)
     _manifest(source, specs, work, opset=opset, origin=origin, loras=loras,
               defaults=defaults).save(work)
 
 
+@dataclass
+class _Pending:
+    """An exported graph awaiting its ONNX Runtime check (torch's outputs already computed)."""
+
+    graph: comp.GraphDef
+    cases: list[comp.Inputs]
+    expected: list[tuple[np.ndarray, ...]] | None  # None: --no-check
+
+
 def _export_component(model: torch.nn.Module, name: str, source: SourceModel, work: Path, *,
-                      opset: int, check: bool, threshold: int) -> ComponentSpec:
-    """Export one graph into `work/name/`, check it, write its config.json; returns its spec."""
+                      opset: int, check: bool, threshold: int) -> _Pending:
+    """Export one graph into `work/name/` and compute torch's outputs for its check."""
     started = time.perf_counter()
     graph = comp.graphs_for(source)[name]
     module = graph.wrap(model).eval()
-    folder = work / name
+    export_graph(module, graph, graph.trace_inputs(source), work / name / ONNX_WEIGHTS_NAME,
+                 opset=opset, external_data_threshold=threshold)
+    cases = graph.check_inputs(source) if check else []
+    expected = reference_outputs(module, graph, cases) if check else None
+    logger.info("%s: exported in %.1f s", name, time.perf_counter() - started)
+    return _Pending(graph, cases, expected)
+
+
+def _finish_component(folder: Path, pending: _Pending) -> ComponentSpec:
+    """Check the graph in ONNX Runtime (when asked) and describe it for the manifest."""
     path = folder / ONNX_WEIGHTS_NAME
-    export_graph(module, graph, graph.trace_inputs(source), path, opset=opset,
-                 external_data_threshold=threshold)
     extra: dict[str, Any] = {}
-    if check:
-        extra["validation"] = check_graph(module, graph, path, graph.check_inputs(source))
+    if pending.expected is not None:
+        extra["validation"] = check_graph(pending.graph, path, pending.cases, pending.expected)
     if path.with_name(path.name + "_data").exists():
         extra["external_data"] = path.name + "_data"
-    _write_config(model, folder)
     inputs, outputs = graph_io(path)
-    logger.info("%s: exported in %.1f s", name, time.perf_counter() - started)
     return ComponentSpec(file=ONNX_WEIGHTS_NAME, inputs=inputs, outputs=outputs, extra=extra)
 
 
-def _write_config(model: Any, folder: Path) -> None:
+def _write_config(model: Any, *folders: Path) -> None:
     """The component's config.json as its library writes it (vae_* carry scaling_factor)."""
+    first = folders[0]
     if hasattr(model, "save_config"):  # diffusers ModelMixin
-        model.save_config(folder)
+        model.save_config(first)
     else:  # transformers PreTrainedModel
-        model.config.save_pretrained(folder)
-    path = folder / "config.json"
+        model.config.save_pretrained(first)
+    path = first / "config.json"
     config = json.loads(path.read_text("utf-8"))
     if config.pop("_name_or_path", None) is not None:  # a build-machine path: not for sharing
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
+    for other in folders[1:]:  # vae_encoder and vae_decoder share the VAE's config
+        shutil.copyfile(path, other / "config.json")
 
 
 def _write_index(source: SourceModel, work: Path) -> None:
