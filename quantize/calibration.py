@@ -42,9 +42,10 @@ class RecordingSession:
 
 
 def record_inputs(folder: Path, backend: str, components: tuple[str, ...], prompts: list[str], *,
-                  steps: int | None = None, seed: int = 0) -> dict[str, list[Feeds]]:
+                  steps: int | None = None, size: int | None = None,
+                  seed: int = 0) -> dict[str, list[Feeds]]:
     """Every feed the fp32 pipeline gives each of `components` while generating `prompts`
-    (image i with seed seed+i, the family's sampler, guidance and size)."""
+    (image i with seed seed+i, the family's sampler and guidance; `size`² pixels or native)."""
     unknown = sorted(set(components) - set(RECORDABLE))
     if unknown:
         raise ValueError(f"cannot record calibration inputs of {unknown}")
@@ -55,7 +56,7 @@ def record_inputs(folder: Path, backend: str, components: tuple[str, ...], promp
     if "vae_decoder" in recorders:
         pipe = dataclasses.replace(pipe, vae_decoder=VaeDecoder(recorders["vae_decoder"]))
     for i, prompt in enumerate(prompts):
-        pipe.generate(prompt, seed=seed + i, steps=steps)
+        pipe.generate(prompt, seed=seed + i, steps=steps, width=size, height=size)
     recorded = {name: recorder.feeds for name, recorder in recorders.items()}
     log.info("calibration: %s", ", ".join(f"{len(v)} {k} calls" for k, v in recorded.items()))
     return recorded

@@ -53,6 +53,7 @@ class GateSettings:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...] = GATE_SEEDS
     steps: int | None = None  # None: the model family's
+    size: int | None = None  # square image side in pixels; None: the model's native size
     adherence_captions: tuple[str, ...] = ()
 
 
@@ -77,8 +78,9 @@ def render(pipe: Pipeline, settings: GateSettings) -> Outputs:
     images, latents = [], []
     for prompt in settings.prompts:
         for seed in settings.seeds:
-            image, final = _generate(pipe, GenerationRequest(prompt, seed=seed,
-                                                             steps=settings.steps))
+            request = GenerationRequest(prompt, seed=seed, steps=settings.steps,
+                                        width=settings.size, height=settings.size)
+            image, final = _generate(pipe, request)
             where = f"'{prompt}' seed {seed}"
             if not np.isfinite(final).all():
                 raise UnusableOutput(f"NaN/Inf latents on {where}")
@@ -172,6 +174,7 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings) -> dict:
                           if settings.adherence_captions else {})},
         "prompts": list(settings.prompts), "seeds": list(settings.seeds),
         "steps": settings.steps or reference_pipe.facts.family.steps,
+        "size": settings.size or reference_pipe.facts.default_size,
         "adherence_captions": len(settings.adherence_captions),
     }
 

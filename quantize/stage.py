@@ -51,6 +51,7 @@ class QuantizeOptions:
     components: tuple[str, ...] | None = None  # None: DEFAULT_COMPONENTS the folder has
     prompt_set: str = "general"  # prompts.PROMPT_SETS
     steps: int | None = None  # None: the model family's
+    size: int | None = None  # square side of calibration and gate images; None: native size
     adherence: int | None = None  # captions; None: SCENES_ADHERENCE_CAPTIONS for scenes, else 0
     force: bool = False
 
@@ -60,6 +61,8 @@ class QuantizeOptions:
                  f"--components {','.join(components)} --prompts {self.prompt_set}"]
         if self.steps:
             parts.append(f"--steps {self.steps}")
+        if self.size:
+            parts.append(f"--size {self.size}")
         if self.adherence is not None:
             parts.append(f"--adherence {self.adherence}")
         return " ".join(parts)
@@ -130,6 +133,8 @@ def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
         raise InputError(f"--adherence must be ≥ 0, got {count}")
     if options.steps is not None and options.steps < 1:
         raise InputError(f"--steps must be ≥ 1, got {options.steps}")
+    if options.size is not None and options.size < 1:
+        raise InputError(f"--size must be ≥ 1 pixel, got {options.size}")
     captions: list[str] = []
     if count:
         from sdrt.benchmarks.shapes import held_out_captions
@@ -137,7 +142,7 @@ def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
         captions = held_out_captions(count, 0)  # the adherence benchmark's default split
     return gates.GateSettings(
         prompts=tuple(prompts.gate_prompts(options.prompt_set, GATE_PROMPT_COUNT)),
-        steps=options.steps, adherence_captions=tuple(captions))
+        steps=options.steps, size=options.size, adherence_captions=tuple(captions))
 
 
 def _maker(backend: str) -> ModuleType:
@@ -168,7 +173,7 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
         feeds = record_inputs(folder, backend, calibrated,
                               prompts.calibration_prompts(options.prompt_set,
                                                           CALIBRATION_PROMPT_COUNT),
-                              steps=options.steps)
+                              steps=options.steps, size=options.size)
     chosen = {}
     for name in components:
         (out / name).mkdir(parents=True)

@@ -218,6 +218,9 @@ def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, ba
                    "captions, for the embedded model).")
 @click.option("--steps", type=int, default=None,
               help="Sampler steps for calibration and gate runs; default: the family's.")
+@click.option("--size", type=int, default=None,
+              help="Square image side in pixels for calibration and gate runs; default: the "
+                   "model's native size (a smaller one makes full-size models quick to gate).")
 @click.option("--adherence", type=int, default=None,
               help="Gate prompt adherence on this many held-out simple-scenes captions; "
                    "default: 200 with --prompts scenes, else 0 (off).")
@@ -226,7 +229,8 @@ def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, ba
                    "one fails its gate, neither is listed).")
 @_reports_errors
 def quantize(model_dir: Path, precision: str, backend: str | None, components: str | None,
-             prompt_set: str, steps: int | None, adherence: int | None, force: bool) -> None:
+             prompt_set: str, steps: int | None, size: int | None, adherence: int | None,
+             force: bool) -> None:
     """Make a PRECISION variant of MODEL_DIR's graphs, gate it against fp32, list it if it passes.
 
     A variant that fails its gate is removed and not listed; the command then exits 1.
@@ -234,7 +238,7 @@ def quantize(model_dir: Path, precision: str, backend: str | None, components: s
     from sdrt.quantize.stage import QuantizeOptions, quantize_model
 
     options = QuantizeOptions(
-        precision=precision, backend=backend, prompt_set=prompt_set, steps=steps,
+        precision=precision, backend=backend, prompt_set=prompt_set, steps=steps, size=size,
         adherence=adherence, force=force,
         components=tuple(components.split(",")) if components else None)
     entry = quantize_model(model_dir, options)

@@ -18,7 +18,7 @@ from test_cli import assert_one_line_error
 
 from sdrt.quantize import gates
 from sdrt.quantize import ort as ort_recipes
-from sdrt.quantize.calibration import RecordingSession
+from sdrt.quantize.calibration import RecordingSession, record_inputs
 from sdrt.quantize.stage import SUPPORTED, QuantizeOptions, quantize_model
 from sdrt.runtime import pipeline as pipeline_module
 from sdrt.runtime.cli import main
@@ -118,9 +118,11 @@ def test_pipeline_loads_the_variant_on_its_backend(quantized, precision, backend
 def test_cli_quantize_then_generate_names_the_precision(tiny_onnx_dir, tmp_path):
     needs("ort")
     folder = fresh_copy(tiny_onnx_dir, tmp_path / "m")
-    result = run("quantize", folder, "--precision", "int8", "--steps", STEPS)
+    result = run("quantize", folder, "--precision", "int8", "--steps", STEPS, "--size", 32)
     assert result.exit_code == 0, result.output
     assert "listed int8 (ort)" in result.output and "PSNR" in result.output
+    (entry,) = Manifest.load(folder).variants
+    assert entry["gate"]["size"] == 32 and entry["command"].endswith("--steps 2 --size 32")
     out = tmp_path / "x.png"
     result = run("generate", "a cat", "--model", folder, "--precision", "int8", "--steps",
                  STEPS, "--seed", 1, "-o", out)
@@ -246,6 +248,12 @@ def test_calibration_records_every_unet_call(tiny_onnx_dir):
     feeds = recorder.feeds[0]
     assert feeds["sample"].shape == (2, 4, 32, 32) and feeds["sample"].dtype == np.float32
     assert feeds["timestep"].dtype == pipe.unet.session.inputs["timestep"].dtype
+
+
+def test_calibration_records_at_the_asked_size(tiny_onnx_dir):
+    recorded = record_inputs(tiny_onnx_dir, "ort", ("unet",), ["a cat"], steps=2, size=32)
+    shapes = {feeds["sample"].shape for feeds in recorded["unet"]}
+    assert shapes == {(2, 4, 16, 16)} and len(recorded["unet"]) >= 2
 
 
 # --- fast units -----------------------------------------------------------------------------
