@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_cli import assert_one_line_error
 
+from sdrt.benchmarks.unet_step import measure, table, with_ratios
 from sdrt.quantize import gates
 from sdrt.quantize import ort as ort_recipes
 from sdrt.quantize.calibration import RecordingSession, record_inputs
@@ -293,3 +294,14 @@ def test_the_runtime_never_imports_the_quantize_stage():
                             text=True).stdout.split()
     assert not [name for name in loaded
                 if name.startswith("sdrt.quantize") or name.split(".")[0] in ("nncf", "onnx")]
+
+
+def test_unet_step_benchmark_compares_each_variant_with_fp32(quantized):
+    needs("ort")
+    folder, _ = quantized
+    rows = with_ratios([measure(folder, key, batch=2, size=32, runs=1, threads=None)
+                        for key in ("fp32-ort", "int8-ort")])
+    fp32, int8 = rows
+    assert fp32["size_vs_fp32"] == fp32["step_vs_fp32"] == 1.0
+    assert int8["size_vs_fp32"] < 1.0 and int8["step_median_s"] > 0
+    assert "| int8-ort |" in table(rows)
