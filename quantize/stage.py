@@ -180,6 +180,8 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
         try:
             path = maker.make_graph(options.precision, name, manifest.component_path(folder, name),
                                     out / name, feeds.get(name))
+        except ModuleNotFoundError:
+            raise  # the CLI names the extra to install
         except Exception as exc:  # the libraries raise many types; the user needs one line
             raise QuantizeError(f"making the {options.precision} {name} failed: "
                                 f"{type(exc).__name__}: {first_line(exc)}") from exc

@@ -75,8 +75,7 @@ def _reports_errors(command):
                 raise
             message = str(exc)
             if isinstance(exc, ModuleNotFoundError):
-                message = (f"this command needs the '{exc.name}' package; install the extra, "
-                           "e.g. pip install torch==2.13.0 'sdrt[export]'")
+                message = _missing_package(exc.name or "")
             click.echo(f"error: {message}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -84,6 +83,19 @@ def _reports_errors(command):
             sys.exit(130)
 
     return wrapper
+
+
+# The pyproject extra that installs each optional package a command may import.
+_EXTRA_OF = {"openvino": "openvino", "nncf": "openvino", "onnx": "quantize"}
+
+
+def _missing_package(module: str) -> str:
+    """What to install when an optional dependency is missing."""
+    package = module.split(".")[0]
+    extra = _EXTRA_OF.get(package, "export")
+    torch_first = "torch==2.13.0 " if extra == "export" else ""
+    return (f"this command needs the '{package}' package; install the extra: "
+            f"pip install {torch_first}'sdrt[{extra}]'")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

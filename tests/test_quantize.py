@@ -195,6 +195,14 @@ def test_quantize_refusals_are_one_line(tiny_onnx_dir, tmp_path, args, fragments
     assert Manifest.load(folder).variants == []
 
 
+def test_a_missing_nncf_names_the_extra_that_installs_it(tiny_onnx_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf → ModuleNotFoundError
+    folder = fresh_copy(tiny_onnx_dir, tmp_path / "m")
+    result = run("quantize", folder, "--precision", "int4", "--steps", STEPS)
+    assert_one_line_error(result, "needs the 'nncf' package", "pip install 'sdrt[openvino]'")
+    assert Manifest.load(folder).variants == []
+
+
 def test_generate_refuses_a_precision_the_folder_lacks(quantized, tiny_onnx_dir, tmp_path):
     folder, entries = quantized
     assert_one_line_error(run("generate", "x", "--model", tiny_onnx_dir, "--precision", "int8"),
