@@ -256,3 +256,51 @@ def quantize(model_dir: Path, precision: str, backend: str | None, components: s
     entry = quantize_model(model_dir, options)
     click.echo(f"listed {entry['precision']} ({entry['backend']}) in {model_dir / 'manifest.json'}"
                f": {entry['gate']['summary']}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="A variant the folder's manifest lists (sdrt quantize).")
+@click.option("--steps", type=int, default=None, help="End-to-end steps; default: the family's.")
+@click.option("--width", type=int, default=None, help="Default: the model's native size.")
+@click.option("--height", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
+@click.option("--num-runs", type=click.IntRange(1), default=5, show_default=True,
+              help="Steady-state runs per scenario, after the first run.")
+@click.option("--scenarios", default=None,
+              help="Comma-separated subset of: text_encoder, unet_b1, unet_b2, vae_decode, "
+                   "vae_encode, end_to_end (default: all).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write the whole report (rows, options, machine facts) as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Write a bar chart of the steady-state medians as PNG.")
+@_reports_errors
+def bench(model_dir: Path, backend: str, precision: str, steps: int | None, width: int | None,
+          height: int | None, threads: int | None, num_runs: int, scenarios: str | None,
+          json_path: Path | None, plot: Path | None) -> None:
+    """Time each stage of MODEL_DIR: text encoder, UNet at batch 1 and 2, VAE decode and
+    encode, end to end; each in a fresh process (its own peak RSS), first run apart from the
+    steady-state median and p90."""
+    import json
+
+    from sdrt.benchmarks import bench as bench_module
+
+    chosen = bench_module.check_request(model_dir, backend, precision, scenarios)
+    opts = bench_module.BenchOptions(str(model_dir), backend, precision, steps, width, height,
+                                     threads, num_runs)
+    report = bench_module.bench(opts, chosen,
+                                progress=lambda name: click.echo(f"running {name} ...",
+                                                                 err=True))
+    click.echo(bench_module.table(report))
+    machine = report["machine"]
+    click.echo(f"{machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores; "
+               f"{backend} {precision}; commit {machine['git_commit']}")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+    if plot:
+        from sdrt.benchmarks.chart import bar_chart
+
+        bar_chart([(row["scenario"], row["median_s"]) for row in report["scenarios"]], plot,
+                  title=f"sdrt bench {model_dir.name}: {backend} {precision} (median)", unit="s")
