@@ -6,11 +6,14 @@
   `.pth`, `.bin`) only with `allow_pickle`, then read with torch.load(weights_only=True).
 - `org/name[@revision]`: huggingface_hub's snapshot of the files a diffusers SD pipeline needs,
   in its cache (research/users.md §3.7); `HF_HUB_OFFLINE` and local paths never touch the network.
+  SDXL repositories add text_encoder_2/ and tokenizer_2/, required where model_index.json
+  names them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
@@ -30,10 +33,15 @@ _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<re
 # component → weight file stems as diffusers/transformers name them: (safetensors, pickle).
 _WEIGHTS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
             "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-            "text_encoder": ("model", "pytorch_model")}
+            "text_encoder": ("model", "pytorch_model"),
+            "text_encoder_2": ("model", "pytorch_model")}  # SDXL only
+_SDXL_ONLY = frozenset({"text_encoder_2"})  # needed only where model_index.json names them
 # The files of a diffusers SD pipeline that export reads; no safety checker, no fp16/EMA variants.
-_HUB_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*.json",
-                "tokenizer/merges.txt", *(f"{name}/config.json" for name in _WEIGHTS))
+# Patterns that match nothing (an SD 1.x repo has no tokenizer_2/) fetch nothing.
+_HUB_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json",
+                *(f"{folder}/{name}" for folder in ("tokenizer", "tokenizer_2")
+                  for name in ("*.json", "merges.txt")),
+                *(f"{name}/config.json" for name in _WEIGHTS))
 
 
 @contextlib.contextmanager
@@ -137,7 +145,16 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | Path | None,
 
 
 def _lacking_weights(folder: Path) -> list[str]:
-    return [name for name in _WEIGHTS if _weights_format(folder / name) is None]
+    return [name for name in _needed(folder) if _weights_format(folder / name) is None]
+
+
+def _needed(folder: Path) -> list[str]:
+    """The components with weights: SDXL's second text encoder where model_index.json names it."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}  # check_folder says what is wrong with the folder
+    return [name for name in _WEIGHTS if name not in _SDXL_ONLY or name in index]
 
 
 def _weight_patterns(components: Iterable[str], *, pickle: bool) -> list[str]:

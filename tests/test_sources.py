@@ -233,14 +233,16 @@ def _add(key: str, *shape: int):
 
 BAD_CHECKPOINTS = {  # change to the tiny checkpoint → what the one-line error must say
     "missing-weight": (_drop("model.diffusion_model.output_blocks.2.0.in_layers.0.weight"),
-                       "closest, tiny_sd: unet/ weights do not match its config: 1 missing"),
+                       "closest (fewest keys off), tiny_sd: unet/ weights do not match its config: "
+                       "1 missing"),
     "unused-weight": (_add("model.diffusion_model.label_emb.0.0.weight", 3),
                       "1 unexpected (e.g. 'model.diffusion_model.label_emb.0.0.weight')"),
     "wrong-shape": (_add("first_stage_model.quant_conv.weight", 8, 8, 1, 1, 1),
                     "vae/ weights do not match its config: 1 mismatched"),
     "unknown-tensor": (_add("embedding_manager.embedder.weight", 3),
                        "outside the UNet, VAE and text encoder"),
-    "sdxl": (_add("conditioner.embedders.1.model.positional_embedding", 3), "SDXL"),
+    "sdxl": (_add("conditioner.embedders.1.model.positional_embedding", 3),
+             "an SDXL checkpoint ('conditioner.*') without its CLIP ViT-L"),
     "inpainting": (_add("model.diffusion_model.input_blocks.0.0.weight", 32, 9, 3, 3),
                    "9 input channels"),
     "lora-like": (lambda s: [s.pop(k) for k in list(s) if k.startswith("model.")],
@@ -387,6 +389,59 @@ def test_hub_snapshot_with_pickle_weights(tiny_sd_dir, offline_cache, tmp_path) 
      / "pytorch_model.bin").unlink()
     result = run("export", REPO, tmp_path / "out")
     assert_one_line_error(result, f"'{REPO}' at {COMMIT} has no weights for text_encoder")
+
+
+@pytest.mark.parametrize("model", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_hub_download_asks_for_every_file_export_reads(model, request, tmp_path,
+                                                       monkeypatch) -> None:
+    """The allow-patterns sent to huggingface_hub, applied (as it does, with fnmatch) to a repo
+    that also holds files export never reads: exactly the pipeline folder's files come back."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from sdrt.export.source import read_source
+    from sdrt.export.sources import resolve_source
+
+    source = request.getfixturevalue(model)
+    repo = tmp_path / "repo"
+    shutil.copytree(source, repo)
+    unread = ["unet/diffusion_pytorch_model.fp16.safetensors", "safety_checker/model.safetensors",
+              "text_encoder/flax_model.msgpack", "vae_1_0/diffusion_pytorch_model.safetensors",
+              "sd_xl_base_1.0.safetensors", "text_encoder_2/model.fp16.safetensors"]
+    for rel in unread:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes(b"not read")
+
+    def download(repo_id, *, revision, cache_dir, local_files_only, allow_patterns):
+        snapshot = Path(cache_dir) / "snapshot" / COMMIT
+        for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+            rel = path.relative_to(repo).as_posix()
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, snapshot / rel)
+        return str(snapshot)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    with resolve_source(REPO, cache_dir=tmp_path / "cache") as (folder, origin):
+        fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        family = read_source(folder).family
+    assert fetched == {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
+    assert origin == {"hub_id": REPO, "revision": COMMIT}
+    assert family == ("sdxl" if model == "tiny_sdxl_dir" else "sd1")
+
+
+def test_sdxl_hub_snapshot_needs_text_encoder_2_weights(tiny_sdxl_dir, offline_cache,
+                                                        tmp_path) -> None:
+    src = tmp_path / "no-te2"
+    shutil.copytree(tiny_sdxl_dir, src)
+    (src / "text_encoder_2" / "model.safetensors").unlink()
+    _fake_hub_cache(offline_cache, src, "tiny-org/tiny-sdxl")
+    result = run("export", "tiny-org/tiny-sdxl", tmp_path / "out")
+    assert_one_line_error(result, f"'tiny-org/tiny-sdxl' at {COMMIT} has no weights for "
+                                  "text_encoder_2")
 
 
 def test_offline_and_not_cached(tmp_path) -> None:
