@@ -124,7 +124,8 @@ def main(verbose: bool) -> None:
                    "config lacks trailing spacing, lcm-lora for SD 1.x with LCM-LoRA fused).")
 @click.option("--config", default=None,
               help="For a single-file checkpoint whose weights fit several shipped configs "
-                   "(models/configs/NAME, e.g. sd21 or sd_turbo): the one to use.")
+                   "(models/configs/NAME, e.g. sd21 or sd_turbo; sdxl_turbo, where sdxl is "
+                   "the default): the one to use.")
 @click.option("--allow-pickle", is_flag=True,
               help="Read pickle weights (.ckpt/.pt/.pth/.bin) with torch.load(weights_only=True). "
                    "Pickle can run code: only for files you trust.")
