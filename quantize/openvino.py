@@ -10,6 +10,9 @@
   layers convolutions are not (MatMul, embeddings), then `nncf.quantize` with calibration data for
   the rest, weights and activations (convolutions above all), ignoring those MatMuls and with
   SmoothQuant off for them, since their weights are already compressed. Other graphs get int8.
+  On CPUs with native bf16 the hybrid UNet's float remainder (the weight-only MatMuls,
+  normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs: its step
+  took 0.36× fp32's time here against 0.44× in f32 (benchmarks/quantize_gates.md).
 - bf16 is an execution precision (INFERENCE_PRECISION_HINT), not a file: see `bf16_supported`.
 """
 
@@ -33,7 +36,8 @@ METHODS = {
             "group_size_fallback_mode=ADJUST); convolutions and embeddings int8",
     "int8-hybrid": "unet: nncf.compress_weights(INT8_ASYM) of MatMul/embeddings, then "
                    "nncf.quantize(model_type=TRANSFORMER) of the rest with recorded inputs "
-                   "(optimum-intel's hybrid quantization); other graphs INT8_ASYM weights",
+                   "(optimum-intel's hybrid quantization), float ops in bf16 where the CPU "
+                   "has it; other graphs INT8_ASYM weights",
     "bf16": "OpenVINO INFERENCE_PRECISION_HINT=bf16 on the fp32 graphs",
 }
 
@@ -100,6 +104,13 @@ def hybrid_int8(model, feeds: list[dict[str, np.ndarray]]):
         subset_size=len(feeds), ignored_scope=nncf.IgnoredScope(names=weighted_matmuls),
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+
+
+def execution(precision: str, component: str) -> str:
+    """The INFERENCE_PRECISION_HINT a variant's graph runs with (see the module docstring)."""
+    if needs_calibration(precision, component) and bf16_supported():
+        return "bf16"
+    return "f32"
 
 
 def bf16_supported() -> bool:

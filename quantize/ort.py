@@ -40,6 +40,11 @@ def needs_calibration(precision: str, component: str) -> bool:
     return precision == "int8" and component in STATIC_COMPONENTS
 
 
+def execution(precision: str, component: str) -> str:
+    """ONNX Runtime graphs run in the precision their files hold."""
+    return "f32"
+
+
 def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
                feeds: list[dict[str, np.ndarray]] | None) -> Path:
     """Write the `precision` variant of the ONNX graph `src` into `dest_dir`; its path."""

@@ -185,7 +185,8 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
         except Exception as exc:  # the libraries raise many types; the user needs one line
             raise QuantizeError(f"making the {options.precision} {name} failed: "
                                 f"{type(exc).__name__}: {first_line(exc)}") from exc
-        chosen[name] = ComponentVariant(file=path.relative_to(folder).as_posix())
+        chosen[name] = ComponentVariant(file=path.relative_to(folder).as_posix(),
+                                        execution=maker.execution(options.precision, name))
     return Variant(options.precision, backend, chosen), maker.METHODS[options.precision]
 
 

@@ -83,6 +83,11 @@ def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
     for rel in variant.files:  # listed with their sha256, so verify_files covers them
         assert rel.startswith(f"variants/{precision}-{backend}/")
         assert manifest.files[rel].sha256 == sha256_file(folder / rel)
+    if precision == "int8-hybrid":  # the UNet's float remainder runs bf16 where it is native
+        from sdrt.quantize.openvino import bf16_supported
+
+        assert variant.execution("unet") == ("bf16" if bf16_supported() else "f32")
+        assert variant.execution("text_encoder") == "f32"
     if precision == "bf16":  # an execution precision: no files
         assert variant.files == [] and variant.execution("unet") == "bf16"
     else:
