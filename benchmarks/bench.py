@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -57,12 +58,14 @@ class BenchOptions:
     height: int | None = None
     threads: int | None = None
     runs: int = 5
+    sampler: str | None = None  # end to end only; None: the model's own
+    guidance: float | None = None  # end to end only; None: the family's default
 
     def argv(self) -> list[str]:
         """The options as this module's command-line arguments."""
         args = ["--backend", self.backend, "--precision", self.precision,
                 "--num-runs", str(self.runs)]
-        for name in ("steps", "width", "height", "threads"):
+        for name in ("steps", "width", "height", "threads", "sampler", "guidance"):
             value = getattr(self, name)
             if value is not None:
                 args += [f"--{name}", str(value)]
@@ -100,8 +103,10 @@ def _prepare(name: str, pipe: Pipeline, opts: BenchOptions) -> Callable[[], obje
         images = rng.uniform(-1, 1, (1, 3, req_height, req_width)).astype(np.float32)
         return lambda: encoder(images)
     if name == "end_to_end":
+        chosen = {"sampler": opts.sampler, "guidance_scale": opts.guidance}
         return lambda: pipe.generate(PROMPT, steps=opts.steps, width=req_width,
-                                     height=req_height, seed=0)
+                                     height=req_height, seed=0,
+                                     **{k: v for k, v in chosen.items() if v is not None})
     raise ValueError(f"unknown scenario '{name}'; choose from {', '.join(SCENARIOS)}")
 
 
@@ -112,9 +117,10 @@ def run_scenario(name: str, opts: BenchOptions) -> dict:
                          precision=opts.precision)
     call = _prepare(name, pipe, opts)
     load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    call()
-    first_call_s = time.perf_counter() - start
+    with _counting_runs(pipe.unet.session) as unet_calls:
+        start = time.perf_counter()
+        call()
+        first_call_s = time.perf_counter() - start
     times = []
     for _ in range(opts.runs):
         start = time.perf_counter()
@@ -126,7 +132,25 @@ def run_scenario(name: str, opts: BenchOptions) -> dict:
         "median_s": statistics.median(times),
         "p90_s": float(np.percentile(times, 90)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "unet_calls": len(unet_calls),  # UNet graph runs in one call (PNDM: steps + 1)
     }
+
+
+@contextmanager
+def _counting_runs(session) -> Iterator[list[None]]:
+    """A list that grows by one per `session.run` call inside the block."""
+    calls: list[None] = []
+    original = session.run
+
+    def counting_run(feeds):
+        calls.append(None)
+        return original(feeds)
+
+    session.run = counting_run
+    try:
+        yield calls
+    finally:
+        del session.run  # the class's method again
 
 
 def check_request(folder: Path, backend: str, precision: str,
@@ -214,6 +238,8 @@ def main() -> None:
     parser.add_argument("--num-runs", dest="runs", type=int, default=5)
     for name in ("steps", "width", "height", "threads"):
         parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--sampler", default=None)
+    parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = vars(parser.parse_args())
     worker = args.pop("worker")
