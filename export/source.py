@@ -21,7 +21,7 @@ from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
-             "LatentConsistencyModelPipeline": False,
+             "StableDiffusionInpaintPipeline": False, "LatentConsistencyModelPipeline": False,
              "StableDiffusionXLPipeline": True, "StableDiffusionXLImg2ImgPipeline": True}
 # component → (library, allowed class names), as model_index.json names them.
 COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {

@@ -25,6 +25,9 @@ speed and memory do not depend on the values.
   input (UNet time_cond_proj_dim), LCMScheduler and LatentConsistencyModelPipeline.
 - `tiny_sdxl_lcm` (LCM-SDXL, as latent-consistency/lcm-sdxl in the SDXL base pipeline): tiny_sdxl
   with the same guidance input and LCMScheduler.
+- `tiny_sd_inpaint` (SD 1.x inpainting, as stable-diffusion-v1-5/stable-diffusion-inpainting):
+  tiny_sd with a 9-channel UNet input (latents, mask, masked-image latents) and
+  StableDiffusionInpaintPipeline.
 - `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`: the full-size
   architectures.
 

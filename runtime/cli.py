@@ -171,39 +171,73 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
     click.echo(f"exported {source} → {done}")
 
 
+def _generation_options(sized: bool | None):
+    """The options every generating command shares: -W/-H unless `sized` is None; True says in
+    their help how an input image is sized."""
+    size_help = SIZE_HELP if not sized else (
+        "Pixels; default: IMAGE's size rounded down to a multiple of 8 (with one of -W/-H the "
+        "other keeps IMAGE's aspect ratio); IMAGE is resized (Lanczos) to the output size.")
+    options = [
+        click.option("--model", "model_dir", default=EMBEDDED_MODEL,
+                     type=click.Path(path_type=Path),
+                     help="Exported model folder (see `sdrt export`); default: sdrt's embedded "
+                          "64×64 shapes model (models/embedded/)."),
+        click.option("-n", "--negative-prompt", default="",
+                     help="What the image should not show."),
+        click.option("--steps", type=int, default=None,
+                     help="Sampler steps; default: the model family's "
+                          f"({family_defaults('steps')})."),
+        click.option("--guidance-scale", "--cfg-scale", "guidance_scale", type=float,
+                     default=None,
+                     help="Classifier-free guidance (≤ 1 runs the UNet once per step), or an "
+                          "LCM UNet's guidance input (always one call per step); default: the "
+                          f"model family's ({family_defaults('guidance_scale')})."),
+        click.option("--sampler", default=None,
+                     help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm (A1111 "
+                          "names too); default: the model family's, else the model folder's own "
+                          "scheduler."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed of the first image; image i uses seed+i."),
+        *([click.option("-W", "--width", type=int, default=None, help=size_help),
+           click.option("-H", "--height", type=int, default=None, help=size_help)]
+          if sized is not None else []),
+        click.option("--num-images", default=1, show_default=True, help="Images to make."),
+        click.option("--backend", default="ort", show_default=True, help="ort or openvino."),
+        click.option("--precision", default="fp32", show_default=True,
+                     help=f"{', '.join(PRECISIONS)}: a variant `sdrt quantize` listed for this "
+                          "backend."),
+        click.option("--generator", default="torch", show_default=True,
+                     help="torch (same starting noise as diffusers on CPU) or numpy."),
+        click.option("--threads", type=int, default=None,
+                     help="Backend threads (default: all cores)."),
+        click.option("-o", "--output", type=click.Path(path_type=Path),
+                     default=Path("outputs"), show_default=True,
+                     help="A .png file, or a folder to number images in."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def _save_all(paths: list[Path], results) -> None:
+    from sdrt.runtime.metadata import save_png
+
+    for path, result in zip(paths, results, strict=True):
+        save_png(result.image, path, result.info)
+        click.echo(f"saved {path}  (seed {result.info.seed})")
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", default=EMBEDDED_MODEL, type=click.Path(path_type=Path),
-              help="Exported model folder (see `sdrt export`); default: sdrt's embedded 64×64 "
-                   "shapes model (models/embedded/).")
-@click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
-@click.option("--steps", type=int, default=None,
-              help=f"Sampler steps; default: the model family's ({family_defaults('steps')}).")
-@click.option("--guidance-scale", "--cfg-scale", "guidance_scale", type=float, default=None,
-              help="Classifier-free guidance (≤ 1 runs the UNet once per step), or an LCM "
-                   "UNet's guidance input (always one call per step); default: the model "
-                   f"family's ({family_defaults('guidance_scale')}).")
-@click.option("--sampler", default=None,
-              help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm (A1111 names "
-                   "too); default: the model family's, else the model folder's own scheduler.")
-@click.option("--seed", type=int, default=None,
-              help="Seed of the first image; image i uses seed+i.")
-@click.option("-W", "--width", type=int, default=None, help=SIZE_HELP)
-@click.option("-H", "--height", type=int, default=None, help=SIZE_HELP)
-@click.option("--num-images", default=1, show_default=True, help="Images to make.")
-@click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
-@click.option("--precision", default="fp32", show_default=True,
-              help=f"{', '.join(PRECISIONS)}: a variant `sdrt quantize` listed for this backend.")
-@click.option("--generator", default="torch", show_default=True,
-              help="torch (same starting noise as diffusers on CPU) or numpy.")
-@click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("outputs"),
-              show_default=True, help="A .png file, or a folder to number images in.")
+@_generation_options(sized=False)
 @_reports_errors
 def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, backend: str,
              precision: str, **options) -> None:
     """Generate images from PROMPT; each PNG carries A1111 `parameters` metadata."""
-    from sdrt.runtime.metadata import save_png
     from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
     request = GenerationRequest(prompt=prompt, **options)
@@ -211,9 +245,111 @@ def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, ba
     pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
     with StepProgress(request.steps) as progress:
         results = pipe.run(request, callback=progress.update)
-    for path, result in zip(paths, results, strict=True):
-        save_png(result.image, path, result.info)
-        click.echo(f"saved {path}  (seed {result.info.seed})")
+    _save_all(paths, results)
+
+
+STRENGTH_HELP = ("Denoising strength in [0, 1]: the run makes the last int(steps × strength) of "
+                 "--steps steps from IMAGE's latents noised to that level; 0 returns IMAGE "
+                 "unchanged, 1 generates afresh.")
+MASK_BLUR_HELP = "Feather the mask by a Gaussian of this many pixels (A1111's mask blur)."
+
+
+def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path, output: Path,
+                   threads: int | None, backend: str, precision: str, width: int | None,
+                   height: int | None, input_options: dict, options: dict) -> None:
+    """img2img and inpaint: read the inputs and check -o before loading the model, then run."""
+    from sdrt.runtime.images import read_image, read_mask
+    from sdrt.runtime.pipeline import Pipeline
+
+    picture = read_image(image)
+    drawn = None if mask is None else read_mask(mask)
+    paths = output_paths(output, options["num_images"])
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    init = pipe.image_input(picture, drawn, width=width, height=height, **input_options)
+    request = pipe.request_for(init, prompt, **options)
+    with StepProgress(request.steps) as progress:
+        results = pipe.run(request, callback=progress.update, init=init)
+    _save_all(paths, results)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--strength", type=float, default=0.75, show_default=True, help=STRENGTH_HELP)
+@_generation_options(sized=True)
+@_reports_errors
+def img2img(image: Path, prompt: str, strength: float, model_dir: Path, output: Path,
+            threads: int | None, backend: str, precision: str, width: int | None,
+            height: int | None, **options) -> None:
+    """Repaint IMAGE after PROMPT (image-to-image, diffusers' StableDiffusionImg2ImgPipeline).
+
+    IMAGE is read with its EXIF orientation, transparency flattened onto white, and sized as
+    -W/-H say; sides must end up between 8 and 2048 pixels.
+    """
+    _image_command(image, None, prompt, model_dir, output, threads, backend, precision, width,
+                   height, {"strength": strength}, options)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("mask", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--strength", type=float, default=1.0, show_default=True, help=STRENGTH_HELP)
+@click.option("--mask-blur", type=float, default=4, show_default=True, help=MASK_BLUR_HELP)
+@click.option("--paste-back/--no-paste-back", default=True, show_default=True,
+              help="Put IMAGE's own pixels back outside the feathered mask (A1111's overlay).")
+@_generation_options(sized=True)
+@_reports_errors
+def inpaint(image: Path, mask: Path, prompt: str, strength: float, mask_blur: float,
+            paste_back: bool, model_dir: Path, output: Path, threads: int | None, backend: str,
+            precision: str, width: int | None, height: int | None, **options) -> None:
+    """Repaint IMAGE where MASK is white after PROMPT (inpainting).
+
+    MASK must be IMAGE's size (transparent counts as black = keep). Inpainting models (9-channel
+    UNet) get the mask and masked image as inputs; other models blend the original back into
+    the latents outside the mask after every step, as diffusers does.
+    """
+    _image_command(image, mask, prompt, model_dir, output, threads, backend, precision, width,
+                   height, {"strength": strength, "mask_blur": mask_blur,
+                            "paste_back": paste_back}, options)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--left", type=int, default=0, show_default=True, help="Pixels to add on the left.")
+@click.option("--right", type=int, default=0, show_default=True, help="Pixels to add on the right.")
+@click.option("--top", type=int, default=0, show_default=True, help="Pixels to add on top.")
+@click.option("--bottom", type=int, default=0, show_default=True, help="Pixels to add below.")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="Denoising strength of the new area (below 1 it starts from the pre-fill).")
+@click.option("--mask-blur", type=float, default=4, show_default=True, help=MASK_BLUR_HELP)
+@click.option("--fill", type=click.Choice(["edge", "mirror"]), default="edge", show_default=True,
+              help="Pre-fill of the new area: IMAGE's edge pixels stretched, or mirrored; "
+                   "blurred.")
+@_generation_options(sized=None)
+@_reports_errors
+def outpaint(image: Path, prompt: str, left: int, right: int, top: int, bottom: int,
+             strength: float, mask_blur: float, fill: str, model_dir: Path, output: Path,
+             threads: int | None, backend: str, precision: str, **options) -> None:
+    """Extend IMAGE's canvas and paint the new area after PROMPT (outpainting).
+
+    Canvases larger than the model's native size are painted in overlapping windows of that
+    size; the seam with IMAGE is repainted and feathered.
+    """
+    from sdrt.runtime.images import read_image
+    from sdrt.runtime.outpaint import Extension
+    from sdrt.runtime.outpaint import outpaint as outpaint_image
+    from sdrt.runtime.pipeline import Pipeline
+
+    picture = read_image(image)
+    paths = output_paths(output, options["num_images"])
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    with StepProgress(None) as progress:
+        results = outpaint_image(pipe, picture, prompt, Extension(left, right, top, bottom),
+                                 strength=strength, mask_blur=mask_blur, fill=fill,
+                                 callback=progress.update, **options)
+    _save_all(paths, results)
 
 
 @main.command()
@@ -305,3 +441,31 @@ def bench(model_dir: Path, backend: str, precision: str, steps: int | None, widt
 
         bar_chart([(row["scenario"], row["median_s"]) for row in report["scenarios"]], plot,
                   title=f"sdrt bench {model_dir.name}: {backend} {precision} (median)", unit="s")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort",
+              show_default=True,
+              help="The backend whose version limits the ONNX graphs are checked against "
+                   "(OpenVINO IR is always checked against OpenVINO).")
+@click.option("--quick", is_flag=True,
+              help="Skip the sha256 of every file against manifest.json (sizes still count).")
+@_reports_errors
+def check(model_dir: Path, backend: str, quick: bool) -> None:
+    """Check MODEL_DIR before use: components, layout, truncated or substituted files
+    (git-lfs pointers, HTML pages), sha256 against manifest.json, graph versions the backend
+    reads, weight paths inside the folder (symlinks too), model_index.json's class names.
+
+    Prints a summary and exits 0 when the folder is sound; otherwise prints every problem found
+    as one `error: ...` line (at most one per file or component) and exits 1.
+    """
+    from sdrt.runtime.check import check_model
+
+    report = check_model(model_dir, backend=backend, hashes=not quick)
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    if not report.ok:
+        sys.exit(1)
+    for line in report.summary():
+        click.echo(line)

@@ -120,8 +120,14 @@ class VaeEncoder:
         self.session = session
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.posterior(images)[0]
+
+    def posterior(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of the latent Gaussian, both (B, C, h, w), as diffusers'
+        DiagonalGaussianDistribution reads them (log-variance clamped to [-30, 20]); a graph
+        that returns an already sampled `latent_sample` gives std 0."""
         out = self.session.run({"sample": images})
-        if "latent_parameters" in out:
-            params = out["latent_parameters"]  # (B, 2C, h, w): mean then logvar
-            return params[:, : params.shape[1] // 2]
-        return out["latent_sample"]
+        if "latent_parameters" not in out:
+            return out["latent_sample"], np.zeros_like(out["latent_sample"])
+        mean, logvar = np.split(out["latent_parameters"], 2, axis=1)  # (B, 2C, h, w) → 2 × C
+        return mean, np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))

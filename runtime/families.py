@@ -21,6 +21,11 @@ Recognition reads configs (and so the weight shapes they fix), never folder or f
    2023) samples from pure noise in 1–4 steps, which needs trailing spacing; SD 2.x/XL releases
    ship "leading" or no spacing, and v-prediction with "trailing" marks zero-terminal-SNR
    fine-tunes (Lin et al. 2023), which want guidance and many steps.
+4. Inpainting (Rombach et al. 2022, §4.5; the SD 1.5 / SD 2 inpainting releases): a UNet with
+   in_channels = 2 × latent channels + 1 takes the noisy latents, the mask and the masked
+   image's latents concatenated (4 + 1 + 4 = 9 channels for SD). It is its own family, so the
+   manifest says so; sdrt runs it on SD 1.x and 2.x, not with LCM or Turbo distillation, nor on
+   SDXL (whose inpainting UNet needs the aesthetic-score conditioning sdrt does not feed).
 
 Where a folder's configs say otherwise (an exported SD 1.5 with LCM-LoRA fused keeps its PNDM
 config), `sdrt export --family` records the right family in manifest.json, which the runtime
@@ -53,6 +58,7 @@ class Family:
     guidance_scale: float  # ≤ 1 runs the UNet once per step (no classifier-free guidance)
     sampler: str | None = None  # None: the model folder's own scheduler
     guidance_input: bool = False  # the UNet takes the scale as `timestep_cond` (LCM), no CFG
+    inpainting: bool = False  # the UNet also takes the mask and masked-image latents (9 channels)
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -67,10 +73,15 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            guidance_input=True),
     Family("lcm-lora", "LCM-LoRA", "sd1", steps=4, guidance_scale=1.0, sampler="lcm"),
     Family("lcm-lora-sdxl", "LCM-LoRA SDXL", "sdxl", steps=4, guidance_scale=1.0, sampler="lcm"),
+    Family("sd1-inpainting", "SD 1.x inpainting", "sd1", steps=20, guidance_scale=7.5,
+           inpainting=True),
+    Family("sd2-inpainting", "SD 2.x inpainting", "sd2", steps=20, guidance_scale=7.5,
+           inpainting=True),
 )}
 # architecture → (its LCM family, its LCM-LoRA family); (its Turbo family)
 _LCM = {"sd1": ("lcm", "lcm-lora"), "sdxl": ("lcm-sdxl", "lcm-lora-sdxl")}
 _TURBO = {"sd2": "sd-turbo", "sdxl": "sdxl-turbo"}
+_INPAINTING = {"sd1": "sd1-inpainting", "sd2": "sd2-inpainting"}
 
 
 def get_family(name: str) -> Family:
@@ -85,6 +96,8 @@ def detect_family(index: Config, unet: Config, vae: Config, text_encoder: Config
                   scheduler: Config, text_encoder_2: Config | None = None) -> str:
     """The family of a model from its configs (see the module docstring); ModelError if unfit."""
     architecture = _architecture(index, unet, vae, text_encoder, text_encoder_2)
+    if is_inpainting_unet(unet, vae):
+        return _inpainting(architecture, unet, scheduler)
     if unet.get("time_cond_proj_dim") is not None:
         if architecture not in _LCM:
             raise ModelError("unet has time_cond_proj_dim (LCM's guidance input), which sdrt "
@@ -96,6 +109,22 @@ def detect_family(index: Config, unet: Config, vae: Config, text_encoder: Config
     if _is_turbo(scheduler) and architecture in _TURBO:
         return _TURBO[architecture]
     return architecture
+
+
+def is_inpainting_unet(unet: Config, vae: Config) -> bool:
+    """Whether the UNet takes latents ‖ mask ‖ masked-image latents (2 × latent + 1 channels)."""
+    latent = vae.get("latent_channels", 4)
+    return unet.get("in_channels") == 2 * latent + 1 and unet.get("out_channels") == latent
+
+
+def _inpainting(architecture: str, unet: Config, scheduler: Config) -> str:
+    if architecture not in _INPAINTING:
+        raise ModelError(f"{get_family(architecture).title} inpainting UNets (in_channels "
+                         f"{unet.get('in_channels')}) are not supported; SD 1.x and 2.x ones are")
+    if unet.get("time_cond_proj_dim") is not None or scheduler.get("_class_name") == "LCMScheduler":
+        raise ModelError("LCM inpainting UNets are not supported (an inpainting UNet with LCM's "
+                         "guidance input or scheduler)")
+    return _INPAINTING[architecture]
 
 
 def _architecture(index: Config, unet: Config, vae: Config, text_encoder: Config,
@@ -131,6 +160,10 @@ def check_override(detected: str, chosen: str) -> str:
     if wanted.architecture != found.architecture:
         raise ModelError(f"family {chosen!r} ({wanted.title}) does not fit this model: its "
                          f"configs are {found.title}'s architecture")
+    if wanted.inpainting != found.inpainting:
+        has = "takes" if found.inpainting else "does not take"
+        raise ModelError(f"family {chosen!r} ({wanted.title}) does not fit this model: its UNet "
+                         f"{has} the mask and masked-image latents (inpainting)")
     if wanted.guidance_input != found.guidance_input:
         has = "has" if found.guidance_input else "has no"
         raise ModelError(f"family {chosen!r} ({wanted.title}) does not fit this model: its UNet "
@@ -141,10 +174,12 @@ def check_override(detected: str, chosen: str) -> str:
 def _check_unet(unet: Config, vae: Config, text_encoder: Config,
                 text_encoder_2: Config | None = None) -> None:
     latent = vae.get("latent_channels", 4)
-    if unet.get("in_channels") != latent or unet.get("out_channels") != latent:
+    in_ok = unet.get("in_channels") == latent or is_inpainting_unet(unet, vae)
+    if not in_ok or unet.get("out_channels") != latent:
         raise ModelError(f"unet in/out channels {unet.get('in_channels')}/"
-                         f"{unet.get('out_channels')} differ from the VAE's {latent} latent "
-                         "channels (inpainting/depth UNets are not supported)")
+                         f"{unet.get('out_channels')} fit neither the VAE's {latent} latent "
+                         f"channels nor an inpainting UNet's {2 * latent + 1} in (depth and "
+                         "other image-conditioned UNets are not supported)")
     # SDXL's context is both encoders' hidden states side by side.
     hidden = sum(config.get("hidden_size", 0) for config in (text_encoder, text_encoder_2 or {}))
     if unet.get("cross_attention_dim") != hidden:

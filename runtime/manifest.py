@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sdrt.runtime.errors import ModelError
+from sdrt.runtime.errors import ModelError, first_line
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-manifest"
@@ -145,9 +145,9 @@ class Manifest:
             data = json.loads(path.read_text("utf-8"))
         except FileNotFoundError as exc:
             raise ModelError(f"'{Path(folder).name}' has no {MANIFEST_NAME}") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ModelError(f"{MANIFEST_NAME} in '{Path(folder).name}' is not valid JSON: "
-                             f"{exc}") from exc
+                             f"{first_line(exc)}") from exc
         return cls.from_json(data)
 
     @classmethod
@@ -272,16 +272,24 @@ class Manifest:
         for rel, entry in sorted(self.files.items()):
             if wanted is not None and rel not in wanted:
                 continue
-            path = root / rel
-            if not path.is_file():
-                raise ModelError(f"'{root.name}' is incomplete: '{rel}' is missing")
-            size = path.stat().st_size
-            if size != entry.bytes:
-                raise ModelError(f"'{rel}' in '{root.name}' has {size} bytes, the manifest "
-                                 f"says {entry.bytes} (truncated or replaced file)")
-            if hashes and sha256_file(path) != entry.sha256:
-                raise ModelError(f"'{rel}' in '{root.name}' does not match its sha256 in "
-                                 f"{MANIFEST_NAME} (corrupted or replaced file)")
+            problem = file_problem(root, rel, entry, hashes=hashes)
+            if problem:
+                raise ModelError(problem)
+
+
+def file_problem(root: Path, rel: str, entry: FileEntry, *, hashes: bool = True) -> str | None:
+    """What is wrong with one listed file (missing, other size, other sha256), or None."""
+    path = root / rel
+    if not path.is_file():
+        return f"'{root.name}' is incomplete: '{rel}' is missing"
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return (f"'{rel}' in '{root.name}' has {size} bytes, the manifest says {entry.bytes} "
+                "(truncated or replaced file)")
+    if hashes and sha256_file(path) != entry.sha256:
+        return (f"'{rel}' in '{root.name}' does not match its sha256 in {MANIFEST_NAME} "
+                "(corrupted or replaced file)")
+    return None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdrt.runtime.errors import ModelError
+from sdrt.runtime.errors import ModelError, first_line
 from sdrt.runtime.families import Family, detect_family, get_family
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 
@@ -33,7 +33,9 @@ PIPELINE_CLASSES = frozenset({
     "OVStableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
     "ORTStableDiffusionXLPipeline", "OVStableDiffusionXLPipeline",
     "LatentConsistencyModelPipeline", "ORTLatentConsistencyModelPipeline",
-    "OVLatentConsistencyModelPipeline",
+    "OVLatentConsistencyModelPipeline", "StableDiffusionInpaintPipeline",
+    "OnnxStableDiffusionInpaintPipeline", "ORTStableDiffusionInpaintPipeline",
+    "OVStableDiffusionInpaintPipeline",
 })
 # Classes model_index.json may name for the parts sdrt loads; `OnnxRuntimeModel` is the legacy
 # ONNX layout's entry for every graph.
@@ -48,6 +50,16 @@ COMPONENT_CLASSES = {
     "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
 }
 SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")  # any diffusers scheduler name
+# Parts sdrt does not load but diffusers' own SD folders name (exports null them); anything else
+# naming a [library, class] pair is refused, since diffusers would import it by that name.
+OTHER_CLASSES = {
+    "safety_checker": {"StableDiffusionSafetyChecker"},
+    "feature_extractor": {"CLIPImageProcessor", "CLIPFeatureExtractor"},
+    "image_encoder": {"CLIPVisionModelWithProjection"},
+}
+# model_index.json's library names: diffusers, transformers, and "stable_diffusion" (diffusers'
+# pipeline module, which SD 1.x releases name for their safety checker).
+LIBRARIES = frozenset({"diffusers", "transformers", "stable_diffusion"})
 # SD 1.x's numbers: diffusers' config defaults, and the constants its legacy
 # OnnxStableDiffusionPipeline hard-codes for folders without component configs.
 SD1_SCALING_FACTOR = 0.18215
@@ -83,7 +95,7 @@ def check_folder(folder: Path) -> None:
         raise ModelError(f"model folder '{folder}' does not exist or is not a folder")
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"'{folder}' is not a model folder: model_index.json is missing")
-    _check_index(read_json(folder / "model_index.json"))
+    check_index(read_json(folder / "model_index.json"))
     for name in (*COMPONENTS, "tokenizer", "scheduler"):
         if not (folder / name).is_dir():
             raise ModelError(f"model folder '{folder.name}' is incomplete: '{name}/' is missing")
@@ -155,13 +167,19 @@ def _legacy_facts(folder: Path) -> ModelFacts:
     )
 
 
-def _check_index(index: dict) -> None:
+def check_index(index: dict) -> None:
     """Refuse a model_index.json whose pipeline or part classes are not on the allow-lists."""
     name = index.get("_class_name")
-    if name not in PIPELINE_CLASSES:
+    if not isinstance(name, str) or name not in PIPELINE_CLASSES:
         raise ModelError(f"model_index.json _class_name {name!r} is not a supported pipeline "
                          f"({', '.join(sorted(PIPELINE_CLASSES))})")
-    for part, classes in (*COMPONENT_CLASSES.items(), ("scheduler", None)):
+    known = {**COMPONENT_CLASSES, **OTHER_CLASSES, "scheduler": None}
+    for part in sorted(set(index) - set(known)):  # any other [library, class] pair
+        entry = index[part]
+        if isinstance(entry, list) and len(entry) == 2 and entry != [None, None]:
+            raise ModelError(f"model_index.json names an unknown part {part!r} as {entry!r}; "
+                             f"sdrt reads {', '.join(sorted(known))}")
+    for part, classes in known.items():
         entry = index.get(part)
         if entry is None or entry == [None, None]:
             continue
@@ -170,13 +188,21 @@ def _check_index(index: dict) -> None:
         if not ok:
             wanted = f"one of {', '.join(sorted(classes))}" if classes else "a scheduler class"
             raise ModelError(f"model_index.json {part} is {entry!r}, expected {wanted}")
+        if not isinstance(entry[0], str) or entry[0] not in LIBRARIES:
+            raise ModelError(f"model_index.json {part} names library {entry[0]!r}, expected "
+                             f"one of {', '.join(sorted(LIBRARIES))}")
 
 
 def read_json(path: Path) -> dict:
     """A component's JSON file; ModelError naming it when missing or malformed."""
     try:
-        return json.loads(path.read_text("utf-8"))
+        data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError as exc:
         raise ModelError(f"'{path.parent.name}/{path.name}' is missing") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"'{path.parent.name}/{path.name}' is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[…
+        raise ModelError(f"'{path.parent.name}/{path.name}' is not valid JSON: "
+                         f"{first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"'{path.parent.name}/{path.name}' must hold a JSON object, "
+                         f"not {type(data).__name__}")
+    return data

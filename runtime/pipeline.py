@@ -1,9 +1,11 @@
-"""Text-to-image: tokenizer → text encoder(s) → NumPy sampler loop over the UNet → VAE decoder.
+"""Text-to-image, image-to-image and inpainting: tokenizer → text encoder(s) → NumPy sampler loop
+over the UNet → VAE decoder, starting from noise or from a picture's latents (runtime/img2img.py).
 
 Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Salimans, 2022), or
-for LCM UNets the guidance scale as an input (Luo et al., 2023), run from exported graphs.
-`Pipeline.load` does all file I/O; `Pipeline.run` reads as numbered steps and keeps all per-call
-state local, so several threads may generate at once.
+for LCM UNets the guidance scale as an input (Luo et al., 2023), run from exported graphs;
+image-to-image is SDEdit (Meng et al., 2022). `Pipeline.load` does all file I/O (the VAE encoder
+opens on first use); `Pipeline.run` reads as numbered steps and keeps all per-call state local,
+so several threads may generate at once.
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ import numpy as np
 from PIL import Image
 
 from sdrt.runtime import guidance
-from sdrt.runtime.components import UNet, VaeDecoder
+from sdrt.runtime import img2img as i2i
+from sdrt.runtime.check import check_on_load
+from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
-from sdrt.runtime.errors import GenerationError, InputError
+from sdrt.runtime.errors import GenerationError, InputError, ModelError
+from sdrt.runtime.images import ImageSource, paste_back
+from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
 from sdrt.runtime.model_folder import (
     EMBEDDED_MODEL,
     ModelFacts,
-    check_folder,
     read_facts,
 )
-from sdrt.runtime.rng import GENERATORS, make_generator
+from sdrt.runtime.rng import GENERATORS, NoiseGenerator, make_generator, randn_rows
 from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler, sample
 from sdrt.runtime.schedules import SchedulerConfig
 from sdrt.runtime.session import BACKENDS, open_session
@@ -75,6 +80,14 @@ class GenerationRequest:
         return filled
 
     def validate(self, vae_scale_factor: int) -> None:
+        for name in ("steps", "num_images", "seed"):  # as an HTTP client may send anything
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise InputError(f"{name} must be an integer, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale,
+                                                                   int | float):
+            raise InputError(f"guidance scale must be a number, got "
+                             f"{type(self.guidance_scale).__name__}")
         multiple = max(8, vae_scale_factor)
         for name, side in (("width", self.width), ("height", self.height)):
             if not isinstance(side, int) or side <= 0 or side > MAX_SIDE or side % multiple:
@@ -118,6 +131,7 @@ class Pipeline:
     unet: UNet
     vae_decoder: VaeDecoder
     precision: str = "fp32"  # the variant that runs (sdrt.runtime.variants)
+    vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -133,7 +147,7 @@ class Pipeline:
         folder = Path(folder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-        check_folder(folder)
+        check_on_load(folder)  # model_index.json, paths, file heads and sizes (runtime/check.py)
         variant = resolve_variant(folder, precision, backend)
         facts = read_facts(folder)
         scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
@@ -143,52 +157,141 @@ class Pipeline:
             return open_session(variant.graph_path(folder, component), backend, threads=threads,
                                 execution=variant.execution(component))
 
+        unet = UNet(session("unet"))
+        _check_unet_channels(unet, facts)
         return cls(folder, backend, facts, scheduler,
                    load_conditioner(folder, facts.family.architecture, session),
-                   UNet(session("unet")), VaeDecoder(session("vae_decoder")),
-                   precision=variant.precision)
+                   unet, VaeDecoder(session("vae_decoder")), precision=variant.precision,
+                   vae_encoder=LazyEncoder(lambda: VaeEncoder(session("vae_encoder"))))
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  **options) -> list[Image.Image]:
         """Generate images; each carries its A1111 `parameters` text in `image.info`."""
-        results = self.run(GenerationRequest(prompt=prompt, **options), callback=callback)
-        for result in results:
-            result.image.info["parameters"] = format_parameters(result.info)
-        return [result.image for result in results]
+        return _with_parameters(self.run(GenerationRequest(prompt=prompt, **options),
+                                         callback=callback))
 
-    def run(self, request: GenerationRequest, *,
-            callback: StepCallback | None = None) -> list[GeneratedImage]:
-        """Run one request; `callback(i, n, latents)` after each step may return True to stop."""
+    def img2img(self, image: ImageSource, prompt: str, *,
+                strength: float = i2i.DEFAULT_STRENGTH, callback: StepCallback | None = None,
+                **options) -> list[Image.Image]:
+        """Image-to-image from `image` (a path or PIL image; sized by `images.output_size`'s
+        rule from width/height); strength 0 returns it unchanged, 1 generates afresh."""
+        init = self.image_input(image, strength=strength, width=options.pop("width", None),
+                                height=options.pop("height", None))
+        return _with_parameters(self.run(self.request_for(init, prompt, **options),
+                                         callback=callback, init=init))
+
+    def inpaint(self, image: ImageSource, mask: ImageSource, prompt: str, *,
+                strength: float = i2i.DEFAULT_INPAINT_STRENGTH,
+                mask_blur: float = i2i.DEFAULT_MASK_BLUR, paste_back: bool = True,
+                callback: StepCallback | None = None, **options) -> list[Image.Image]:
+        """Repaint where `mask` is white (≥ 128 after a `mask_blur`-pixel feather); with
+        `paste_back` the original's pixels return outside the feathered mask."""
+        init = self.image_input(image, mask, strength=strength, mask_blur=mask_blur,
+                                paste_back=paste_back, width=options.pop("width", None),
+                                height=options.pop("height", None))
+        return _with_parameters(self.run(self.request_for(init, prompt, **options),
+                                         callback=callback, init=init))
+
+    def outpaint(self, image: ImageSource, prompt: str, *, left: int = 0, right: int = 0,
+                 top: int = 0, bottom: int = 0, callback: StepCallback | None = None,
+                 **options) -> list[Image.Image]:
+        """Extend the canvas by the given pixels per side and paint the new area
+        (runtime/outpaint.py; options: strength, mask_blur, fill and the generation ones)."""
+        from sdrt.runtime.outpaint import Extension, outpaint
+
+        return _with_parameters(outpaint(self, image, prompt, Extension(left, right, top, bottom),
+                                         callback=callback, **options))
+
+    def image_input(self, image: ImageSource, mask: ImageSource | None = None, *,
+                    strength: float, width: int | None = None, height: int | None = None,
+                    mask_blur: float = i2i.DEFAULT_MASK_BLUR,
+                    paste_back: bool = True) -> ImageInput:
+        """A picture (and mask) read and sized for this model (`img2img.prepare`)."""
+        return i2i.prepare(image, mask, strength=strength, width=width, height=height,
+                           step=max(8, self.facts.vae_scale_factor), max_side=MAX_SIDE,
+                           mask_blur=mask_blur, paste_back=paste_back,
+                           latent_scale=self.facts.vae_scale_factor)
+
+    @staticmethod
+    def request_for(init: ImageInput, prompt: str, **options) -> GenerationRequest:
+        """A request at the size of a prepared image input."""
+        return GenerationRequest(prompt=prompt, width=init.image.width,
+                                 height=init.image.height, **options)
+
+    def run(self, request: GenerationRequest, *, callback: StepCallback | None = None,
+            init: ImageInput | None = None) -> list[GeneratedImage]:
+        """Run one request, from noise or from `init` (img2img, inpainting);
+        `callback(i, n, latents)` after each step may return True to stop."""
         # 1. Fill defaults and validate.
         req = request.resolve(self.facts, self.scheduler)
+        # 2. One generator per image, seeded seed + i (A1111's convention).
+        generators = [make_generator(req.generator, req.seed + i) for i in range(req.num_images)]
+        return self.run_resolved(req, generators, init, callback)
+
+    def run_resolved(self, req: GenerationRequest, generators: list[NoiseGenerator],
+                     init: ImageInput | None = None,
+                     callback: StepCallback | None = None) -> list[GeneratedImage]:
+        """`run` from step 3 on, for a resolved request and the caller's generators (outpainting
+        continues their streams from window to window)."""
+        shown = init  # what the metadata reports; an inpainting UNet may get a stand-in below
+        init = self._fit_unet(req, init)
+        if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
+            return [GeneratedImage(init.image.copy(), self._info(req, i, shown))
+                    for i in range(req.num_images)]
         # diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
         # scale as an input (LCM's guidance embedding) instead of classifier-free guidance
         guided = req.guidance_scale > 1.0 and self.unet.guidance_dim is None
-        # 2. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
+        # 3. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
         #    with the UNet's added conditions (SDXL) row-aligned.
         cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
                                 width=req.width, height=req.height).repeat(req.num_images)
-        # 3. Starting noise: one generator per image, seeded seed + i (A1111's convention).
-        generators = [make_generator(req.generator, req.seed + i) for i in range(req.num_images)]
-        latent_shape = (1, self.facts.latent_channels,
-                        req.height // self.facts.vae_scale_factor,
-                        req.width // self.facts.vae_scale_factor)
-
-        def draw(shape: tuple[int, ...]) -> np.ndarray:
-            one = (1, *shape[1:])
-            return np.concatenate([g.randn(one) for g in generators])  # (B, C, h, w)
-
-        noise = draw((req.num_images, *latent_shape[1:]))
-        # 4. Sampler loop over the guided UNet.
-        latents = sample(self._model_fn(cond, req.guidance_scale, guided), noise,
-                         config=self.scheduler, sampler=req.sampler, steps=req.steps,
-                         step_noise=draw, callback=callback)
-        # 5. Decode, one image at a time to bound peak memory.
+        # 4. Starting point: noise, or a picture's latents; a mask for inpainting.
+        start = self._start(req, generators, init)
+        # 5. Sampler loop over the guided UNet.
+        latents = sample(self._model_fn(cond, req.guidance_scale, guided, start.image_channels),
+                         start.noise, config=self.scheduler, sampler=req.sampler,
+                         steps=req.steps, step_noise=lambda shape: randn_rows(generators, shape),
+                         callback=callback, start_step=start.start_step,
+                         init_latents=start.init_latents, keep=start.keep)
+        # 6. Decode, one image at a time to bound peak memory; inpainting puts the original's
+        #    pixels back outside the feathered mask.
         pixels = [self._decode(latents[i : i + 1]) for i in range(req.num_images)]
-        # 6. Attach what made each image.
-        return [GeneratedImage(image, self._info(req, i)) for i, image in enumerate(pixels)]
+        if init is not None and init.mask is not None and init.paste_back:
+            pixels = [paste_back(image, init.image, init.mask) for image in pixels]
+        # 7. Attach what made each image.
+        return [GeneratedImage(image, self._info(req, i, shown))
+                for i, image in enumerate(pixels)]
 
-    def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool):
+    def _fit_unet(self, req: GenerationRequest, init: ImageInput | None) -> ImageInput | None:
+        """The input checked against the request; an inpainting UNet gets A1111's stand-ins: a
+        blank picture for text-to-image, the whole picture masked for image-to-image."""
+        if init is not None and init.image.size != (req.width, req.height):
+            raise InputError(f"the input image is {init.image.width}×{init.image.height} but "
+                             f"the request is {req.width}×{req.height}")
+        if not self.facts.family.inpainting or (init is not None and init.mask is not None):
+            return init
+        if init is None:
+            return i2i.blank_inpainting_input((req.width, req.height))
+        return replace(init, mask=Image.new("L", init.image.size, 255), paste_back=False)
+
+    def _start(self, req: GenerationRequest, generators: list[NoiseGenerator],
+               init: ImageInput | None) -> Start:
+        shape = (req.num_images, self.facts.latent_channels,
+                 req.height // self.facts.vae_scale_factor,
+                 req.width // self.facts.vae_scale_factor)
+        if init is None:
+            return i2i.text_start(generators, shape)
+        if self.vae_encoder is None:
+            raise ModelError("this pipeline was built without a VAE encoder, which image "
+                             "inputs need")
+        encoder = Encoder(self.vae_encoder(), self.facts.scaling_factor)
+        if init.mask is None:
+            return i2i.img2img_start(encoder, init, generators, shape, req.steps)
+        return i2i.inpaint_start(encoder, init, generators, shape, req.steps,
+                                 self.facts.family.inpainting)
+
+    def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool,
+                  image_channels: np.ndarray | None = None):
         unet, context, added = self.unet, conditioning.context, conditioning.added
         embedded = None
         if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
@@ -196,6 +299,8 @@ class Pipeline:
                                  len(context), axis=0)
 
         def model(x_in: np.ndarray, t: float) -> np.ndarray:
+            if image_channels is not None:  # inpainting UNet: latents ‖ mask ‖ masked latents
+                x_in = np.concatenate([x_in, image_channels], axis=1)  # (B, 9, h, w)
             if not guided:
                 return unet(x_in, t, context, added, embedded)
             out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
@@ -213,14 +318,33 @@ class Pipeline:
         pixels = np.clip(decoded[0] / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # (H, W, 3)
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
 
-    def _info(self, req: GenerationRequest, index: int) -> GenerationInfo:
+    def _info(self, req: GenerationRequest, index: int,
+              init: ImageInput | None = None) -> GenerationInfo:
         extra = {"Backend": self.backend, "Precision": self.precision}
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
+        if init is not None and init.mask is not None:
+            extra["Mask blur"] = init.mask_blur  # A1111's key, written for inpainting only
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
             sampler=display_name(req.sampler), cfg_scale=req.guidance_scale,
             seed=req.seed + index, width=req.width, height=req.height,
             model_name=self.facts.name,
             model_hash=self.facts.unet_sha256[:10] if self.facts.unet_sha256 else None,
-            extra=extra,
+            denoising_strength=None if init is None else init.strength, extra=extra,
         )
+
+
+def _with_parameters(results: list[GeneratedImage]) -> list[Image.Image]:
+    """The images, each carrying its A1111 `parameters` text in `image.info`."""
+    for result in results:
+        result.image.info["parameters"] = format_parameters(result.info)
+    return [result.image for result in results]
+
+
+def _check_unet_channels(unet: UNet, facts: ModelFacts) -> None:
+    """The UNet graph's input channels must be what the model family says (4, or 9 to inpaint)."""
+    latent = facts.latent_channels
+    want = 2 * latent + 1 if facts.family.inpainting else latent
+    if isinstance(unet.in_channels, int) and unet.in_channels != want:
+        raise ModelError(f"unet: the graph takes {unet.in_channels} input channels, but the "
+                         f"{facts.family.title} family's UNet takes {want}")

@@ -290,3 +290,10 @@ def make_generator(kind: str, seed: int) -> NoiseGenerator:
     if kind == "numpy":
         return NumpyGenerator(seed)
     raise InputError(f"unknown generator {kind!r}; choose one of: {', '.join(GENERATORS)}")
+
+
+def randn_rows(generators: Sequence[NoiseGenerator], shape: Sequence[int]) -> np.ndarray:
+    """A (len(generators), *shape[1:]) draw, row i from generators[i] (diffusers' rule for a
+    list of generators: each image's noise comes from its own)."""
+    one = (1, *shape[1:])
+    return np.concatenate([g.randn(one) for g in generators])  # (B, C, h, w)

@@ -2,8 +2,9 @@
 
 Every sampler has one signature, `run(denoise, x, schedule, *, noise, callback) -> x`, works on
 x = x0 + sigma * eps and sits in `SAMPLERS`, so the pipeline never branches on the sampler. A
-sampler calls `callback(i, x, denoised)` after each model call and returns `denoised` at once
-when it answers True. `sample()` turns x into diffusers' own latents for callers.
+sampler calls `x = callback(i, x, denoised)` after each model call, goes on from the x it gets
+back (inpainting replaces the latents outside the mask there) and returns `denoised` at once
+when it gets None. `sample()` turns x into diffusers' own latents for callers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sdrt.runtime.schedules import (
 
 log = logging.getLogger(__name__)
 NoiseFn = Callable[[tuple[int, ...]], np.ndarray]  # shape -> standard normal draw
-StepFn = Callable[[int, np.ndarray, np.ndarray], bool]  # (i, x, denoised) -> stop?
+StepFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray | None]  # (i, x, denoised) -> x
 UserCallback = Callable[[int, int, np.ndarray], bool | None]  # (i, n, latents) -> stop?
 DEFAULT_SAMPLER = "euler"  # for scheduler classes we do not know: first order, any schedule
 # Adams–Bashforth weights on the newest-first model outputs, and their divisor.
@@ -47,7 +48,8 @@ def sample_euler(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise: No
     for i in range(len(sched)):
         denoised, eps = denoise(x, sched.sigmas[i], sched.timesteps[i])
         x = sched.relabel(x + (sched.sigmas_to[i] - sched.sigmas[i]) * eps, i)
-        if callback(i, x, denoised):
+        x = callback(i, x, denoised)
+        if x is None:
             return denoised
     return x
 
@@ -65,7 +67,8 @@ def sample_euler_ancestral(denoise: Denoiser, x: np.ndarray, sched: Schedule, *,
         sigma_down = sigma_next**2 / sigma  # = sqrt(sigma_next² - sigma_up²)
         x = x + (sigma_down - sigma) * eps
         x = x + np.asarray(noise(x.shape), dtype=np.float32) * sigma_up
-        if callback(i, x, denoised):
+        x = callback(i, x, denoised)
+        if x is None:
             return denoised
     return x
 
@@ -87,7 +90,8 @@ def sample_plms(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise: Noi
             out = sum(w * h for w, h in zip(weights, reversed(history), strict=False)) / divisor
         denoised, eps = denoise.split(out, x, sched.sigmas[i])
         x = sched.relabel(denoised + sched.sigmas_to[i] * eps, i)
-        if callback(i, x, denoised):
+        x = callback(i, x, denoised)
+        if x is None:
             return denoised
     return x
 
@@ -110,7 +114,8 @@ def sample_dpmpp_2m(denoise: Denoiser, x: np.ndarray, sched: Schedule, *, noise:
                 estimate = denoised + (denoised - previous) * (0.5 / r)
             x = x * (sigma_next / sigma) + estimate * (1.0 - sigma_next / sigma)
         previous = denoised
-        if callback(i, x, denoised):
+        x = callback(i, x, denoised)
+        if x is None:
             return denoised
     return x
 
@@ -129,7 +134,8 @@ def sample_lcm(denoise: Denoiser, x: np.ndarray, sched: ConsistencySchedule, *,
         x = denoised
         if sigma_next > 0:  # every step but the last, as diffusers draws it
             x = denoised + np.asarray(noise(x.shape), dtype=np.float32) * sigma_next
-        if callback(i, x, denoised):
+        x = callback(i, x, denoised)
+        if x is None:
             return denoised
     return x
 
@@ -207,28 +213,56 @@ def start_step_for_strength(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+@dataclass(frozen=True)
+class KeepOutside:
+    """Inpainting with an ordinary (4-channel) UNet, as diffusers' StableDiffusionInpaintPipeline
+    does it: after every step the latents where `mask` is 0 become the original's, noised with
+    the run's starting noise to the level of the next step (left clean after the last one)."""
+
+    mask: np.ndarray  # (B, 1, h, w): 1 where the sampler generates, 0 where the original stays
+    latents: np.ndarray  # (B, C, h, w): the original image's scaled VAE latents
+    noise: np.ndarray  # (B, C, h, w): the noise the run started from
+
+    def apply(self, sched: Schedule, j: int, x: np.ndarray) -> np.ndarray:
+        """x at sigmas[j] with the original put back outside the mask (in diffusers' latents)."""
+        latents = sched.latents(x, j)
+        original = self.latents
+        if j < len(sched):  # diffusers' add_noise(original, noise, timesteps[j])
+            level = sched.noised[j]
+            original = self.latents + self.noise * np.float32(level)
+            if sched.vp_latents:
+                original = original / np.float32(math.hypot(1.0, level))
+        blended = (1 - self.mask) * original + self.mask * latents
+        return blended * math.hypot(1.0, sched.sigmas[j]) if sched.vp_latents else blended
+
+
 def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
            sampler: str = "euler_a", steps: int = 20, step_noise: NoiseFn | None = None,
            callback: UserCallback | None = None, start_step: int = 0,
-           init_latents: np.ndarray | None = None) -> np.ndarray:
+           init_latents: np.ndarray | None = None,
+           keep: KeepOutside | None = None) -> np.ndarray:
     """Run a sampler from noise (or, for image-to-image, from init_latents noised to the level of
-    step `start_step`) and return float32 latents as diffusers hands them to the VAE.
+    step `start_step`) and return float32 latents as diffusers hands them to the VAE; `keep`
+    puts an original back outside a mask after every step (4-channel inpainting).
 
     `callback(i, n, latents)` runs after every model call (n = calls of this run); when it
     returns True the run stops and the current denoised estimate is returned.
     """
     config.validate()
     name = resolve_sampler(sampler)
-    _check_run(config, name, steps, start_step, noise, init_latents)
+    _check_run(config, name, steps, start_step, noise, init_latents, keep)
     spec = SAMPLERS[name]
     sched = spec.schedule(config, steps, start_step)
     stopped = False
 
-    def on_step(i: int, x: np.ndarray, denoised: np.ndarray) -> bool:
+    def on_step(i: int, x: np.ndarray, denoised: np.ndarray) -> np.ndarray | None:
         nonlocal stopped
+        if keep is not None:
+            x = keep.apply(sched, i + 1, x)
         if callback is not None and callback(i, len(sched), sched.latents(x, i + 1)):
             stopped = True
-        return stopped
+            return None
+        return x
 
     x = spec.run(Denoiser(model, config.prediction_type), sched.initial(noise, init_latents),
                  sched, noise=step_noise, callback=on_step)
@@ -236,7 +270,8 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
 
 
 def _check_run(config: SchedulerConfig, name: str, steps: int, start_step: int,
-               noise: np.ndarray, init_latents: np.ndarray | None) -> None:
+               noise: np.ndarray, init_latents: np.ndarray | None,
+               keep: KeepOutside | None) -> None:
     limit = config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
         raise InputError(f"steps must be an integer in 1..{limit}, got {steps!r}")
@@ -249,3 +284,9 @@ def _check_run(config: SchedulerConfig, name: str, steps: int, start_step: int,
     if init_latents is not None and np.shape(init_latents) != np.shape(noise):
         raise InputError(f"init_latents must have the noise's shape {np.shape(noise)}, "
                          f"got {np.shape(init_latents)}")
+    if keep is not None and (keep.latents.shape != np.shape(noise)
+                             or keep.noise.shape != np.shape(noise)
+                             or keep.mask.shape != (noise.shape[0], 1, *noise.shape[2:])):
+        raise InputError(f"keep's latents, noise and mask must fit the noise's shape "
+                         f"{np.shape(noise)}, got {keep.latents.shape}, {keep.noise.shape} and "
+                         f"{keep.mask.shape}")

@@ -233,11 +233,15 @@ class Schedule:
     Step i lands on `sigmas_to[i]`; only diffusers' DDIM and PNDM land elsewhere than
     `sigmas[i + 1]` (they step to t - T // steps whatever the spacing, then read the same
     x / sqrt(sigma² + 1) at the next listed timestep), and `relabel` makes that move.
+    `noised[i]` is the level diffusers' `add_noise(x0, eps, timesteps[i])` noises to (inpainting
+    with a 4-channel UNet re-noises the original to it): `sigmas[i]`, except where PNDM reads x
+    at another timestep than the one it lists.
     """
 
     timesteps: tuple[float, ...]
     sigmas: tuple[float, ...]
     sigmas_to: tuple[float, ...]
+    noised: tuple[float, ...]
     init_sigma: float  # txt2img starts at noise * init_sigma (diffusers' init_noise_sigma, as VE)
     vp_latents: bool  # diffusers hands out x / sqrt(sigma² + 1) (DDIM, PNDM, DPM), not x (Euler)
 
@@ -268,11 +272,14 @@ def rescale_vp(x: np.ndarray, sigma_from: float, sigma_to: float) -> np.ndarray:
 
 
 def _make(timesteps: np.ndarray, sigmas: np.ndarray, sigmas_to: np.ndarray, init_sigma: float,
-          vp_latents: bool, start: int) -> Schedule:
+          vp_latents: bool, start: int, noised: np.ndarray | None = None) -> Schedule:
     """Schedule from full tables from step `start` on (diffusers img2img's timesteps[start:])."""
+    n = len(timesteps)
+    noised = sigmas[:n] if noised is None else noised
     return Schedule(tuple(float(t) for t in timesteps[start:]),
                     tuple(float(s) for s in sigmas[start:]),
-                    tuple(float(s) for s in sigmas_to[start:]), init_sigma, vp_latents)
+                    tuple(float(s) for s in sigmas_to[start:]),
+                    tuple(float(s) for s in noised[start:]), init_sigma, vp_latents)
 
 
 def _final_alpha(config: SchedulerConfig, default_one: bool, alphas: np.ndarray) -> float:
@@ -313,7 +320,8 @@ def pndm_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Schedu
     final = _final_alpha(config, False, alphas)
     sigmas_to = _sigma_at(alphas, land, final)
     sigmas = np.append(_sigma_at(alphas, read, final), sigmas_to[-1])
-    return _make(ts, sigmas, sigmas_to, math.hypot(1.0, sigmas[0]), True, 0)
+    return _make(ts, sigmas, sigmas_to, math.hypot(1.0, sigmas[0]), True, 0,
+                 noised=_sigma_at(alphas, ts, final))
 
 
 def euler_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Schedule:

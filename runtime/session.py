@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from sdrt.runtime.errors import InputError, ModelError
+from sdrt.runtime.graph_files import version_refusal, vet_graph
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,9 @@ class OrtSession(CheckedSession):
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as exc:  # ORT raises its own types for corrupt or unsupported graphs
-            message = f"{self.label}: ONNX Runtime cannot load it: {_first_line(exc)}"
-            raise ModelError(message) from exc
+            reason = (version_refusal(path, "ort")
+                      or f"ONNX Runtime cannot load it: {_first_line(exc)}")
+            raise ModelError(f"{self.label}: {reason}") from exc
         self.inputs = {i.name: _spec(i.name, i.shape, i.type) for i in self._session.get_inputs()}
         self.outputs = {o.name: _spec(o.name, o.shape, o.type) for o in self._session.get_outputs()}
         self._output_names = list(self.outputs)
@@ -119,12 +122,28 @@ class OrtSession(CheckedSession):
         return dict(zip(self._output_names, values, strict=True))
 
 
+# Compiled models an OpenVINO session keeps, one per distinct set of input shapes, least recently
+# used dropped first: each holds its own memory (a compiled SD 1.5 UNet, hundreds of MB), so a
+# server seeing many image sizes would otherwise grow without bound. 8 covers a batch-1/batch-2
+# pair at four sizes.
+MAX_COMPILED_SHAPES = 8
+
+
+class _Compiled:
+    """One compiled model and its idle infer requests (a request serves one caller at a time)."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+        self.idle: list = []
+
+
 class OpenVinoSession(CheckedSession):
     """OpenVINO session: reads `.onnx` or `.xml`, compiles once per input shape (static reshape).
 
     OpenVINO runs static shapes much faster than dynamic ones, so each distinct set of input
-    shapes gets its own compiled model, kept for the session's life. Each thread gets its own
-    infer request, since a request is not safe to share.
+    shapes gets its own compiled model (the MAX_COMPILED_SHAPES most recent are kept). A request
+    is not safe to share, so each call takes an idle one from that model's pool, or makes one,
+    and returns it after: as many requests as callers ran at once, freed with their model.
     """
 
     def __init__(self, path: Path, *, device: str = "CPU", precision_hint: str = "f32",
@@ -143,35 +162,42 @@ class OpenVinoSession(CheckedSession):
         try:
             self._model = _read_ov_model(self._core, path)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
-            raise ModelError(f"{self.label}: OpenVINO cannot read it: {_first_line(exc)}") from exc
+            reason = (version_refusal(path, "openvino")
+                      or f"OpenVINO cannot read it: {_first_line(exc)}")
+            raise ModelError(f"{self.label}: {reason}") from exc
         self.inputs = {p.any_name: _ov_spec(p) for p in self._model.inputs}
         self.outputs = {p.any_name: _ov_spec(p) for p in self._model.outputs}
         self._output_names = list(self.outputs)
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
-        self._local = threading.local()
 
-    def _compiled_for(self, feeds: dict[str, np.ndarray]):
+    def _compiled_for(self, feeds: dict[str, np.ndarray]) -> tuple[_Compiled, object]:
         key = tuple(sorted((name, value.shape) for name, value in feeds.items()))
         with self._lock:
-            compiled = self._compiled.get(key)
-            if compiled is None:
+            entry = self._compiled.get(key)
+            if entry is None:
                 model = self._model.clone()
                 model.reshape({name: list(value.shape) for name, value in feeds.items()})
-                compiled = self._core.compile_model(model, self._device, self._config)
-                self._compiled[key] = compiled
-        return key, compiled
+                entry = _Compiled(self._core.compile_model(model, self._device, self._config))
+                self._compiled[key] = entry
+                while len(self._compiled) > MAX_COMPILED_SHAPES:
+                    self._compiled.popitem(last=False)  # callers still running keep theirs
+            self._compiled.move_to_end(key)
+            request = entry.idle.pop() if entry.idle else None
+        return entry, request
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key, compiled = self._compiled_for(feeds)
-        requests = self._local.__dict__.setdefault("requests", {})
-        request = requests.get(key)
+        entry, request = self._compiled_for(feeds)
         if request is None:
-            request = requests[key] = compiled.create_infer_request()
-        results = request.infer(feeds)
-        # By position: compiling can merge an output's name with inner tensors' names, and
-        # any_name then returns one of those (seen on torch.onnx exports of CLIP).
-        return {name: results[i].copy() for i, name in enumerate(self._output_names)}
+            request = entry.compiled.create_infer_request()
+        try:
+            results = request.infer(feeds)
+            # By position: compiling can merge an output's name with inner tensors' names, and
+            # any_name then returns one of those (seen on torch.onnx exports of CLIP).
+            return {name: results[i].copy() for i, name in enumerate(self._output_names)}
+        finally:
+            with self._lock:
+                entry.idle.append(request)
 
 
 def _read_ov_model(core, path: Path):
@@ -203,7 +229,10 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 def open_session(path: Path, backend: str, *, threads: int | None = None,
                  execution: str = "f32") -> Session:
-    """Load one graph file with the named backend; `execution` is OpenVINO's precision hint."""
+    """Load one graph file with the named backend, after vetting it (graph_files.vet_graph);
+    `execution` is OpenVINO's precision hint."""
+    if backend in BACKENDS:  # version stamps are asked about only if the backend refuses
+        vet_graph(path, backend, versions=False)
     if backend == "ort":
         if execution != "f32":
             raise InputError(f"execution precision {execution} needs the openvino backend")

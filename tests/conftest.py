@@ -153,6 +153,20 @@ def tiny_lcm_sdxl_onnx_dir(tiny_lcm_sdxl_dir: Path,
     return _export(tiny_lcm_sdxl_dir, tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD 1.x inpainting diffusers folder (9-channel UNet input, PNDM,
+    StableDiffusionInpaintPipeline): tiny_sd_inpaint."""
+    return _build("tiny_sd_inpaint", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_onnx_dir(tiny_inpaint_dir: Path,
+                          tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_inpaint_dir exported (graphs checked; the UNet takes 9 channels)."""
+    return _export(tiny_inpaint_dir, tmp_path_factory)
+
+
 @pytest.fixture(scope="module", params=["ort", "openvino"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Each runtime backend in turn (OpenVINO skipped where it is not installed)."""
@@ -189,14 +203,17 @@ REFERENCE_PIPELINES = {
     "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionXLPipeline": {"add_watermarker": False},
     "LatentConsistencyModelPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    "StableDiffusionInpaintPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    "StableDiffusionImg2ImgPipeline": {"safety_checker": None, "requires_safety_checker": False},
 }
 
 
-def load_reference(folder: Path):
-    """The diffusers pipeline model_index.json names (SD or SDXL), the parity reference."""
+def load_reference(folder: Path, pipeline: str | None = None):
+    """The diffusers pipeline model_index.json names (SD or SDXL), or `pipeline` (e.g.
+    StableDiffusionImg2ImgPipeline on the same weights), the parity reference."""
     import diffusers
 
-    name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    name = pipeline or json.loads((folder / "model_index.json").read_text())["_class_name"]
     pipe = getattr(diffusers, name).from_pretrained(folder, **REFERENCE_PIPELINES[name])
     pipe.set_progress_bar_config(disable=True)
     pipe.folder_scheduler_config = pipe.scheduler.config  # each test starts from the folder's own
@@ -208,18 +225,24 @@ def reference_images(pipe, sampler: str, *, steps: int, guidance: float, width: 
                      prompt: str = PROMPT) -> np.ndarray:
     """diffusers' images, (B, H, W, 3) int16 in 0..255, with sdrt's sampler and seed+i rule
     (`negative` None is left out: diffusers' LCM pipeline takes no negative prompt)."""
-    import diffusers
     import torch
 
-    class_name, overrides = REFERENCE_SCHEDULERS[sampler]
-    scheduler_class = getattr(diffusers, class_name)
-    pipe.scheduler = scheduler_class.from_config(pipe.folder_scheduler_config, **overrides)
+    use_sampler(pipe, sampler)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
     negative_option = {} if negative is None else {"negative_prompt": negative}
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width,
                height=height, generator=generators, num_images_per_prompt=num_images,
                output_type="np", **negative_option)
     return np.round(out.images * 255).astype(np.int16)
+
+
+def use_sampler(pipe, sampler: str) -> None:
+    """Give a diffusers pipeline the scheduler that matches sdrt's `sampler`."""
+    import diffusers
+
+    class_name, overrides = REFERENCE_SCHEDULERS[sampler]
+    scheduler_class = getattr(diffusers, class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.folder_scheduler_config, **overrides)
 
 
 def as_array(images: list) -> np.ndarray:

@@ -1,12 +1,14 @@
 """The command line: happy path, metadata, and one-line errors with a non-zero exit."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from sdrt.runtime.cli import main
+from sdrt.runtime.manifest import Manifest, scan_files
 
 
 def run(*args):
@@ -90,5 +92,9 @@ def test_component_with_unexpected_inputs(tiny_onnx_dir, tmp_path):
     broken = tmp_path / "swapped"
     shutil.copytree(tiny_onnx_dir, broken)
     shutil.copy(broken / "vae_decoder" / "model.onnx", broken / "unet" / "model.onnx")
+    result = run("generate", "x", "--model", broken, "-o", tmp_path / "x.png")
+    assert_one_line_error(result, "'unet/model.onnx'", "truncated or replaced file")  # its size
+    manifest = Manifest.load(broken)  # listed as it is now: the graph's own inputs give it away
+    replace(manifest, files=scan_files(broken)).save(broken)
     result = run("generate", "x", "--model", broken, "-o", tmp_path / "x.png")
     assert_one_line_error(result, "unet: expected inputs")

@@ -322,7 +322,7 @@ BAD_SOURCES = {
     "missing-unet": (lambda r: shutil.rmtree(r / "unet"), "'unet/' is missing"),
     "missing-vae-config": (lambda r: (r / "vae" / "config.json").unlink(), "vae/config.json"),
     "no-tokenizer-vocab": (lambda r: (r / "tokenizer" / "vocab.json").unlink(), "tokenizer/"),
-    "inpainting-unet": (_edit_config("unet/config.json", in_channels=9), "in/out channels"),
+    "depth-unet": (_edit_config("unet/config.json", in_channels=5), "in/out channels"),
     "bad-prediction": (_edit_config("scheduler/scheduler_config.json", prediction_type="x"),
                        "prediction_type"),
     "missing-weights": (_drop_text_encoder_layer, "missing"),

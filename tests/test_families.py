@@ -47,7 +47,7 @@ def configs_of(arch: str) -> dict[str, dict]:
     ("tiny_sd", "sd1"), ("sd15", "sd1"), ("tiny_sd2", "sd2"), ("sd21", "sd2"),
     ("tiny_turbo", "sd-turbo"), ("sd_turbo", "sd-turbo"), ("tiny_sdxl", "sdxl"),
     ("sdxl", "sdxl"), ("tiny_sdxl_turbo", "sdxl-turbo"), ("sdxl_turbo", "sdxl-turbo"),
-    ("tiny_sd_lcm", "lcm"), ("tiny_sdxl_lcm", "lcm-sdxl"),
+    ("tiny_sd_lcm", "lcm"), ("tiny_sdxl_lcm", "lcm-sdxl"), ("tiny_sd_inpaint", "sd1-inpainting"),
 ])
 def test_family_detected_from_configs(arch, family):
     assert detect_family(**configs_of(arch)) == family
@@ -75,7 +75,8 @@ def test_each_sd2_sign_alone_is_enough():
     ("index", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "only one"),
     ("unet", {"addition_embed_type": "text_time"}, "only one"),
     ("unet", {"time_cond_proj_dim": 256}, "SD 1.x and SDXL only, not on SD 2.x"),
-    ("unet", {"in_channels": 9}, "inpainting"),
+    ("unet", {"in_channels": 5}, "depth and other image-conditioned UNets"),
+    ("unet", {"in_channels": 9, "time_cond_proj_dim": 256}, "LCM inpainting"),
     ("unet", {"cross_attention_dim": 1024}, "cross_attention_dim"),
 ])
 def test_unsupported_models_are_refused_with_a_reason(part, change, fragment):
@@ -84,6 +85,21 @@ def test_unsupported_models_are_refused_with_a_reason(part, change, fragment):
     with pytest.raises(ModelError, match=fragment) as info:
         detect_family(**configs)
     assert "\n" not in str(info.value)
+
+
+def test_inpainting_is_recognised_from_the_unet_input_channels_not_names():
+    configs = configs_of("tiny_sd2")
+    configs["unet"]["in_channels"] = 9  # latents 4 + mask 1 + masked-image latents 4
+    assert detect_family(**configs) == "sd2-inpainting"
+    configs = configs_of("tiny_sd_inpaint")
+    configs["index"]["_class_name"] = "StableDiffusionPipeline"  # the name does not matter
+    assert detect_family(**configs) == "sd1-inpainting"
+    configs = configs_of("tiny_sdxl")
+    configs["unet"]["in_channels"] = 9
+    with pytest.raises(ModelError, match="SDXL inpainting UNets"):
+        detect_family(**configs)
+    with pytest.raises(ModelError, match="inpainting"):
+        check_override("sd1-inpainting", "sd1")
 
 
 def test_family_override_keeps_the_architecture():
@@ -171,6 +187,25 @@ def test_unknown_family_in_manifest_is_refused_at_load(tiny_onnx_dir, tmp_path):
     data = json.loads((folder / MANIFEST_NAME).read_text())
     (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "sd3"}))
     with pytest.raises(ModelError, match="model family 'sd3' is not supported"):
+        Pipeline.load(folder)
+
+
+def test_inpainting_export_records_the_family_and_a_9_channel_unet(tiny_inpaint_onnx_dir,
+                                                                    tmp_path):
+    manifest = Manifest.load(tiny_inpaint_onnx_dir)
+    assert manifest.family == "sd1-inpainting"
+    assert manifest.components["unet"].inputs["sample"].shape == (None, 9, None, None)
+    assert "validation" in manifest.components["unet"].extra
+    folder = shutil.copytree(tiny_inpaint_onnx_dir, tmp_path / "optimum-like")
+    (folder / MANIFEST_NAME).unlink()  # detected from unet/config.json's in_channels alone
+    assert Pipeline.load(folder).facts.family.name == "sd1-inpainting"
+
+
+def test_family_and_unet_channels_must_agree(tiny_onnx_dir, tmp_path):
+    folder = shutil.copytree(tiny_onnx_dir, tmp_path / "mislabelled")
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "sd1-inpainting"}))
+    with pytest.raises(ModelError, match="takes 4 input channels"):
         Pipeline.load(folder)
 
 

@@ -12,7 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sdrt.runtime.samplers import num_model_calls, sample, start_step_for_strength
+from sdrt.runtime.samplers import (
+    KeepOutside,
+    num_model_calls,
+    sample,
+    start_step_for_strength,
+)
 from sdrt.runtime.schedules import SchedulerConfig
 
 torch = pytest.importorskip("torch")
@@ -161,6 +166,59 @@ def test_other_beta_schedules_and_final_alpha(name, overrides):
 def test_image_to_image_matches_diffusers(name, spacing, strength):
     init = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32) * 0.8
     _assert_same(name, {**SD15, "timestep_spacing": spacing}, 20, strength, init)
+
+
+def _diffusers_inpaint_run(name: str, config: dict, steps: int, noise: np.ndarray,
+                           strength: float, init: np.ndarray, mask: np.ndarray
+                           ) -> list[np.ndarray]:
+    """StableDiffusionInpaintPipeline's loop for a 4-channel UNet: start (pure noise at strength
+    1, else add_noise), then after every step the original re-noised to the next timestep (clean
+    after the last) outside the mask."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    scheduler = _diffusers_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    holder = SimpleNamespace(scheduler=scheduler)
+    timesteps, _ = StableDiffusionInpaintPipeline.get_timesteps(holder, steps, strength, "cpu")
+    original, eps, keep = (torch.from_numpy(a) for a in (init, noise, mask))
+    latents = (eps * scheduler.init_noise_sigma if strength == 1.0
+               else scheduler.add_noise(original, eps, timesteps[:1]))
+    generator = torch.Generator().manual_seed(SEED)
+    extra = {"generator": generator} if name in STEP_NOISE else {}
+    trajectory = []
+    for i, t in enumerate(timesteps):
+        out = _torch_model(scheduler.scale_model_input(latents, t), t)
+        latents = scheduler.step(out, t, latents, **extra).prev_sample
+        proper = original
+        if i < len(timesteps) - 1:
+            proper = scheduler.add_noise(original, eps, torch.tensor([timesteps[i + 1]]))
+        latents = (1 - keep) * proper + keep * latents
+        trajectory.append(latents.numpy().copy())
+    return trajectory
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_blend_matches_diffusers(name, strength):
+    rng = np.random.default_rng(8)
+    init = rng.standard_normal(SHAPE).astype(np.float32) * 0.8
+    mask = (rng.random((SHAPE[0], 1, *SHAPE[2:])) < 0.4).astype(np.float32)
+    noise, config, steps = _noise(), {**SD15, "timestep_spacing": "leading"}, 10
+    expected = _diffusers_inpaint_run(name, config, steps, noise, strength, init, mask)
+    generator = torch.Generator().manual_seed(SEED)
+    got: list[np.ndarray] = []
+    final = sample(fake_model, noise, config=SchedulerConfig.from_dict(config), sampler=name,
+                   steps=steps, start_step=start_step_for_strength(steps, strength),
+                   init_latents=None if strength == 1.0 else init,
+                   keep=KeepOutside(mask, init, noise),
+                   callback=lambda i, n, latents: got.append(latents.copy()),
+                   step_noise=lambda shape: torch.randn(shape, generator=generator).numpy())
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        scale = max(1.0, float(np.abs(b).max()))
+        assert float(np.abs(a - b).max()) <= TRAJECTORY_RTOL * scale, f"step {i}"
+    np.testing.assert_array_equal(final, got[-1])
+    np.testing.assert_allclose(final * (1 - mask), init * (1 - mask), atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [
