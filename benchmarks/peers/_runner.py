@@ -11,6 +11,7 @@ scheduler swap, reshape and compile), the first generation apart, the steady-sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import resource
@@ -72,6 +73,30 @@ def count_forward(part: Any) -> list[None]:
 
     part.forward = counting
     return calls
+
+
+def set_sampler(pipe: Any, sampler: str, diffusers: Any) -> None:
+    """Give a diffusers-style pipeline the scheduler of `sampler` and silence its progress bar."""
+    scheduler = getattr(diffusers, SCHEDULERS[sampler])
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+
+def pipeline_call(args: argparse.Namespace, torch: Any,
+                  context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[Any], int]:
+    """`generate` for `measure`: one image from a loaded (pipeline, UNet call counter) pair, the
+    request from the runner's options, inside `context()` (e.g. torch.autocast); its UNet calls."""
+
+    def generate(loaded: tuple[Any, list[None]]) -> int:
+        pipe, calls = loaded
+        before = len(calls)
+        with context():
+            pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                 width=args.width, height=args.height,
+                 generator=torch.Generator().manual_seed(args.seed))
+        return len(calls) - before
+
+    return generate
 
 
 def measure(load: Callable[[], Any], generate: Callable[[Any], int | None],

@@ -23,21 +23,13 @@ def main() -> None:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             args.model, torch_dtype=torch.float32, safety_checker=None,
             requires_safety_checker=False)
-        scheduler = getattr(diffusers, _runner.SCHEDULERS[args.sampler])
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
+        _runner.set_sampler(pipe, args.sampler, diffusers)
         return pipe, _runner.count_forward(pipe.unet)
 
-    def generate(loaded) -> int:
-        pipe, calls = loaded
-        before = len(calls)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 width=args.width, height=args.height,
-                 generator=torch.Generator().manual_seed(args.seed))
-        return len(calls) - before
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    row, _ = _runner.measure(load, generate, args.runs)
+    row, _ = _runner.measure(load, _runner.pipeline_call(args, torch, autocast), args.runs)
     row["versions"] = _runner.versions("diffusers", "torch", "transformers", "numpy")
     row["notes"] = (f"torch threads {torch.get_num_threads()}; "
                     + ("bf16 autocast" if args.precision == "bf16" else "fp32"))

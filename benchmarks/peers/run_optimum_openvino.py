@@ -33,24 +33,14 @@ def main() -> None:
     def load():
         pipe = OVPipelineForText2Image.from_pretrained(
             args.model, export=False, device="CPU", ov_config=ov_config, compile=False)
-        scheduler = getattr(diffusers, _runner.SCHEDULERS[args.sampler])
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
+        _runner.set_sampler(pipe, args.sampler, diffusers)
         if static:
             pipe.reshape(batch_size=1, height=args.height, width=args.width,
                          num_images_per_prompt=1)
         pipe.compile()
         return pipe, _runner.count_forward(pipe.unet)
 
-    def generate(loaded) -> int:
-        pipe, calls = loaded
-        before = len(calls)
-        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-             width=args.width, height=args.height,
-             generator=torch.Generator().manual_seed(args.seed))
-        return len(calls) - before
-
-    row, (pipe, _) = _runner.measure(load, generate, args.runs)
+    row, (pipe, _) = _runner.measure(load, _runner.pipeline_call(args, torch), args.runs)
     compiled = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").to_string()
     row["versions"] = _runner.versions("optimum-intel", "optimum", "openvino", "diffusers",
                                        "transformers", "torch")

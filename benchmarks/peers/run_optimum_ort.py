@@ -25,20 +25,10 @@ def main() -> None:
         pipe = ORTPipelineForText2Image.from_pretrained(
             args.model, export=False, provider="CPUExecutionProvider",
             session_options=options)
-        scheduler = getattr(diffusers, _runner.SCHEDULERS[args.sampler])
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
+        _runner.set_sampler(pipe, args.sampler, diffusers)
         return pipe, _runner.count_forward(pipe.unet)
 
-    def generate(loaded) -> int:
-        pipe, calls = loaded
-        before = len(calls)
-        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-             width=args.width, height=args.height,
-             generator=torch.Generator().manual_seed(args.seed))
-        return len(calls) - before
-
-    row, _ = _runner.measure(load, generate, args.runs)
+    row, _ = _runner.measure(load, _runner.pipeline_call(args, torch), args.runs)
     row["versions"] = _runner.versions("optimum-onnx", "optimum", "onnxruntime", "diffusers",
                                        "transformers", "torch")
     row["notes"] = "ONNX Runtime CPUExecutionProvider, dynamic shapes"
