@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, write_ldm_checkpoint
 from test_cli import run
-from test_sources import _assert_same_graph
+from test_sources import _assert_same_graph, assert_refused_in_one_line
 
-from sdrt.runtime.errors import ModelError
 from sdrt.runtime.manifest import Manifest, sha256_file
 
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
@@ -180,19 +179,7 @@ BAD_SDXL = {  # change to the tiny SDXL file → what the one-line error must sa
 
 @pytest.mark.parametrize("case", sorted(BAD_SDXL))
 def test_bad_sdxl_single_file_is_refused(sdxl_state, tmp_path, case) -> None:
-    from safetensors.torch import save_file
-
-    from sdrt.export.sources import resolve_source
-
-    change, fragment = BAD_SDXL[case]
-    state = dict(sdxl_state)
-    change(state)
-    path = tmp_path / f"{case}.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(ModelError) as info, resolve_source(str(path), scratch=tmp_path / "work"):
-        pass
-    assert "\n" not in str(info.value) and fragment in str(info.value), str(info.value)
-    assert list((tmp_path / "work").iterdir()) == []  # the half-converted folder is gone
+    assert_refused_in_one_line(sdxl_state, case, *BAD_SDXL[case], tmp_path)
 
 
 # ---------------------------------------------------------------- full size, shapes only

@@ -252,12 +252,17 @@ BAD_CHECKPOINTS = {  # change to the tiny checkpoint → what the one-line error
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
 def test_bad_single_file_is_refused(ldm_state, tmp_path, case) -> None:
+    assert_refused_in_one_line(ldm_state, case, *BAD_CHECKPOINTS[case], tmp_path)
+
+
+def assert_refused_in_one_line(state, case, change, fragment, tmp_path) -> None:
+    """`state` changed by `change` and saved as a single file is refused with one line naming
+    `fragment`, and no half-converted folder is left in the scratch folder."""
     from safetensors.torch import save_file
 
     from sdrt.export.sources import resolve_source
 
-    change, fragment = BAD_CHECKPOINTS[case]
-    state = dict(ldm_state)
+    state = dict(state)
     change(state)
     path = tmp_path / f"{case}.safetensors"
     save_file(state, str(path))
