@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sdrt.runtime import compile_cache
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.graph_files import version_refusal, vet_graph
 
@@ -156,8 +157,7 @@ class OpenVinoSession(CheckedSession):
         self._config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision_hint}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
-        if cache_dir:
-            self._config["CACHE_DIR"] = str(cache_dir)
+        self._config.update(compile_cache.options(cache_dir))
         self._device = device
         try:
             self._model = _read_ov_model(self._core, path)
@@ -238,7 +238,8 @@ def open_session(path: Path, backend: str, *, threads: int | None = None,
             raise InputError(f"execution precision {execution} needs the openvino backend")
         return OrtSession(path, threads=threads)
     if backend == "openvino":
-        return OpenVinoSession(path, threads=threads, precision_hint=execution)
+        return OpenVinoSession(path, threads=threads, precision_hint=execution,
+                               cache_dir=compile_cache.cache_dir())
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 
