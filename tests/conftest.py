@@ -48,16 +48,6 @@ def _export(src: Path, tmp_path_factory: pytest.TempPathFactory, *, check: bool 
     return export_pipeline(src, tmp_path_factory.mktemp(name) / name, check=check)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compile_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory):
-    """OpenVINO's compiled blobs (runtime/compile_cache.py) go to this run's temporary folder,
-    not the user's ~/.cache; subprocesses inherit it."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SDRT_CACHE_DIR", str(tmp_path_factory.mktemp("compile-cache")))
-    yield
-    patch.undo()
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny SD 1.x diffusers folder (epsilon prediction, seed 0): models/configs/tiny_sd."""

@@ -1,5 +1,5 @@
-"""OpenVINO's compile cache (runtime/compile_cache.py): where it lives, that it is used, that it
-can be turned off, and that images from imported blobs equal freshly compiled ones."""
+"""OpenVINO's compile cache (runtime/compile_cache.py): where it lives, when it is on, and that
+images from imported blobs equal freshly compiled ones."""
 
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ def test_folder_is_per_openvino_version_under_the_chosen_root(tmp_path, monkeypa
     assert "/" not in folder.name
 
 
-def test_default_root_follows_xdg_cache_home(tmp_path, monkeypatch):
-    monkeypatch.delenv(compile_cache.ENV_VAR)
+def test_by_default_on_for_gpus_under_xdg_cache_home_and_off_for_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert compile_cache.cache_dir().parent == tmp_path / "sdrt"
+    assert compile_cache.cache_dir("gpu").parent == tmp_path / "sdrt"
+    assert compile_cache.cache_dir("cpu") is None  # measured: no gain on the CPU
 
 
 def test_off_turns_it_off(monkeypatch):
     monkeypatch.setenv(compile_cache.ENV_VAR, "OFF")
-    assert compile_cache.cache_dir() is None
+    assert compile_cache.cache_dir("gpu") is None
     assert compile_cache.options(None) == {}
 
 
@@ -64,8 +65,12 @@ def test_generation_writes_blobs_and_imported_blobs_give_the_same_image(
     assert len(list(tmp_path.rglob("*.blob"))) > len(blobs)
 
 
-def test_off_writes_nothing(tiny_onnx_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(compile_cache.ENV_VAR, "off")
+@pytest.mark.parametrize("setting", ["off", None])  # None: the CPU's default
+def test_off_writes_nothing(tiny_onnx_dir, tmp_path, monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(compile_cache.ENV_VAR, setting)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
     _image(tiny_onnx_dir)
