@@ -17,6 +17,7 @@ import click
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.families import FAMILIES
 from sdrt.runtime.model_folder import EMBEDDED_MODEL
+from sdrt.runtime.server import settings as serve_defaults
 from sdrt.runtime.variants import PRECISIONS
 
 log = logging.getLogger("sdrt")
@@ -86,7 +87,9 @@ def _reports_errors(command):
 
 
 # The pyproject extra that installs each optional package a command may import.
-_EXTRA_OF = {"openvino": "openvino", "nncf": "openvino", "onnx": "quantize"}
+_EXTRA_OF = {"openvino": "openvino", "nncf": "openvino", "onnx": "quantize",
+             "ray": "ray", "grpc": "ray",  # grpc: ray:// addresses (Ray Client)
+             **dict.fromkeys(("fastapi", "starlette", "uvicorn", "prometheus_client"), "serve")}
 
 
 def _missing_package(module: str) -> str:
@@ -469,3 +472,115 @@ def check(model_dir: Path, backend: str, quick: bool) -> None:
         sys.exit(1)
     for line in report.summary():
         click.echo(line)
+
+
+@main.command()
+@click.option("--model", "model_dir", default=EMBEDDED_MODEL, type=click.Path(path_type=Path),
+              help="Exported model folder; default: sdrt's embedded 64×64 shapes model.")
+@click.option("--host", default=serve_defaults.DEFAULT_HOST, show_default=True,
+              help="Address to listen on; any but loopback needs --token.")
+@click.option("--port", default=serve_defaults.DEFAULT_PORT, show_default=True,
+              help="TCP port (A1111's by default).")
+@click.option("--token", envvar="SDRT_TOKEN", default=None,
+              help="Require this token (Authorization: Bearer TOKEN, or HTTP Basic with it as "
+                   "password) on every API call; env SDRT_TOKEN keeps it out of `ps`.")
+@click.option("--max-queue", default=serve_defaults.DEFAULT_MAX_QUEUE, show_default=True,
+              help="Jobs admitted at once (running + waiting); more get 429 + Retry-After.")
+@click.option("--max-pixels", default=serve_defaults.DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest width × height of one image.")
+@click.option("--max-steps", default=serve_defaults.DEFAULT_MAX_STEPS, show_default=True,
+              help="Most sampler steps a job may ask.")
+@click.option("--max-batch", default=serve_defaults.DEFAULT_MAX_BATCH, show_default=True,
+              help="Most images per request (batch_size × n_iter).")
+@click.option("--max-body-bytes", default=serve_defaults.DEFAULT_MAX_BODY_BYTES, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--workers", default=1, show_default=True,
+              help="Jobs generated at once (each its own thread; CPU cores are shared).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="A web origin allowed to call the API from a browser (repeatable); "
+                   "default: none (CORS off).")
+@click.option("--backend", default="ort", show_default=True, help="ort or openvino.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="A variant the model's manifest lists (sdrt quantize).")
+@click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
+@_reports_errors
+def serve(model_dir: Path, backend: str, precision: str, threads: int | None,
+          cors_origins: tuple[str, ...], **limits) -> None:
+    """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) and a
+    kiosk web page at / (needs the serve extra: pip install 'sdrt[serve]').
+
+    Binds loopback unless --host says otherwise, which then needs --token. Access log: one
+    JSON line per request on stderr.
+    """
+    from sdrt.runtime.server.app import serve as serve_app
+    from sdrt.runtime.server.settings import ServerSettings
+
+    settings = ServerSettings(cors_origins=cors_origins, **limits)
+    settings.validate()  # before loading a model: a refused bind costs nothing
+    from sdrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("sdrt.access", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).propagate = False
+    serve_app(pipe, settings)
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the PNGs (JOB_ID.png) and results.jsonl; a re-run skips jobs "
+                   "whose PNG is there and verifies.")
+@click.option("--engine", default="local", show_default=True,
+              help="local (threads in this process) or ray (actors on a Ray cluster; needs "
+                   "pip install 'sdrt[ray]').")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to join: host:port, auto, or ray://host:10001 (Ray Client); "
+                   "default: RAY_ADDRESS, else a local cluster started for this batch.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs generated at once: threads (local) or Ray actors, each loading its "
+                   "models once.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+              help="Backend threads (and Ray CPUs) per worker; default: this machine's cores "
+                   "/ --workers.")
+@_reports_errors
+def batch(jobs: Path, out_dir: Path, engine: str, ray_address: str | None, workers: int,
+          threads_per_worker: int | None) -> None:
+    """Generate one PNG per line of JOBS, a JSONL file of jobs, into --out.
+
+    \b
+    Each line is a JSON object; every field but prompt is optional:
+      {"id": "cat-1", "prompt": "a cat", "negative_prompt": "blurry", "seed": 42,
+       "size": "512x512" (or "width"/"height"), "steps": 20, "guidance_scale": 7.5,
+       "sampler": "euler_a", "generator": "torch", "model": "./sd15-onnx",
+       "backend": "ort", "precision": "fp32"}
+
+    The id (default: the line number, 00001) names the PNG. A bad line is reported with its
+    number and skipped; every finished job appends a line to results.jsonl (id, file, seed,
+    timings, worker). Exits 1 when a line was bad or a job failed, after running the others.
+    """
+    from sdrt.runtime.batch import run_batch
+
+    def show(record: dict) -> None:
+        status, where = record["status"], f"line {record['line']}"
+        if status == "invalid":
+            click.echo(f"{where}: skipped: {record['error']}", err=True)
+        elif status == "failed":
+            click.echo(f"{where} (job {record['id']}): failed: {record['error']}", err=True)
+        elif status == "skipped":
+            click.echo(f"kept {out_dir / record['file']}  (exists and verifies)")
+        else:
+            click.echo(f"saved {out_dir / record['file']}  (seed {record['seed']}, "
+                       f"{record['timings']['generate_s']:.2f} s on {record['worker']})")
+
+    report = run_batch(jobs, out_dir, engine=engine, workers=workers,
+                       threads_per_worker=threads_per_worker, ray_address=ray_address,
+                       on_result=show)
+    counts = report.counts
+    click.echo(f"{counts['done']} done, {counts['skipped']} kept, {counts['failed']} failed, "
+               f"{counts['invalid']} bad lines; results: {report.results_file}")
+    if not report.ok:
+        sys.exit(1)

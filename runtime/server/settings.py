@@ -1,0 +1,68 @@
+"""The server's limits and bind address, checked before anything listens (safe defaults)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from sdrt.runtime.errors import InputError
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: nothing off this machine can reach the server
+DEFAULT_PORT = 7860  # A1111's port, so its clients find the server where they expect it
+DEFAULT_MAX_QUEUE = 4  # jobs admitted at once (running + waiting); more get 429
+DEFAULT_MAX_PIXELS = 1024 * 1024  # per image: SDXL's native size, the largest a kiosk CPU serves
+DEFAULT_MAX_STEPS = 50  # A1111's own default step count; more is rarely better, always slower
+DEFAULT_MAX_BATCH = 4  # images per request (batch_size × n_iter)
+# Each open request's body is held in memory. 16 MiB carries a 1024² PNG (≤ 3 MB) and its mask
+# in base64 (+33 %) with room to spare, or a phone photo as JPEG.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+MIN_TOKEN_CHARS = 16  # a token guessable by brute force over a LAN protects nothing
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where to listen and what a request may ask for."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    workers: int = 1
+    cors_origins: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Refuse settings that would expose an open server or make no sense."""
+        if not is_loopback(self.host) and not self.token:
+            raise InputError(f"--host {self.host} is not a loopback address: set a token "
+                             "(--token or SDRT_TOKEN) so that only its holders can generate")
+        if self.token is not None and len(self.token) < MIN_TOKEN_CHARS:
+            raise InputError(f"the token must be at least {MIN_TOKEN_CHARS} characters, "
+                             f"got {len(self.token)}")
+        for name in ("max_queue", "max_pixels", "max_steps", "max_batch", "max_body_bytes",
+                     "workers"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        if self.workers > self.max_queue:
+            raise InputError(f"workers ({self.workers}) cannot exceed max-queue "
+                             f"({self.max_queue}): a worker runs only admitted jobs")
+        if "*" in self.cors_origins:
+            raise InputError("--cors-origin '*' would let any web page drive the server; "
+                             "name each origin (e.g. http://kiosk.local:8080)")
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"port must be in 0..65535, got {self.port}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the usual names of this machine's loopback interface."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
