@@ -135,8 +135,17 @@ def run_scenario(name: str, opts: BenchOptions) -> dict:
         "startup_s": load_s + first_call_s - statistics.median(times),  # load + compile
         "p90_s": float(np.percentile(times, 90)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "estimate_mb": _estimate_mb(name, opts),  # runtime/memory.py, before loading
         "unet_calls": len(unet_calls),  # UNet graph runs in one call (PNDM: steps + 1)
     }
+
+
+def _estimate_mb(name: str, opts: BenchOptions) -> float | None:
+    from sdrt.benchmarks.low_memory import scenario_estimate
+
+    found = scenario_estimate(name, opts.model, opts.backend, opts.precision, opts.width,
+                              opts.height)
+    return None if found is None else found / 2**20
 
 
 @contextmanager
@@ -226,12 +235,13 @@ def bench(opts: BenchOptions, scenarios: tuple[str, ...] = SCENARIOS,
 def table(report: dict) -> str:
     """The report's rows as a fixed-width table."""
     head = (f"{'scenario':<13}{'first run':>11}{'start-up':>10}{'median':>10}{'p90':>10}"
-            f"{'peak RSS':>11}")
+            f"{'peak RSS':>11}{'estimate':>11}")
     lines = [head, "-" * len(head)]
     for row in report["scenarios"]:
         lines.append(f"{row['scenario']:<13}{row['first_run_s']:>10.3f}s{row['startup_s']:>9.3f}s"
                      f"{row['median_s']:>9.3f}s{row['p90_s']:>9.3f}s"
-                     f"{row['peak_rss_mb']:>8.0f} MB")
+                     f"{row['peak_rss_mb']:>8.0f} MB"
+                     + (f"{row['estimate_mb']:>8.0f} MB" if row.get("estimate_mb") else ""))
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from sdrt.runtime.flow_match import is_flow_matching
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from sdrt.runtime.samplers import SAMPLERS
 from sdrt.runtime.session import CheckedSession
@@ -73,7 +74,8 @@ def main() -> None:
     unet_s = statistics.median(time_unet(pipe, latent, args.unet_runs)[1])
     pipe.unet.session = InstantSession(pipe.unet.session, np.zeros(latent, np.float32))
     rows = []
-    for sampler in SAMPLERS:
+    flow = is_flow_matching(pipe.scheduler)
+    for sampler in (name for name, spec in SAMPLERS.items() if spec.flow == flow):
         request = GenerationRequest("a photo", steps=args.steps, sampler=sampler, seed=0,
                                     guidance_scale=7.5,  # guided, as `latent` assumes
                                     width=args.width, height=args.height)

@@ -10,7 +10,8 @@ SDXL adds text_encoder_2 `input_ids → text_embeds, last_hidden_state` and the 
 `timestep_cond` (B, time_cond_proj_dim), the guidance-scale embedding. optimum exports every
 `hidden_states.N` of both encoders; SDXL reads only the penultimate one (`hidden_states[-2]`,
 index num_hidden_layers − 1), so sdrt exports that one alone under optimum's name: 33 outputs
-of OpenCLIP bigG would only add graph outputs nobody reads.
+of OpenCLIP bigG would only add graph outputs nobody reads. The SDXL refiner has no text_encoder
+and its `time_ids` are (B, 5): size, crop and aesthetic score (optimum's refiner export).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _IGNORED_UNEXPECTED = ("position_ids",)
 
 SD_TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
 SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
+REFINER_AESTHETIC_SCORE = 6.0  # diffusers' default aesthetic_score, for the example time ids
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -146,15 +148,17 @@ def _unet_inputs(src: SourceModel, batch: int, hw: tuple[int, int], t: float,
     feeds = {
         "sample": torch.randn(batch, channels, *hw, generator=gen),  # (B, 4, h, w)
         "timestep": torch.tensor(t, dtype=torch.float32),  # rank 0, as optimum exports it
-        "encoder_hidden_states": torch.randn(batch, _max_length(src.text_encoder), dim,
-                                             generator=gen),
+        "encoder_hidden_states": torch.randn(
+            batch, _max_length(src.text_encoder or src.text_encoder_2), dim, generator=gen),
     }
     if src.text_encoder_2 is not None:
         pixels = [side * src.vae_scale_factor for side in hw]
         feeds["text_embeds"] = torch.randn(batch, src.text_encoder_2["projection_dim"],
                                            generator=gen)  # (B, P)
-        # (B, 6): original size, crop top-left, target size, as diffusers' _get_add_time_ids.
-        feeds["time_ids"] = torch.tensor([[*pixels, 0.0, 0.0, *pixels]] * batch)
+        # (B, 6): original size, crop top-left, target size, as diffusers' _get_add_time_ids;
+        # the refiner's (B, 5) end with an aesthetic score instead of the target size.
+        last = [REFINER_AESTHETIC_SCORE] if src.text_encoder is None else pixels
+        feeds["time_ids"] = torch.tensor([[*pixels, 0.0, 0.0, *last]] * batch)
     if src.unet.get("time_cond_proj_dim") is not None:
         feeds[GUIDANCE_INPUT] = torch.randn(batch, src.unet["time_cond_proj_dim"],
                                             generator=gen)  # (B, time_cond_proj_dim)
@@ -228,18 +232,27 @@ GRAPHS: dict[str, GraphDef] = {
 
 
 def graphs_for(src: SourceModel) -> dict[str, GraphDef]:
-    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions; a
-    UNet with time_cond_proj_dim (LCM) takes `timestep_cond` last, as optimum orders it."""
+    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions (the
+    refiner's four: no first text encoder); a UNet with time_cond_proj_dim (LCM) takes
+    `timestep_cond` last, as optimum orders it."""
+    if src.transformer is not None:  # SD 3: sdrt.export.sd3
+        from sdrt.export.sd3 import sd3_graphs
+
+        return sd3_graphs(src)
     guidance = (GUIDANCE_INPUT,) if src.unet.get("time_cond_proj_dim") is not None else ()
     if src.text_encoder_2 is None:
         return {**GRAPHS, "unet": _unet_graph(guidance)} if guidance else GRAPHS
+    second = _text_graph("text_encoder_2", lambda s: s.text_encoder_2,
+                         ("text_embeds", "last_hidden_state",
+                          penultimate_output(src.text_encoder_2)))
+    if src.text_encoder is None:  # the SDXL refiner: the second encoder alone
+        rest = {name: graph for name, graph in GRAPHS.items() if name != "text_encoder"}
+        return {"text_encoder_2": second, **rest, "unet": _unet_graph(SDXL_UNET_INPUTS)}
     return {
         **GRAPHS,
         "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder,
                                     (*SD_TEXT_OUTPUTS, penultimate_output(src.text_encoder))),
-        "text_encoder_2": _text_graph("text_encoder_2", lambda s: s.text_encoder_2,
-                                      ("text_embeds", "last_hidden_state",
-                                       penultimate_output(src.text_encoder_2))),
+        "text_encoder_2": second,
         "unet": _unet_graph((*SDXL_UNET_INPUTS, *guidance)),
     }
 

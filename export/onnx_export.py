@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sdrt.export import components as comp
+from sdrt.export.chunked_attention import ATTENTION_MODES, HeadChunkedAttention
 from sdrt.export.lora import LORA_COMPONENTS, Lora, fuse_loras, read_loras
 from sdrt.export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
@@ -36,6 +37,7 @@ from sdrt.export.onnx_files import (
     export_graph,
     graph_io,
 )
+from sdrt.export.sd3 import Step, export_plan
 from sdrt.export.source import SourceModel, read_source, source_info
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
@@ -55,7 +57,7 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                     origin: Mapping[str, Any] | None = None, family: str | None = None,
                     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
-                    defaults: Mapping[str, Any] | None = None) -> Path:
+                    defaults: Mapping[str, Any] | None = None, attention: str = "full") -> Path:
     """Export a diffusers SD folder to an optimum-layout ONNX folder; returns OUT_DIR.
 
     `check` compares every graph with torch in ONNX Runtime before the folder is accepted;
@@ -65,13 +67,19 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     overrides the family detected from the configs (sdrt.runtime.families); `loras` are
     (LoRA .safetensors file, scale) pairs fused into the weights in order (sdrt.export.lora);
     `defaults` (steps, guidance_scale, sampler) are this model's generation defaults, recorded in
-    the manifest over its family's.
+    the manifest over its family's; `attention` "sliced" exports the UNet's attention one head at
+    a time (sdrt.export.chunked_attention), bounding its score tensor, and says so in the manifest.
     """
+    if attention not in ATTENTION_MODES:
+        raise InputError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
+                         f"got {attention!r}")
     src, out = Path(src_dir), Path(out_dir)
     if opset not in TORCHSCRIPT_OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
                           f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
     source = read_source(src, family)
+    if source.transformer is not None and (loras or attention != "full"):
+        raise InputError("--lora and --attention sliced apply to UNet models, not to SD 3")
     defaults = _model_defaults(defaults or {})
     _check_destination(src, out, force)
     fused = read_loras([(Path(path), scale) for path, scale in loras], unet_config=source.unet,
@@ -82,7 +90,8 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     started = time.perf_counter()
     try:
         _write_folder(source, work, opset=opset, check=check, origin=origin,
-                      threshold=external_data_threshold, loras=fused, defaults=defaults)
+                      threshold=external_data_threshold, loras=fused, defaults=defaults,
+                      attention=attention)
         _commit(work, out, force)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written folder
         shutil.rmtree(work, ignore_errors=True)
@@ -125,22 +134,19 @@ def _commit(work: Path, out: Path, force: bool) -> None:
 
 def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
                   origin: Mapping[str, Any] | None, threshold: int, loras: list[Lora],
-                  defaults: dict[str, Any]) -> None:
+                  defaults: dict[str, Any], attention: str = "full") -> None:
     _write_index(source, work)
-    sdxl = source.text_encoder_2 is not None
-    for name in ("tokenizer", "scheduler", *(("tokenizer_2",) if sdxl else ())):
+    copied, steps = export_plan(source) if source.transformer is not None \
+        else _unet_plan(source)
+    for name in copied:
         shutil.copytree(source.folder / name, work / name)
     specs: dict[str, ComponentSpec] = {}
-    steps: list[tuple[str, Callable[[Path], torch.nn.Module], list[str]]] = [
-        ("text_encoder", comp.load_text_encoder, ["text_encoder"]),
-        *([("text_encoder_2", comp.load_text_encoder_2, ["text_encoder_2"])] if sdxl else []),
-        ("unet", comp.load_unet, ["unet"]),
-        ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
-    ]
     for folder, loader, graphs in steps:
         model = loader(source.folder / folder)
         if loras and folder in LORA_COMPONENTS:
             fuse_loras(model, folder, loras)
+        if folder == "unet" and attention == "sliced":
+            model.set_attn_processor(HeadChunkedAttention())
         checks = {name: _export_component(model, name, source, work, opset=opset, check=check,
                                           threshold=threshold) for name in graphs}
         _write_config(model, work / graphs[0], *(work / name for name in graphs[1:]))
@@ -149,7 +155,20 @@ def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
         for name, pending in checks.items():
             specs[name] = _finish_component(work / name, pending)
     _manifest(source, specs, work, opset=opset, origin=origin, loras=loras,
-              defaults=defaults).save(work)
+              defaults=defaults, attention=attention).save(work)
+
+
+def _unet_plan(source: SourceModel) -> tuple[tuple[str, ...], list[Step]]:
+    """SD/SDXL: (folders copied as they are, (source folder, loader, graphs) in order)."""
+    sdxl = source.text_encoder_2 is not None
+    first = source.text_encoder is not None  # the SDXL refiner has text_encoder_2 alone
+    copied = (*(("tokenizer",) if first else ()), "scheduler", *(("tokenizer_2",) if sdxl else ()))
+    return copied, [
+        *([("text_encoder", comp.load_text_encoder, ["text_encoder"])] if first else []),
+        *([("text_encoder_2", comp.load_text_encoder_2, ["text_encoder_2"])] if sdxl else []),
+        ("unet", comp.load_unet, ["unet"]),
+        ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
+    ]
 
 
 @dataclass
@@ -215,8 +234,10 @@ def _write_index(source: SourceModel, work: Path) -> None:
 
 def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, *, opset: int,
               origin: Mapping[str, Any] | None, loras: list[Lora],
-              defaults: dict[str, Any]) -> Manifest:
+              defaults: dict[str, Any], attention: str = "full") -> Manifest:
     extra: dict[str, Any] = {"exporter": EXPORTER}
+    if attention != "full":  # runtime/memory.py reads it: the UNet's attention peak is bounded
+        extra["attention"] = attention
     if loras:  # the weights are no longer the source's alone
         extra["loras"] = [lora.manifest_entry() for lora in loras]
     return Manifest(
@@ -224,6 +245,7 @@ def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, 
         scaling_factor=source.scaling_factor, latent_channels=source.latent_channels,
         vae_scale_factor=source.vae_scale_factor, sample_size=source.sample_size,
         prediction_type=source.prediction_type, opset=opset, versions=_versions(),
+        shift_factor=float(source.vae.get("shift_factor") or 0.0),
         files=scan_files(work), variants=[], defaults=defaults, extra=extra,
     )
 

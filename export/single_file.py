@@ -198,8 +198,8 @@ def _text_parts(checkpoint: Checkpoint) -> tuple[_Part, ...]:
     sdxl = any(key.startswith(SDXL_PREFIX) for key in shapes)
     if sdxl and any(key.startswith(SDXL_REFINER_PREFIX) for key in shapes):
         raise ModelError(f"'{name}' is an SDXL refiner checkpoint ('{SDXL_REFINER_PREFIX}*'), "
-                         "which refines another model's latents; only SDXL base-type "
-                         "checkpoints are supported")
+                         "which is not converted from a single file: export the refiner's "
+                         "diffusers folder (or hub id) and pass it to `sdrt generate --refiner`")
     unet_in = shapes.get(KEYS["inpainting"])
     if unet_in is None or len(unet_in) != 4:
         raise ModelError(f"'{name}' has no UNet ('{KEYS['inpainting']}'): not a full SD "

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.families import check_override, detect_family
-from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR
+from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR, is_sd3_index
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
@@ -36,6 +36,7 @@ SDXL_COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
     "tokenizer_2": COMPONENTS["tokenizer"],
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION = "flow_prediction"  # SD 3's velocity (diffusers' name for it)
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json",
                 "text_encoder/config.json", "scheduler/scheduler_config.json")
 _HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)")
@@ -49,11 +50,13 @@ class SourceModel:
     model_index: dict[str, Any]
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoder: dict[str, Any] | None  # None: the SDXL refiner has text_encoder_2 alone
     scheduler: dict[str, Any]
     family: str
     config_sha256: str
     text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
+    transformer: dict[str, Any] | None = None  # SD 3's MMDiT (then `unet` is empty)
+    text_encoder_3: dict[str, Any] | None = None  # SD 3's optional T5 encoder
 
     @property
     def latent_channels(self) -> int:
@@ -71,7 +74,7 @@ class SourceModel:
 
     @property
     def sample_size(self) -> int:
-        return int(self.unet["sample_size"])
+        return int((self.transformer or self.unet)["sample_size"])
 
     @property
     def scaling_factor(self) -> float:
@@ -79,6 +82,8 @@ class SourceModel:
 
     @property
     def prediction_type(self) -> str:
+        if self.transformer is not None:
+            return FLOW_PREDICTION
         return str(self.scheduler.get("prediction_type", "epsilon"))
 
 
@@ -92,12 +97,20 @@ def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
     if not root.is_dir():
         raise ModelError(f"model folder '{root}' does not exist or is not a folder")
     index = _read_json(root, "model_index.json")
+    if is_sd3_index(index):  # an MMDiT, not a UNet: sdrt.export.sd3
+        from sdrt.export.sd3 import read_sd3_source
+
+        return read_sd3_source(root, index, family)
     wanted = {**COMPONENTS, **(SDXL_COMPONENTS if "text_encoder_2" in index else {})}
+    if "text_encoder_2" in index and index.get("text_encoder") in (None, [None, None]):
+        wanted = {name: parts for name, parts in wanted.items()  # the SDXL refiner
+                  if name not in ("text_encoder", "tokenizer")}
     _check_present(root, wanted)
     configs = {name: _read_json(root, rel) for name, rel in (
         ("unet", "unet/config.json"), ("vae", "vae/config.json"),
-        ("text_encoder", "text_encoder/config.json"),
         ("scheduler", "scheduler/scheduler_config.json"))}
+    configs["text_encoder"] = _read_json(root, "text_encoder/config.json") \
+        if "text_encoder" in wanted else None
     if "text_encoder_2" in wanted:
         configs["text_encoder_2"] = _read_json(root, "text_encoder_2/config.json")
     # Families first: a folder sdrt cannot run gets the reason, not "unknown pipeline".
@@ -183,5 +196,7 @@ def _config_hash(root: Path) -> str:
     digest = hashlib.sha256()
     sdxl = ("text_encoder_2/config.json",) if (root / "text_encoder_2").is_dir() else ()
     for rel in (*CONFIG_FILES, *sdxl):
+        if rel == "text_encoder/config.json" and not (root / rel).is_file():
+            continue  # the SDXL refiner's (read_source checked what the folder needs)
         digest.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
     return digest.hexdigest()

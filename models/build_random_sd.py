@@ -21,6 +21,10 @@ speed and memory do not depend on the values.
   8, so projection_class_embeddings_input_dim 6 × 8 + 32), two 32-wide CLIP encoders (the second
   a CLIPTextModelWithProjection) concatenated to cross_attention_dim 64; `!` pads tokenizer_2.
 - `tiny_sdxl_turbo` (SDXL-Turbo): tiny_sdxl's weights' shapes with Euler ancestral, trailing.
+- `tiny_sdxl_refiner` (SDXL refiner): diffusers' tiny refiner test components
+  (`get_dummy_components(skip_first_text_encoder=True)`, requires_aesthetics_score): no first
+  text encoder, tiny_sdxl's text_encoder_2, a UNet with cross_attention_dim 32 and five time ids
+  (projection_class_embeddings_input_dim 5 × 8 + 32), StableDiffusionXLImg2ImgPipeline.
 - `tiny_sd_lcm` (LCM, as SimianLuo/LCM_Dreamshaper_v7): tiny_sd with a 32-wide guidance-scale
   input (UNet time_cond_proj_dim), LCMScheduler and LatentConsistencyModelPipeline.
 - `tiny_sdxl_lcm` (LCM-SDXL, as latent-consistency/lcm-sdxl in the SDXL base pipeline): tiny_sdxl
@@ -28,8 +32,18 @@ speed and memory do not depend on the values.
 - `tiny_sd_inpaint` (SD 1.x inpainting, as stable-diffusion-v1-5/stable-diffusion-inpainting):
   tiny_sd with a 9-channel UNet input (latents, mask, masked-image latents) and
   StableDiffusionInpaintPipeline.
-- `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`: the full-size
-  architectures.
+- `tiny_sd3` (SD 3, Esser et al. 2024): an MMDiT (SD3Transformer2DModel) with SD 3's patch size
+  2 and 16 latent channels, 2 joint blocks 32 wide, joint_attention_dim 96 (wider than the two
+  CLIP states side by side, 64, so their zero padding is exercised) and pos_embed_max_size 24
+  (the position grid is cropped); two 32-wide CLIPTextModelWithProjection encoders with a
+  1,000-token vocabulary (as diffusers' SD 3 tests have them); a 2-block 16-channel VAE with SD
+  3's scaling_factor and shift_factor and no quant convs; FlowMatchEulerDiscreteScheduler with
+  shift 3; no T5 (model_index.json names text_encoder_3 null, as diffusers allows).
+- `tiny_sd3_t5`: tiny_sd3 with a 2-layer T5 encoder (gated-gelu as T5 v1.1 / T5-XXL, d_model 96)
+  and a T5 (Unigram) tokenizer written from CLIP's word list (see `_save_t5_tokenizer`).
+- `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`, `sdxl_refiner` (refiner
+  1.0's UNet as diffusers converts Stability's sd_xl_refiner.yaml), `sd3_medium` (without T5):
+  the full-size architectures.
 
 The tokenizer is `models/clip_tokenizer/` (the vocabulary SD 1.x and 2.x share) with the files of
 `models/configs/<arch>/tokenizer/`, when there is one, in place of its own (SD 2.x pads with `!`).
@@ -38,7 +52,8 @@ Each component gets `torch.manual_seed(seed)` before it is built, so a seed give
 whatever the prediction type.
 
 Usage: python models/build_random_sd.py ARCH OUT_DIR  (ARCH: a folder of models/configs/)
-       [--seed 0] [--prediction-type epsilon|v_prediction]
+       [--seed 0] [--prediction-type epsilon|v_prediction] [--dtype float32|float16]
+(`--dtype float16` halves the disk of a full-size folder; export loads it as float32.)
 """
 
 from __future__ import annotations
@@ -56,25 +71,40 @@ TOKENIZER = HERE / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+DTYPES = ("float32", "float16")
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's SentencePiece model has them
+T5_SPACE = "\u2581"  # SentencePiece's word-start marker
 logger = logging.getLogger("sdrt.models.build_random_sd")
 
 
 def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
-                    prediction_type: str | None = None) -> Path:
+                    prediction_type: str | None = None, dtype: str = "float32") -> Path:
     """Write `models/configs/<arch>` as a diffusers folder with seeded random weights."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
                          f"got {prediction_type!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     configs = CONFIGS / arch
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(configs / "model_index.json", out / "model_index.json")
     scheduler = _read(configs / "scheduler" / "scheduler_config.json")
-    scheduler["prediction_type"] = prediction_type or scheduler.get("prediction_type", "epsilon")
+    mmdit = (configs / "transformer").is_dir()  # SD 3's MMDiT in place of the UNet
+    if mmdit and prediction_type is not None:
+        raise ValueError("SD 3 predicts the flow velocity: prediction_type does not apply")
+    if not mmdit:
+        scheduler["prediction_type"] = prediction_type or scheduler.get("prediction_type",
+                                                                        "epsilon")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    _save_unet(out / "unet", _model_config(configs / "unet"), seed)
-    _save_vae(out / "vae", _model_config(configs / "vae"), seed)
+    if mmdit:
+        _save_diffusers("SD3Transformer2DModel", out / "transformer",
+                        _model_config(configs / "transformer"), seed, dtype)
+    else:
+        _save_diffusers("UNet2DConditionModel", out / "unet", _model_config(configs / "unet"),
+                        seed, dtype)
+    _save_diffusers("AutoencoderKL", out / "vae", _model_config(configs / "vae"), seed, dtype)
     # SDXL: text_encoder_2 and tokenizer_2 beside the first pair.
     for suffix in ("", "_2"):
         encoder = configs / f"text_encoder{suffix}"
@@ -84,7 +114,11 @@ def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
         _copy_tokenizer(configs / f"tokenizer{suffix}", out / f"tokenizer{suffix}")
         _shrink_bpe(out / f"tokenizer{suffix}", config["vocab_size"])
         _save_text_encoder(out / encoder.name, _model_config(encoder),
-                           config["architectures"][0], seed)
+                           config["architectures"][0], seed, dtype)
+    if (configs / "text_encoder_3").is_dir():  # SD 3's optional T5
+        config = _model_config(configs / "text_encoder_3")
+        _save_t5(out / "text_encoder_3", config, seed, dtype)
+        _save_t5_tokenizer(out / "tokenizer_3", config["vocab_size"])
     logger.info("wrote %s folder %s (seed %d)", arch, out, seed)
     return out
 
@@ -116,6 +150,31 @@ def _shrink_bpe(folder: Path, vocab_size: int) -> None:
     (folder / "merges.txt").write_text("\n".join([header, *merges[:count]]) + "\n", "utf-8")
 
 
+def _save_t5_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A T5 (SentencePiece Unigram) tokenizer over CLIP's whole words, written by transformers.
+
+    T5's own vocabulary cannot be downloaded here. Pieces: T5's three specials, the word-start
+    marker, the letters and digits alone and word-initial (so any ASCII word splits into known
+    pieces), then CLIP's word tokens in merge order as word-initial pieces, up to `vocab_size`;
+    scores fall with rank, so frequent whole words win the Unigram segmentation.
+    """
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [T5_SPACE, *chars, *(T5_SPACE + c for c in chars)]
+    clip = _read(TOKENIZER / "vocab.json")
+    words = [token[:-4] for token in sorted(clip, key=clip.get)
+             if token.endswith("</w>") and len(token) > 5 and token[:-4].isalpha()]
+    for word in words:
+        if len(T5_SPECIALS) + len(pieces) >= vocab_size:
+            break
+        pieces.append(T5_SPACE + word)
+    vocab = [(token, 0.0) for token in T5_SPECIALS]
+    vocab += [(piece, -1.0 - rank / 100.0) for rank, piece in enumerate(pieces)]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=256)
+    tokenizer.save_pretrained(folder)
+
+
 def save_text_encoder(model, folder: Path) -> None:
     """Save a CLIPTextModel(WithProjection) with SD's key layout (`text_model.` prefix kept).
 
@@ -139,24 +198,28 @@ def _sd_text_key(key: str) -> str:
     return f"text_model.{key}"
 
 
-def _save_unet(folder: Path, config: dict[str, Any], seed: int) -> None:
+def _save_diffusers(class_name: str, folder: Path, config: dict[str, Any], seed: int,
+                    dtype: str) -> None:
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    UNet2DConditionModel.from_config(config).save_pretrained(folder)
+    model = getattr(diffusers, class_name).from_config(config)
+    _cast(model, dtype).save_pretrained(folder)
 
 
-def _save_vae(folder: Path, config: dict[str, Any], seed: int) -> None:
+def _save_t5(folder: Path, config: dict[str, Any], seed: int, dtype: str) -> None:
     import torch
-    from diffusers import AutoencoderKL
+    import transformers
 
     torch.manual_seed(seed)
-    AutoencoderKL.from_config(config).save_pretrained(folder)
+    model = transformers.T5EncoderModel(transformers.T5Config(**config))
+    model.config.architectures = ["T5EncoderModel"]
+    _cast(model, dtype).save_pretrained(folder)
 
 
 def _save_text_encoder(folder: Path, config: dict[str, Any], architecture: str,
-                       seed: int) -> None:
+                       seed: int, dtype: str = "float32") -> None:
     import torch
     import transformers
 
@@ -165,7 +228,14 @@ def _save_text_encoder(folder: Path, config: dict[str, Any], architecture: str,
                          f"got {architecture!r}")
     torch.manual_seed(seed)
     model_class = getattr(transformers, architecture)
-    save_text_encoder(model_class(transformers.CLIPTextConfig(**config)), folder)
+    save_text_encoder(_cast(model_class(transformers.CLIPTextConfig(**config)), dtype), folder)
+
+
+def _cast(model, dtype: str):
+    """The model in `dtype`; float32 models are left alone (they are built in float32)."""
+    import torch
+
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
 def _model_config(folder: Path) -> dict[str, Any]:
@@ -184,9 +254,10 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args()
     print(build_random_sd(args.arch, args.out_dir, seed=args.seed,
-                          prediction_type=args.prediction_type))
+                          prediction_type=args.prediction_type, dtype=args.dtype))
 
 
 if __name__ == "__main__":

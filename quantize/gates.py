@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime.errors import GenerationError, QuantizeError
+from sdrt.runtime.low_memory import plan_request
+from sdrt.runtime.memory import available_memory
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from sdrt.runtime.variants import Variant
 
@@ -142,23 +144,30 @@ def failures(precision: str, figures: dict[str, float]) -> list[str]:
     return reasons
 
 
-def run_gate(folder: Path, variant: Variant, settings: GateSettings) -> dict:
-    """Measure `variant` against fp32 on its backend; its gate record, or QuantizeError."""
-    reference_pipe = Pipeline.load(folder, variant.backend)
-    candidate_pipe = Pipeline.load(folder, variant.backend, precision=variant)
+def run_gate(folder: Path, variant: Variant, settings: GateSettings,
+             budget: int | None = None) -> dict:
+    """Measure `variant` against fp32 on its backend; its gate record, or QuantizeError.
+    One pipeline is loaded at a time (fp32 first), each in low-memory mode where its default
+    plan exceeds `budget` bytes (default: the free memory; SDXL's fp32 pipeline alone is 14 GB)."""
+    reference_pipe = _load(folder, variant.backend, "fp32", settings, budget)
+    facts = reference_pipe.facts
     try:
         reference = render(reference_pipe, settings)
     except UnusableOutput as exc:
         raise QuantizeError(f"fp32 itself gives unusable output ({exc}): no gate can pass; "
                             f"{variant.key} is not listed") from exc
+    figures = {}
+    if settings.adherence_captions:
+        figures["adherence_fp32"] = adherence(reference_pipe, settings.adherence_captions,
+                                              settings.steps)
+    del reference_pipe
+    candidate_pipe = _load(folder, variant.backend, variant, settings, budget)
     try:
-        figures = compare(reference, render(candidate_pipe, settings))
+        figures = {**compare(reference, render(candidate_pipe, settings)), **figures}
     except UnusableOutput as exc:
         raise QuantizeError(f"{variant.key} failed its gate ({exc}); its files were removed "
                             "and it is not listed") from exc
     if settings.adherence_captions:
-        figures["adherence_fp32"] = adherence(reference_pipe, settings.adherence_captions,
-                                              settings.steps)
         figures["adherence"] = adherence(candidate_pipe, settings.adherence_captions,
                                          settings.steps)
     summary = _summary(figures)
@@ -173,10 +182,22 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings) -> dict:
                        **({"max_adherence_drop": MAX_ADHERENCE_DROP}
                           if settings.adherence_captions else {})},
         "prompts": list(settings.prompts), "seeds": list(settings.seeds),
-        "steps": settings.steps or reference_pipe.facts.family.steps,
-        "size": settings.size or reference_pipe.facts.default_size,
+        "steps": settings.steps or facts.family.steps,
+        "size": settings.size or facts.default_size,
         "adherence_captions": len(settings.adherence_captions),
     }
+
+
+def _load(folder: Path, backend: str, precision: str | Variant, settings: GateSettings,
+          budget: int | None) -> Pipeline:
+    """A pipeline for the gate: low-memory where the default plan exceeds the budget."""
+    request = GenerationRequest("gate", steps=settings.steps, width=settings.size,
+                                height=settings.size)
+    plan = plan_request(folder, backend, precision, request, mode="auto",
+                        budget=budget or available_memory())
+    if plan.low_memory:
+        log.info("gate pipeline in low-memory mode: %s", plan.reason)
+    return Pipeline.load(folder, backend, precision=precision, low_memory=plan.low_memory)
 
 
 def _summary(figures: dict[str, float]) -> str:

@@ -42,8 +42,8 @@ METHODS = {
 }
 
 
-def needs_calibration(precision: str, component: str) -> bool:
-    """Whether making this graph needs recorded inputs."""
+def needs_calibration(precision: str, component: str, src: Path | None = None) -> bool:
+    """Whether making this graph needs recorded inputs (at any size of graph `src`)."""
     return precision == "int8-hybrid" and component in HYBRID_COMPONENTS
 
 

@@ -18,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from sdrt.quantize.ort_weights import METHOD as WEIGHT_ONLY
+from sdrt.quantize.ort_weights import quantize_weights
+from sdrt.runtime.memory import graph_bytes
+
 GRAPH_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one serialised ONNX message; bigger graphs keep external data
 # Graphs quantized statically (calibrated on recorded inputs); others get dynamic int8.
@@ -27,17 +31,26 @@ DYNAMIC_OPS = ["MatMul", "Gather"]
 # Static int8: only the ops that carry the compute; normalisations, softmax and element-wise ops
 # stay float, where int8 costs accuracy and saves little time.
 STATIC_OPS = ["Conv", "MatMul", "Gemm"]
+# Static calibration holds about three copies of a graph's weights (30 GB for SDXL's UNet), so
+# graphs above this are made weight-only int8 instead, one tensor at a time (ort_weights.py).
+STREAM_ABOVE = 4 * 1024**3
 METHODS = {
     "fp16": "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)",
     "int8": "onnxruntime.quantization: quantize_static QDQ, per-channel int8 weights, uint8 "
             "activations, MinMax ranges from recorded inputs (unet, vae_decoder); "
-            "quantize_dynamic int8 MatMul/Gather weights (text encoders)",
+            "quantize_dynamic int8 MatMul/Gather weights (text encoders); graphs over 4 GB (the "
+            f"SDXL UNet): {WEIGHT_ONLY}",
 }
 
 
-def needs_calibration(precision: str, component: str) -> bool:
-    """Whether making this graph needs recorded inputs."""
-    return precision == "int8" and component in STATIC_COMPONENTS
+def needs_calibration(precision: str, component: str, src: Path | None = None) -> bool:
+    """Whether making this graph needs recorded inputs (not when it is streamed weight-only)."""
+    return precision == "int8" and component in STATIC_COMPONENTS and not streamed(src)
+
+
+def streamed(src: Path | None) -> bool:
+    """Whether graph `src` is too big to calibrate, so int8 streams it weight-only."""
+    return src is not None and graph_bytes(src) > STREAM_ABOVE
 
 
 def execution(precision: str, component: str) -> str:
@@ -52,7 +65,9 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
     external = _has_external_data(src)
     if precision == "fp16":
         to_fp16(src, dest)
-    elif needs_calibration(precision, component):
+    elif precision == "int8" and component in STATIC_COMPONENTS and streamed(src):
+        quantize_weights(src, dest)
+    elif needs_calibration(precision, component, src):
         int8_static(src, dest, feeds or [], external=external)
     elif precision == "int8":
         int8_dynamic(src, dest, external=external)

@@ -35,8 +35,10 @@ SUPPORTED = {
 }
 # Graphs a variant may replace. The VAE decoder only when named (DESIGN.md: it stays fp32 unless
 # a gate proves otherwise); the VAE encoder never, since the text-to-image gate cannot test it.
-QUANTIZABLE = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
-DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+# SD 3's MMDiT (`transformer`) and optional T5 (`text_encoder_3`) as the UNet and CLIP.
+QUANTIZABLE = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer",
+               "vae_decoder")
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
 CALIBRATION_PROMPT_COUNT = 8  # × steps UNet calls: 160 samples at 20 steps
 GATE_PROMPT_COUNT = 4  # × gates.GATE_SEEDS images compared by PSNR
 SCENES_ADHERENCE_CAPTIONS = 200  # the adherence benchmark's default sample
@@ -165,7 +167,8 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
                                 "OPTIMIZATION_CAPABILITIES lacks BF16): bf16 would run as fp32")
         chosen = {name: ComponentVariant(execution="bf16") for name in components}
         return Variant("bf16", backend, chosen), maker.METHODS["bf16"]
-    calibrated = tuple(c for c in components if maker.needs_calibration(options.precision, c))
+    calibrated = tuple(c for c in components if maker.needs_calibration(
+        options.precision, c, manifest.component_path(folder, c)))
     feeds = {}
     if calibrated:
         from sdrt.quantize.calibration import record_inputs

@@ -28,8 +28,13 @@ from sdrt.runtime.graph_files import confinement_roots, escapes, sniff, vet_grap
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest, file_problem
 from sdrt.runtime.model_folder import (
     COMPONENTS,
+    REFINER_COMPONENTS,
+    SD3_COMPONENTS,
     check_folder,
     check_index,
+    folder_parts,
+    is_refiner_index,
+    is_sd3_index,
     read_facts,
     read_json,
 )
@@ -38,7 +43,8 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import VARIANTS_DIR, Variant
 
 GRAPH_NAMES = ("model.onnx", "openvino_model.xml")
-OPTIONAL_GRAPHS = ("text_encoder_2", "vae_encoder")  # SDXL's second encoder; image inputs only
+# SDXL's second encoder; image inputs only; SD 3's T5
+OPTIONAL_GRAPHS = ("text_encoder_2", "vae_encoder", "text_encoder_3")
 # Weights of a diffusers (PyTorch) folder: a source for `sdrt export`, not a folder to run.
 TORCH_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 # export/onnx_export.py writes OUT_DIR as `.<name>.partial-<pid>-<8 hex>` and renames it at the
@@ -115,11 +121,13 @@ def check_model(folder: str | os.PathLike[str], *, backend: str = "ort",
     report = CheckReport(folder)
     _check_is_model_folder(folder)
     found = _Findings(fail_fast=False)
+    index: dict = {}
     try:
-        check_index(read_json(folder / "model_index.json"))
+        index = read_json(folder / "model_index.json")
+        check_index(index)
     except ModelError as exc:  # malformed, or a class outside the allow-lists
         found.add("model_index.json", str(exc))
-    for name in (*COMPONENTS, "tokenizer", "scheduler"):
+    for name in folder_parts(index):
         if not (folder / name).is_dir():
             found.add(name, f"model folder '{folder.name}' is incomplete: '{name}/' is missing")
     _walk(folder, found, sniff_files=lambda rel: True)
@@ -228,9 +236,11 @@ def _graphs(folder: Path, found: _Findings, report: CheckReport,
     """Every graph file to vet: each component's, and each listed variant's."""
     index = read_json(folder / "model_index.json") if not found.touches("model_index.json") \
         else {}
-    wanted = [*COMPONENTS, *(name for name in OPTIONAL_GRAPHS
-                             if (folder / name).is_dir() or index.get(name) not in (None,
-                                                                                    [None, None]))]
+    graphs_needed = SD3_COMPONENTS if is_sd3_index(index) \
+        else REFINER_COMPONENTS if is_refiner_index(index) else COMPONENTS
+    wanted = [*graphs_needed, *(name for name in OPTIONAL_GRAPHS if name not in graphs_needed
+                                and ((folder / name).is_dir()
+                                     or index.get(name) not in (None, [None, None])))]
     graphs = []
     for name in wanted:
         part = folder / name
@@ -280,8 +290,10 @@ def _check_configs(folder: Path, found: _Findings, report: CheckReport) -> None:
     try:
         report.family = read_facts(folder).family.name
         SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json").validate()
+        first = "tokenizer_2" if is_refiner_index(read_json(folder / "model_index.json")) \
+            else "tokenizer"
         for name in ("tokenizer", "tokenizer_2"):
-            if name == "tokenizer" or (folder / name).is_dir():
+            if name == first or (folder / name).is_dir():
                 ClipTokenizer.from_dir(folder / name)
     except SdrtError as exc:
         found.add("configs", str(exc))

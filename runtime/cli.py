@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from sdrt.runtime.cli_memory import MemoryOptions, memory_options
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.families import FAMILIES
 from sdrt.runtime.model_folder import EMBEDDED_MODEL
@@ -148,12 +149,16 @@ def main(verbose: bool) -> None:
 @click.option("--default-sampler", default=None,
               help="Record this model's default sampler (default: its family's, else its "
                    "scheduler's).")
+@click.option("--attention", type=click.Choice(["full", "sliced"]), default="full",
+              show_default=True,
+              help="sliced: the UNet's attention one head at a time, so no step holds every "
+                   "head's score tensor (lower peak memory, for --low-memory).")
 @_reports_errors
 def export(source: str, out_dir: Path, opset: int, force: bool, family: str | None,
            config: str | None, allow_pickle: bool, revision: str | None,
            cache_dir: Path | None, loras: tuple[Path, ...], lora_scales: tuple[float, ...],
            default_steps: int | None, default_guidance: float | None,
-           default_sampler: str | None) -> None:
+           default_sampler: str | None, attention: str) -> None:
     """Export SOURCE to ONNX (optimum's layout) in OUT_DIR.
 
     SOURCE is a diffusers SD 1.x/2.x/XL or LCM folder, an A1111/civitai single-file checkpoint
@@ -170,7 +175,7 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
         done = export_pipeline(src, out_dir, opset=opset, force=force, family=family,
                                origin=origin, loras=fused, defaults={
                                    "steps": default_steps, "guidance_scale": default_guidance,
-                                   "sampler": default_sampler})
+                                   "sampler": default_sampler}, attention=attention)
     click.echo(f"exported {source} → {done}")
 
 
@@ -237,18 +242,64 @@ def _save_all(paths: list[Path], results) -> None:
 @main.command()
 @click.argument("prompt")
 @_generation_options(sized=False)
+@memory_options
+@click.option("--refiner", "refiner_dir", type=click.Path(path_type=Path), default=None,
+              help="An exported SDXL refiner folder: the base model stops at --refiner-start "
+                   "of the schedule and the refiner finishes and decodes (diffusers' "
+                   "denoising_end / denoising_start).")
+@click.option("--refiner-start", type=float, default=None,
+              help="Fraction of the schedule the base model denoises before the refiner, in "
+                   "(0, 1); default 0.8.")
+@click.option("--skip-layers", default=None,
+              help="SD 3: skip-layer guidance over these joint blocks, e.g. 7,8,9 (an extra "
+                   "conditional pass on the steps between 1% and 20% of the run).")
+@click.option("--skip-layer-scale", type=float, default=None,
+              help="SD 3: skip-layer guidance scale; default 2.8 (diffusers').")
 @_reports_errors
 def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, backend: str,
-             precision: str, **options) -> None:
+             precision: str, memory: MemoryOptions, refiner_dir: Path | None,
+             refiner_start: float | None, skip_layers: str | None,
+             skip_layer_scale: float | None, **options) -> None:
     """Generate images from PROMPT; each PNG carries A1111 `parameters` metadata."""
+    from sdrt.runtime.cli_memory import describe, plan_generation
+    from sdrt.runtime.errors import InputError
     from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+    from sdrt.runtime.refiner import DEFAULT_REFINER_START, check_refiner_start, refine
 
+    if refiner_start is not None and refiner_dir is None:
+        raise InputError("--refiner-start needs --refiner (an SDXL refiner folder)")
+    refiner_start = check_refiner_start(
+        DEFAULT_REFINER_START if refiner_start is None else refiner_start)
+    if skip_layers is not None:
+        options["skip_layers"] = _int_list(skip_layers, "--skip-layers")
+    if skip_layer_scale is not None:
+        options["skip_layer_scale"] = skip_layer_scale
     request = GenerationRequest(prompt=prompt, **options)
     paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
-    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    plan = plan_generation(model_dir, backend, precision, request, memory)
+    if memory.dry_run:
+        click.echo(describe(plan))
+        return
+    if plan.low_memory and not memory.low_memory:
+        click.echo(f"switching to --low-memory: {plan.reason}", err=True)
+    load = {"backend": backend, "threads": threads, "precision": precision,
+            "low_memory": plan.low_memory, "device": memory.device,
+            "vram_limit": memory.vram_limit}
+    pipe = Pipeline.load(model_dir, **load)
+    refiner = None if refiner_dir is None else Pipeline.load(refiner_dir, **load)
     with StepProgress(request.steps) as progress:
-        results = pipe.run(request, callback=progress.update)
+        results = pipe.run(request, callback=progress.update) if refiner is None \
+            else refine(pipe, refiner, request, refiner_start, callback=progress.update)
     _save_all(paths, results)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from sdrt.runtime.errors import InputError
+
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 STRENGTH_HELP = ("Denoising strength in [0, 1]: the run makes the last int(steps × strength) of "

@@ -7,6 +7,10 @@
   top, left, target height, width) micro-conditioning. An empty negative prompt becomes zeros
   when model_index.json says `force_zeros_for_empty_prompt` (diffusers does so for a negative
   prompt of None, which is what sdrt's empty default stands for).
+- SDXL refiner (Podell et al. 2023, §2.5; diffusers' StableDiffusionXLImg2ImgPipeline with
+  `requires_aesthetics_score`): text_encoder_2 alone, its penultimate state as the context and
+  its `text_embeds`; `time_ids` = (original height, width, crop top, left, aesthetic score), the
+  score 6.0 on the prompt's rows and 2.5 on the negative's (diffusers' defaults).
 
 Rows come uncond-then-cond when guided, as the pipeline's classifier-free guidance splits them.
 """
@@ -29,6 +33,8 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 HIDDEN_STATES = "hidden_states."  # optimum's output names: hidden_states.N is layer N's input
+AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults, the refiner's
+NEGATIVE_AESTHETIC_SCORE = 2.5  # time ids on the prompt's and the negative prompt's rows
 
 
 def penultimate_output(config: dict[str, Any]) -> str:
@@ -110,9 +116,44 @@ class SdxlConditioner:
         return np.concatenate([first, second], axis=-1), pooled  # (N, 77, D1 + D2), (N, P)
 
 
+@dataclass(frozen=True)
+class RefinerConditioner:
+    """The SDXL refiner: text_encoder_2's penultimate state and `text_embeds`, and
+    `time_ids` of size, crop and aesthetic score (module docstring)."""
+
+    tokenizer: ClipTokenizer  # tokenizer_2, the only one
+    encoder: TextEncoder  # text_encoder_2
+    hidden: str  # its penultimate hidden-state output
+    zeros_for_empty_negative: bool
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+
+    def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
+                 height: int) -> Conditioning:
+        zeros = guided and not negative and self.zeros_for_empty_negative
+        texts = [negative, prompt] if guided and not zeros else [prompt]
+        context, pooled = self.encoder.outputs(_tokenize(self.tokenizer, texts),
+                                               (self.hidden, "text_embeds"))
+        if zeros:
+            context = np.concatenate([np.zeros_like(context), context])  # (2, 77, D)
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])  # (2, P)
+        scores = [self.negative_aesthetic_score, self.aesthetic_score] if guided \
+            else [self.aesthetic_score]
+        time_ids = np.array([[height, width, 0, 0, score] for score in scores],
+                            dtype=np.float32)  # (N, 5)
+        return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids})
+
+
 def load_conditioner(folder: Path, architecture: str,
                      open_graph: Callable[[str], Session]) -> TextConditioner:
     """The conditioner for a model folder of `architecture` (a families.Family field)."""
+    if architecture == "sdxl-refiner":
+        index = read_json(folder / "model_index.json")
+        return RefinerConditioner(
+            ClipTokenizer.from_dir(folder / "tokenizer_2"),
+            TextEncoder(open_graph("text_encoder_2"), "text_encoder_2"),
+            penultimate_output(read_json(folder / "text_encoder_2" / "config.json")),
+            zeros_for_empty_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
     tokenizer = ClipTokenizer.from_dir(folder / "tokenizer")
     encoder = TextEncoder(open_graph("text_encoder"))
     if architecture != "sdxl":

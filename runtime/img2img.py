@@ -121,6 +121,7 @@ class Start:
     init_latents: np.ndarray | None = None  # (B, C, h, w), noised to the first step's level
     keep: KeepOutside | None = None  # 4-channel inpainting
     image_channels: np.ndarray | None = None  # (B, 1 + C, h, w): mask ‖ masked-image latents
+    add_noise: bool = True  # False: init_latents are already at start_step's level (a refiner's)
 
 
 @dataclass(frozen=True)

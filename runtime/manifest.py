@@ -11,7 +11,8 @@ vae_scale_factor, scaling_factor, opset, versions {package: version}, components
 (relative to the `name/` folder), inputs, outputs, validation?, external_data?}}, files
 {relative path: {sha256, bytes}}, variants [objects the quantize stage adds], loras? [{file,
 sha256, scale}: LoRAs fused into the weights at export, kept in `extra`], defaults? {steps?,
-guidance_scale?, sampler?: this model's generation defaults, over its family's}. Unknown keys are
+guidance_scale?, sampler?: this model's generation defaults, over its family's}, shift_factor?
+(SD 3's VAE latent shift; absent means 0). Unknown keys are
 kept (top level in `extra`, per component in `ComponentSpec.extra`) and written back by `save`,
 so a newer writer's additions survive an older reader that rewrites the file.
 
@@ -41,14 +42,16 @@ from sdrt.runtime.errors import ModelError, first_line
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-manifest"
 FORMAT_VERSION = 1
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")  # flow: SD 3
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae_decoder")  # the SDXL refiner: one encoder
+SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")  # T5 optional
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KNOWN_KEYS = frozenset({
     "format", "format_version", "family", "source", "components", "scaling_factor",
     "latent_channels", "vae_scale_factor", "sample_size", "prediction_type", "opset",
-    "versions", "files", "variants", "defaults",
+    "versions", "files", "variants", "defaults", "shift_factor",
 })
 DEFAULT_KEYS = ("steps", "guidance_scale", "sampler")  # what `defaults` may set
 
@@ -129,6 +132,7 @@ class Manifest:
     files: dict[str, FileEntry]
     variants: list[dict[str, Any]] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
+    shift_factor: float = 0.0  # SD 3's VAE: latents = (z - shift_factor) · scaling_factor
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -161,7 +165,8 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise ModelError(f"{MANIFEST_NAME} format_version {version} is newer than this sdrt "
                              f"reads ({FORMAT_VERSION}); upgrade sdrt")
-        missing = sorted(_KNOWN_KEYS - {"format", "variants", "defaults"} - data.keys())
+        missing = sorted(_KNOWN_KEYS - {"format", "variants", "defaults", "shift_factor"}
+                         - data.keys())
         _expect(not missing, f"missing key '{missing[0]}'" if missing else "")
         components, files = data["components"], data["files"]
         _expect(isinstance(components, dict), "'components' must be an object")
@@ -171,7 +176,8 @@ class Manifest:
             latent_channels=data["latent_channels"], vae_scale_factor=data["vae_scale_factor"],
             sample_size=data["sample_size"], prediction_type=data["prediction_type"],
             opset=data["opset"], versions=data["versions"], variants=data.get("variants", []),
-            defaults=data.get("defaults", {}), format_version=version,
+            defaults=data.get("defaults", {}), shift_factor=data.get("shift_factor", 0.0),
+            format_version=version,
             components={name: ComponentSpec.from_json(spec, f"components.{name}")
                         for name, spec in components.items()},
             files={path: _file_entry(entry, path) for path, entry in files.items()},
@@ -186,6 +192,7 @@ class Manifest:
             "source": self.source, "prediction_type": self.prediction_type,
             "sample_size": self.sample_size, "latent_channels": self.latent_channels,
             "vae_scale_factor": self.vae_scale_factor, "scaling_factor": self.scaling_factor,
+            **({"shift_factor": self.shift_factor} if self.shift_factor else {}),
             "opset": self.opset, "versions": self.versions,
             "components": {name: spec.to_json() for name, spec in self.components.items()},
             "files": {path: entry.to_json() for path, entry in sorted(self.files.items())},
@@ -213,6 +220,9 @@ class Manifest:
         _expect(isinstance(self.scaling_factor, (int, float)) and not _is_bool(self.scaling_factor)
                 and math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
                 f"'scaling_factor' must be a positive number, got {self.scaling_factor!r}")
+        _expect(isinstance(self.shift_factor, (int, float)) and not _is_bool(self.shift_factor)
+                and math.isfinite(self.shift_factor),
+                f"'shift_factor' must be a number, got {self.shift_factor!r}")
         for key in ("latent_channels", "vae_scale_factor", "sample_size", "opset"):
             value = getattr(self, key)
             _expect(_is_int(value) and value > 0,
@@ -243,7 +253,9 @@ class Manifest:
                 "'defaults.sampler' must be a sampler name")
 
     def _validate_components(self) -> None:
-        missing = [name for name in REQUIRED_COMPONENTS if name not in self.components]
+        required = {"sdxl-refiner": REFINER_COMPONENTS, "sd3": SD3_COMPONENTS}.get(
+            self.family, REQUIRED_COMPONENTS)
+        missing = [name for name in required if name not in self.components]
         _expect(not missing, f"component '{missing[0]}' is missing" if missing else "")
         for name, spec in self.components.items():
             where = f"components.{name}"

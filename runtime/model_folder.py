@@ -16,12 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdrt.runtime.errors import ModelError, first_line
-from sdrt.runtime.families import Family, detect_family, get_family
+from sdrt.runtime.families import Family, detect_family, detect_sd3_family, get_family
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae_decoder")  # the SDXL refiner's: one encoder
+SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")  # T5 optional
 GRAPH_FILES = {"ort": ("model.onnx",), "openvino": ("openvino_model.xml", "model.onnx")}
 IR_FILE = "openvino_model.xml"
 # model_index.json `_class_name`s of the folders sdrt reads: diffusers' and its legacy ONNX
@@ -35,19 +37,23 @@ PIPELINE_CLASSES = frozenset({
     "LatentConsistencyModelPipeline", "ORTLatentConsistencyModelPipeline",
     "OVLatentConsistencyModelPipeline", "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionInpaintPipeline", "ORTStableDiffusionInpaintPipeline",
-    "OVStableDiffusionInpaintPipeline",
+    "OVStableDiffusionInpaintPipeline", "StableDiffusion3Pipeline", "ORTStableDiffusion3Pipeline",
+    "OVStableDiffusion3Pipeline",
 })
 # Classes model_index.json may name for the parts sdrt loads; `OnnxRuntimeModel` is the legacy
 # ONNX layout's entry for every graph.
 COMPONENT_CLASSES = {
-    "text_encoder": {"CLIPTextModel", "OnnxRuntimeModel"},
+    "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection", "OnnxRuntimeModel"},
     "text_encoder_2": {"CLIPTextModelWithProjection", "OnnxRuntimeModel"},
+    "text_encoder_3": {"T5EncoderModel", "OnnxRuntimeModel"},  # SD 3's optional T5
     "unet": {"UNet2DConditionModel", "OnnxRuntimeModel"},
+    "transformer": {"SD3Transformer2DModel", "OnnxRuntimeModel"},
     "vae": {"AutoencoderKL"},
     "vae_decoder": {"OnnxRuntimeModel"},
     "vae_encoder": {"OnnxRuntimeModel"},
     "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
     "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
+    "tokenizer_3": {"T5TokenizerFast", "T5Tokenizer"},
 }
 SCHEDULER_CLASS = re.compile(r"[A-Za-z0-9]+Scheduler")  # any diffusers scheduler name
 # Parts sdrt does not load but diffusers' own SD folders name (exports null them); anything else
@@ -81,7 +87,9 @@ class ModelFacts:
     latent_channels: int
     vae_scale_factor: int
     sample_size: int
-    unet_sha256: str | None
+    unet_sha256: str | None  # the denoiser's graph (UNet, or SD 3's transformer)
+    shift_factor: float = 0.0  # SD 3's VAE latent shift
+    patch_size: int = 1  # SD 3's transformer patches: image sides are multiples of it × VAE's
 
     @property
     def default_size(self) -> int:
@@ -95,10 +103,31 @@ def check_folder(folder: Path) -> None:
         raise ModelError(f"model folder '{folder}' does not exist or is not a folder")
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"'{folder}' is not a model folder: model_index.json is missing")
-    check_index(read_json(folder / "model_index.json"))
-    for name in (*COMPONENTS, "tokenizer", "scheduler"):
+    index = read_json(folder / "model_index.json")
+    check_index(index)
+    for name in folder_parts(index):
         if not (folder / name).is_dir():
             raise ModelError(f"model folder '{folder.name}' is incomplete: '{name}/' is missing")
+
+
+def is_refiner_index(index: dict) -> bool:
+    """model_index.json names text_encoder_2 but no text_encoder: the SDXL refiner's layout."""
+    return index.get("text_encoder_2") not in (None, [None, None]) \
+        and index.get("text_encoder") in (None, [None, None])
+
+
+def is_sd3_index(index: dict) -> bool:
+    """model_index.json names an SD 3 pipeline (an MMDiT `transformer/`, not a UNet)."""
+    return str(index.get("_class_name", "")).endswith("StableDiffusion3Pipeline")
+
+
+def folder_parts(index: dict) -> tuple[str, ...]:
+    """The folders a model folder with this model_index.json must have."""
+    if is_sd3_index(index):
+        return (*SD3_COMPONENTS, "tokenizer", "tokenizer_2", "scheduler")
+    if is_refiner_index(index):
+        return (*REFINER_COMPONENTS, "tokenizer_2", "scheduler")
+    return (*COMPONENTS, "tokenizer", "scheduler")
 
 
 def graph_file(folder: Path, component: str, backend: str) -> Path:
@@ -118,7 +147,8 @@ def read_facts(folder: Path) -> ModelFacts:
     """Facts from manifest.json, or from the component configs when there is no manifest."""
     if (folder / MANIFEST_NAME).is_file():
         manifest = Manifest.load(folder)
-        unet_file = manifest.files.get("unet/model.onnx")
+        unet_file = manifest.files.get("unet/model.onnx") \
+            or manifest.files.get("transformer/model.onnx")
         return ModelFacts(
             name=folder.resolve().name,
             # this model's own defaults (sdrt export --default-*) over its family's
@@ -128,14 +158,19 @@ def read_facts(folder: Path) -> ModelFacts:
             vae_scale_factor=manifest.vae_scale_factor,
             sample_size=manifest.sample_size,
             unet_sha256=unet_file.sha256 if unet_file else None,
+            shift_factor=manifest.shift_factor,
+            patch_size=_patch_size(folder),
         )
+    if (folder / "transformer").is_dir():
+        return _sd3_facts(folder)
     if not any((folder / name / "config.json").is_file() for name in COMPONENTS):
         return _legacy_facts(folder)
     vae = read_json(folder / "vae_decoder" / "config.json")
     unet = read_json(folder / "unet" / "config.json")
     second = folder / "text_encoder_2" / "config.json"  # SDXL's
+    first = folder / "text_encoder" / "config.json"  # all but the SDXL refiner's
     family = detect_family(read_json(folder / "model_index.json"), unet, vae,
-                           read_json(folder / "text_encoder" / "config.json"),
+                           read_json(first) if first.parent.is_dir() else None,
                            read_json(folder / "scheduler" / "scheduler_config.json"),
                            read_json(second) if second.parent.is_dir() else None)
     return ModelFacts(
@@ -147,6 +182,30 @@ def read_facts(folder: Path) -> ModelFacts:
         sample_size=int(unet.get("sample_size", SD1_SAMPLE_SIZE)),
         unet_sha256=None,
     )
+
+
+def _patch_size(folder: Path) -> int:
+    """SD 3's transformer patch size from its config (1 for UNet models)."""
+    config = folder / "transformer" / "config.json"
+    return int(read_json(config).get("patch_size", 1)) if config.is_file() else 1
+
+
+def _sd3_facts(folder: Path) -> ModelFacts:
+    """SD 3's facts from optimum's component configs (a folder without manifest.json)."""
+    vae = read_json(folder / "vae_decoder" / "config.json")
+    transformer = read_json(folder / "transformer" / "config.json")
+    configs = [read_json(folder / name / "config.json")
+               for name in ("text_encoder", "text_encoder_2")]
+    t5 = folder / "text_encoder_3" / "config.json"
+    family = detect_sd3_family(transformer, vae, *configs, read_json(t5) if t5.is_file() else None,
+                               read_json(folder / "scheduler" / "scheduler_config.json"))
+    return ModelFacts(
+        name=folder.resolve().name, family=get_family(family),
+        scaling_factor=float(vae["scaling_factor"]), latent_channels=int(vae["latent_channels"]),
+        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+        sample_size=int(transformer["sample_size"]), unet_sha256=None,
+        shift_factor=float(vae.get("shift_factor") or 0.0),
+        patch_size=int(transformer.get("patch_size", 1)))
 
 
 def _legacy_facts(folder: Path) -> ModelFacts:

@@ -10,6 +10,7 @@ so several threads may generate at once.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,15 +27,24 @@ from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_condit
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
 from sdrt.runtime.images import ImageSource, paste_back
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
+from sdrt.runtime.low_memory import Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
 from sdrt.runtime.model_folder import (
     EMBEDDED_MODEL,
     ModelFacts,
     read_facts,
 )
+from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
 from sdrt.runtime.rng import GENERATORS, NoiseGenerator, make_generator, randn_rows
 from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler, sample
 from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.sd3 import (
+    SLG_SCALE,
+    SkipLayerGuidance,
+    Transformer,
+    load_sd3_conditioner,
+    velocity_fn,
+)
 from sdrt.runtime.session import BACKENDS, open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import Variant, resolve_variant
@@ -61,6 +71,9 @@ class GenerationRequest:
     height: int | None = None
     num_images: int = 1
     generator: str = "torch"
+    # SD 3 only: skip-layer guidance's joint blocks (none: off) and scale (runtime/sd3.py)
+    skip_layers: tuple[int, ...] = ()
+    skip_layer_scale: float = SLG_SCALE
 
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
         """Fill defaults from the model and its family, then check each field (errors name it)."""
@@ -76,7 +89,7 @@ class GenerationRequest:
             width=facts.default_size if self.width is None else self.width,
             height=facts.default_size if self.height is None else self.height,
         )
-        filled.validate(facts.vae_scale_factor)
+        filled.validate(facts.vae_scale_factor * facts.patch_size)
         return filled
 
     def validate(self, vae_scale_factor: int) -> None:
@@ -103,8 +116,13 @@ class GenerationRequest:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise InputError(f"guidance scale must be ≥ 0, got {self.guidance_scale}")
+        try:
+            scale = float(self.guidance_scale)
+        except OverflowError:  # an int beyond float's range (10**400)
+            scale = math.inf
+        if not 0 <= scale < math.inf:  # NaN fails too
+            raise InputError(f"guidance scale must be finite and ≥ 0, got "
+                             f"{str(self.guidance_scale)[:20]}")
         if self.generator not in GENERATORS:
             raise InputError(
                 f"unknown generator '{self.generator}'; choose one of: {', '.join(GENERATORS)}"
@@ -140,10 +158,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, folder: str | Path = EMBEDDED_MODEL, backend: str = "ort", *,
-             threads: int | None = None, precision: str | Variant = "fp32") -> Pipeline:
+             threads: int | None = None, precision: str | Variant = "fp32",
+             low_memory: bool = False, device: str = "cpu",
+             vram_limit: int | None = None) -> Pipeline:
         """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`);
         by default sdrt's embedded shapes model. `precision` names a variant manifest.json lists
-        for this backend (quantize's gate passes a Variant it has not listed yet)."""
+        for this backend (quantize's gate passes a Variant it has not listed yet). `low_memory`
+        keeps one graph resident at a time, runs the CFG pair as batch-1 calls and the VAE in
+        tiles (runtime/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py."""
         folder = Path(folder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
@@ -153,22 +175,39 @@ class Pipeline:
         scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
         scheduler.validate()
 
-        def session(component: str):
-            return open_session(variant.graph_path(folder, component), backend, threads=threads,
-                                execution=variant.execution(component))
+        residency = Residency() if low_memory else None
+        opener = residency.open_session if residency else open_session
 
-        unet = UNet(session("unet"))
+        def session(component: str):
+            return opener(variant.graph_path(folder, component), backend, threads=threads,
+                          execution=variant.execution(component), device=device,
+                          vram_limit=vram_limit)
+
+        if facts.family.architecture == "sd3":  # an MMDiT and its joint text conditioning
+            unet = Transformer(session("transformer"))
+            conditioner = load_sd3_conditioner(folder, session, unet.context_width)
+        else:
+            unet = UNet(session("unet"))
+            conditioner = load_conditioner(folder, facts.family.architecture, session)
         _check_unet_channels(unet, facts)
-        return cls(folder, backend, facts, scheduler,
-                   load_conditioner(folder, facts.family.architecture, session),
-                   unet, VaeDecoder(session("vae_decoder")), precision=variant.precision,
-                   vae_encoder=LazyEncoder(lambda: VaeEncoder(session("vae_encoder"))))
+        decoder, encoder = VaeDecoder(session("vae_decoder")), VaeEncoder
+        if residency:  # batch-1 UNet calls, tiled VAE
+            unet, decoder, encoder = residency.components(unet, decoder, facts.vae_scale_factor)
+        return cls(folder, backend, facts, scheduler, conditioner, unet, decoder,
+                   precision=variant.precision,
+                   vae_encoder=LazyEncoder(lambda: encoder(session("vae_encoder"))))
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
+                 refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
                  **options) -> list[Image.Image]:
-        """Generate images; each carries its A1111 `parameters` text in `image.info`."""
-        return _with_parameters(self.run(GenerationRequest(prompt=prompt, **options),
-                                         callback=callback))
+        """Generate images; each carries its A1111 `parameters` text in `image.info`. With a
+        `refiner` pipeline (SDXL's), this one stops at `refiner_start` of the schedule and the
+        refiner finishes (runtime/refiner.py)."""
+        request = GenerationRequest(prompt=prompt, **options)
+        if refiner is not None:
+            return _with_parameters(refine(self, refiner, request, refiner_start,
+                                           callback=callback))
+        return _with_parameters(self.run(request, callback=callback))
 
     def img2img(self, image: ImageSource, prompt: str, *,
                 strength: float = i2i.DEFAULT_STRENGTH, callback: StepCallback | None = None,
@@ -238,21 +277,10 @@ class Pipeline:
         if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
             return [GeneratedImage(init.image.copy(), self._info(req, i, shown))
                     for i in range(req.num_images)]
-        # diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
-        # scale as an input (LCM's guidance embedding) instead of classifier-free guidance
-        guided = req.guidance_scale > 1.0 and self.unet.guidance_dim is None
-        # 3. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
-        #    with the UNet's added conditions (SDXL) row-aligned.
-        cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
-                                width=req.width, height=req.height).repeat(req.num_images)
-        # 4. Starting point: noise, or a picture's latents; a mask for inpainting.
+        # 3. Starting point: noise, or a picture's latents; a mask for inpainting.
         start = self._start(req, generators, init)
-        # 5. Sampler loop over the guided UNet.
-        latents = sample(self._model_fn(cond, req.guidance_scale, guided, start.image_channels),
-                         start.noise, config=self.scheduler, sampler=req.sampler,
-                         steps=req.steps, step_noise=lambda shape: randn_rows(generators, shape),
-                         callback=callback, start_step=start.start_step,
-                         init_latents=start.init_latents, keep=start.keep)
+        # 4–5. Text conditioning and the sampler loop over the guided UNet.
+        latents = self.denoise(req, generators, start, callback)
         # 6. Decode, one image at a time to bound peak memory; inpainting puts the original's
         #    pixels back outside the feathered mask.
         pixels = [self._decode(latents[i : i + 1]) for i in range(req.num_images)]
@@ -261,6 +289,33 @@ class Pipeline:
         # 7. Attach what made each image.
         return [GeneratedImage(image, self._info(req, i, shown))
                 for i, image in enumerate(pixels)]
+
+    def denoise(self, req: GenerationRequest, generators: list[NoiseGenerator], start: Start,
+                callback: StepCallback | None = None, *,
+                end_step: int | None = None) -> np.ndarray:
+        """Steps 4–5 of `run` from `start`: the latents diffusers hands to the VAE, or with
+        `end_step` those after that many model calls, still noisy (diffusers' denoising_end)."""
+        # diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
+        # scale as an input (LCM's guidance embedding) instead of classifier-free guidance
+        guided = req.guidance_scale > 1.0 and self.unet.guidance_dim is None
+        # 4. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
+        #    with the UNet's added conditions (SDXL) row-aligned.
+        cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
+                                width=req.width, height=req.height).repeat(req.num_images)
+        # 5. Sampler loop over the guided UNet.
+        if req.skip_layers and not isinstance(self.unet, Transformer):
+            raise InputError("skip-layer guidance is for SD 3 models (an MMDiT transformer)")
+        model = self._model_fn(cond, req.guidance_scale, guided, start.image_channels) \
+            if not isinstance(self.unet, Transformer) else velocity_fn(
+                self.unet, cond, req.guidance_scale, guided, req.steps,
+                SkipLayerGuidance(req.skip_layers, req.skip_layer_scale) if req.skip_layers
+                else None)
+        return sample(model,
+                      start.noise, config=self.scheduler, sampler=req.sampler,
+                      steps=req.steps, step_noise=lambda shape: randn_rows(generators, shape),
+                      callback=callback, start_step=start.start_step,
+                      init_latents=start.init_latents, keep=start.keep, end_step=end_step,
+                      add_noise=start.add_noise)
 
     def _fit_unet(self, req: GenerationRequest, init: ImageInput | None) -> ImageInput | None:
         """The input checked against the request; an inpainting UNet gets A1111's stand-ins: a
@@ -310,7 +365,9 @@ class Pipeline:
         return model
 
     def _decode(self, latents: np.ndarray) -> Image.Image:
-        decoded = self.vae_decoder(latents / self.facts.scaling_factor)  # (1, 3, H, W) in [-1, 1]
+        # SD 3's VAE also shifts its latents (shift_factor 0 elsewhere)
+        decoded = self.vae_decoder(latents / np.float32(self.facts.scaling_factor)
+                                   + np.float32(self.facts.shift_factor))  # (1, 3, H, W)
         if not np.isfinite(decoded).all():
             raise GenerationError(
                 "the VAE decoder produced NaN/Inf values; the model or precision is unstable"
@@ -324,6 +381,9 @@ class Pipeline:
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
         if init is not None and init.mask is not None:
             extra["Mask blur"] = init.mask_blur  # A1111's key, written for inpainting only
+        if req.skip_layers:  # SD 3's skip-layer guidance (quoted: the layers hold commas)
+            extra["Skip layers"] = ",".join(map(str, req.skip_layers))
+            extra["Skip layer scale"] = req.skip_layer_scale
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
             sampler=display_name(req.sampler), cfg_scale=req.guidance_scale,

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.flow_match import (
+    FlowDenoiser,
+    flow_match_schedule,
+    is_flow_matching,
+    sample_flow_euler,
+)
 from sdrt.runtime.guidance import Denoiser, ModelFn
 from sdrt.runtime.schedules import (
     ConsistencySchedule,
@@ -151,6 +157,7 @@ class SamplerSpec:
     schedule: Callable[[SchedulerConfig, int, int], Schedule]
     display: str  # A1111's name, written into the PNG metadata
     diffusers_class: str
+    flow: bool = False  # rectified flow (SD 3): velocity output, sigma in [0, 1]
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -164,6 +171,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_karras": SamplerSpec(sample_dpmpp_2m, dpm_karras_schedule, "DPM++ 2M Karras",
                                    "DPMSolverMultistepScheduler"),
     "lcm": SamplerSpec(sample_lcm, lcm_schedule, "LCM", "LCMScheduler"),
+    "flow_euler": SamplerSpec(sample_flow_euler, flow_match_schedule, "Flow Euler",
+                              "FlowMatchEulerDiscreteScheduler", flow=True),
 }
 _ALIASES = {
     **{name: name for name in SAMPLERS},
@@ -240,10 +249,15 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
            sampler: str = "euler_a", steps: int = 20, step_noise: NoiseFn | None = None,
            callback: UserCallback | None = None, start_step: int = 0,
            init_latents: np.ndarray | None = None,
-           keep: KeepOutside | None = None) -> np.ndarray:
+           keep: KeepOutside | None = None, end_step: int | None = None,
+           add_noise: bool = True) -> np.ndarray:
     """Run a sampler from noise (or, for image-to-image, from init_latents noised to the level of
     step `start_step`) and return float32 latents as diffusers hands them to the VAE; `keep`
     puts an original back outside a mask after every step (4-channel inpainting).
+
+    diffusers' denoising_end/denoising_start (SDXL base → refiner): `end_step` stops the run
+    after model call `end_step` - 1 and returns the latents there, still noisy; `add_noise=False`
+    takes init_latents as such latents, already at step `start_step`'s level (no noise added).
 
     `callback(i, n, latents)` runs after every model call (n = calls of this run); when it
     returns True the run stops and the current denoised estimate is returned.
@@ -251,22 +265,55 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
     config.validate()
     name = resolve_sampler(sampler)
     _check_run(config, name, steps, start_step, noise, init_latents, keep)
+    _check_flow(config, name, init_latents, keep)
+    _check_handover(num_model_calls(name, steps), start_step, end_step, add_noise, init_latents)
     spec = SAMPLERS[name]
     sched = spec.schedule(config, steps, start_step)
-    stopped = False
+    stopped, handed = False, None
 
     def on_step(i: int, x: np.ndarray, denoised: np.ndarray) -> np.ndarray | None:
-        nonlocal stopped
+        nonlocal stopped, handed
         if keep is not None:
             x = keep.apply(sched, i + 1, x)
         if callback is not None and callback(i, len(sched), sched.latents(x, i + 1)):
             stopped = True
             return None
+        if end_step is not None and start_step + i + 1 == end_step:
+            handed = sched.latents(x, i + 1)
+            return None
         return x
 
-    x = spec.run(Denoiser(model, config.prediction_type), sched.initial(noise, init_latents),
-                 sched, noise=step_noise, callback=on_step)
+    start = sched.initial(noise, init_latents) if add_noise \
+        else sched.from_latents(init_latents, 0)
+    denoiser = FlowDenoiser(model) if spec.flow else Denoiser(model, config.prediction_type)
+    x = spec.run(denoiser, start, sched, noise=step_noise, callback=on_step)
+    if handed is not None:
+        return handed
     return x if stopped else sched.latents(x, len(sched))
+
+
+def _check_flow(config: SchedulerConfig, name: str, init_latents: np.ndarray | None,
+                keep: KeepOutside | None) -> None:
+    """Flow samplers need a flow-matching config, and the others refuse one; flow matching here
+    runs text-to-image only."""
+    flow = SAMPLERS[name].flow
+    if flow != is_flow_matching(config):
+        wanted = "a flow-matching (SD 3)" if flow else "a diffusion (SD 1.x/2.x/XL)"
+        fits = [n for n, spec in SAMPLERS.items() if spec.flow != flow]
+        raise InputError(f"sampler '{name}' needs {wanted} model; this model's scheduler "
+                         f"{config.class_name} takes: {', '.join(fits)}")
+    if flow and (init_latents is not None or keep is not None):
+        raise InputError(f"sampler '{name}' runs text-to-image only here (no image input)")
+
+
+def _check_handover(calls: int, start_step: int, end_step: int | None, add_noise: bool,
+                    init_latents: np.ndarray | None) -> None:
+    if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
+                                 or not start_step < end_step <= calls):
+        raise InputError(f"end_step must be an integer in {start_step + 1}..{calls}, "
+                         f"got {end_step!r}")
+    if not add_noise and init_latents is None:
+        raise InputError("add_noise=False needs init_latents (the latents to go on from)")
 
 
 def _check_run(config: SchedulerConfig, name: str, steps: int, start_step: int,

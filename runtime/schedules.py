@@ -27,6 +27,12 @@ _UNSUPPORTED_FLAGS = {  # config flags whose diffusers behaviour the runtime doe
     "clip_sample": "clips latents to [-1, 1]",
     "thresholding": "dynamic thresholding is for pixel-space models",
     "rescale_betas_zero_snr": "zero terminal SNR needs an infinite sigma",
+    # FlowMatchEulerDiscreteScheduler's options beyond SD 3's static shift
+    "use_dynamic_shifting": "resolution-dependent mu is not implemented",
+    "invert_sigmas": "inverted flow sigmas are not implemented",
+    "stochastic_sampling": "stochastic flow sampling is not implemented",
+    "use_exponential_sigmas": "exponential sigmas are not implemented",
+    "use_beta_sigmas": "beta sigmas are not implemented",
 }
 
 
@@ -57,6 +63,12 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    shift: float = 1.0  # FlowMatchEulerDiscreteScheduler's timestep shift (sdrt.runtime.flow_match)
+    use_dynamic_shifting: bool = False
+    invert_sigmas: bool = False
+    stochastic_sampling: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
@@ -107,6 +119,8 @@ class SchedulerConfig:
                     f", got {self.original_inference_steps!r}")
         if not _is_number(self.timestep_scaling) or not 0 < self.timestep_scaling < math.inf:
             return f"timestep_scaling must be a positive number, got {self.timestep_scaling!r}"
+        if not _is_number(self.shift) or not 0 < self.shift < math.inf:
+            return f"shift must be a positive number, got {self.shift!r}"
         return self._beta_problem()
 
     def _beta_problem(self) -> str | None:
@@ -258,6 +272,12 @@ class Schedule:
     def latents(self, x: np.ndarray, i: int) -> np.ndarray:
         """x at sigmas[i] in the form diffusers carries its latents (and hands to the VAE)."""
         return x / math.hypot(1.0, self.sigmas[i]) if self.vp_latents else x
+
+    def from_latents(self, latents: np.ndarray, i: int) -> np.ndarray:
+        """x at sigmas[i] from diffusers' latents there (the inverse of `latents`)."""
+        latents = np.asarray(latents, dtype=np.float32)
+        return latents * np.float32(math.hypot(1.0, self.sigmas[i])) if self.vp_latents \
+            else latents
 
     def relabel(self, x: np.ndarray, i: int) -> np.ndarray:
         """x landed on sigmas_to[i], re-read at sigmas[i + 1] keeping x / sqrt(sigma² + 1)."""

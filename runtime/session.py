@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sdrt.runtime import compile_cache
+from sdrt.runtime import compile_cache, devices
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.graph_files import version_refusal, vet_graph
 
@@ -99,11 +99,16 @@ class OrtSession(CheckedSession):
     """ONNX Runtime CPU session (`CPUExecutionProvider` unless other providers are given)."""
 
     def __init__(self, path: Path, *, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+                 providers: tuple | list = ("CPUExecutionProvider",),
+                 low_memory: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if low_memory:  # free each activation when done instead of keeping arena/pattern peaks;
+            options.enable_cpu_mem_arena = False  # weights used from the mapped file as they
+            options.enable_mem_pattern = False  # are, not copied into pre-packed layouts
+            options.add_session_config_entry("session.disable_prepacking", "1")
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
@@ -148,7 +153,8 @@ class OpenVinoSession(CheckedSession):
     """
 
     def __init__(self, path: Path, *, device: str = "CPU", precision_hint: str = "f32",
-                 cache_dir: Path | None = None, threads: int | None = None) -> None:
+                 cache_dir: Path | None = None, threads: int | None = None,
+                 vram_limit: int | None = None) -> None:
         import openvino as ov
 
         self.label = f"{path.parent.name}/{path.name}"
@@ -158,7 +164,7 @@ class OpenVinoSession(CheckedSession):
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
         self._config.update(compile_cache.options(cache_dir))
-        self._device = device
+        self._device = devices.openvino_device(self._core, device.lower(), vram_limit)
         try:
             self._model = _read_ov_model(self._core, path)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
@@ -228,18 +234,22 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 
 def open_session(path: Path, backend: str, *, threads: int | None = None,
-                 execution: str = "f32") -> Session:
+                 execution: str = "f32", device: str = "cpu", vram_limit: int | None = None,
+                 low_memory: bool = False) -> Session:
     """Load one graph file with the named backend, after vetting it (graph_files.vet_graph);
-    `execution` is OpenVINO's precision hint."""
+    `execution` is OpenVINO's precision hint; `device` "gpu" runs on CUDA (ORT) or an Intel GPU
+    (OpenVINO) where present, capped at `vram_limit` bytes (runtime/devices.py)."""
     if backend in BACKENDS:  # version stamps are asked about only if the backend refuses
         vet_graph(path, backend, versions=False)
     if backend == "ort":
         if execution != "f32":
             raise InputError(f"execution precision {execution} needs the openvino backend")
-        return OrtSession(path, threads=threads)
+        return OrtSession(path, threads=threads, low_memory=low_memory,
+                          providers=devices.ort_providers(device, vram_limit))
     if backend == "openvino":
         return OpenVinoSession(path, threads=threads, precision_hint=execution,
-                               cache_dir=compile_cache.cache_dir())
+                               cache_dir=compile_cache.cache_dir(device),
+                               device=device.upper(), vram_limit=vram_limit)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 

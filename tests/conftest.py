@@ -202,6 +202,7 @@ REFERENCE_SCHEDULERS = {
 REFERENCE_PIPELINES = {
     "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionXLPipeline": {"add_watermarker": False},
+    "StableDiffusionXLImg2ImgPipeline": {"add_watermarker": False},
     "LatentConsistencyModelPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionInpaintPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionImg2ImgPipeline": {"safety_checker": None, "requires_safety_checker": False},

@@ -108,6 +108,8 @@ def test_family_override_keeps_the_architecture():
     with pytest.raises(ModelError, match="does not fit"):
         check_override("sd1", "sd-turbo")
     with pytest.raises(ModelError, match="not supported"):
+        check_override("sd1", "flux")
+    with pytest.raises(ModelError, match="does not fit"):
         check_override("sd1", "sd3")
     with pytest.raises(ModelError, match="does not fit"):
         check_override("sd2", "sdxl-turbo")
@@ -185,8 +187,8 @@ def test_folder_without_manifest_detects_its_family(tiny_turbo_onnx_dir, tmp_pat
 def test_unknown_family_in_manifest_is_refused_at_load(tiny_onnx_dir, tmp_path):
     folder = shutil.copytree(tiny_onnx_dir, tmp_path / "future")
     data = json.loads((folder / MANIFEST_NAME).read_text())
-    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "sd3"}))
-    with pytest.raises(ModelError, match="model family 'sd3' is not supported"):
+    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "family": "flux"}))
+    with pytest.raises(ModelError, match="model family 'flux' is not supported"):
         Pipeline.load(folder)
 
 

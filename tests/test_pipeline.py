@@ -53,7 +53,9 @@ def test_nan_output_is_an_error_not_a_black_image(pipe, monkeypatch):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [("width", 60, "width must be a multiple of 8"), ("steps", 0, "steps must be between"),
-     ("guidance_scale", float("nan"), "guidance scale"), ("num_images", 17, "num_images")],
+     ("guidance_scale", float("nan"), "guidance scale"),
+     ("guidance_scale", 10**400, "guidance scale"),  # beyond float's range, as JSON allows
+     ("num_images", 17, "num_images")],
 )
 def test_request_validation(pipe, field, value, message):
     with pytest.raises(InputError, match=message):

@@ -40,6 +40,8 @@ SD15 = SchedulerConfig(class_name="PNDMScheduler", beta_start=0.00085, beta_end=
 # SD 1.5 with DDIM/PNDM's last step landing on sigma 0, so every sampler ends at x0.
 SD15_TO_ZERO = SchedulerConfig(**{**SD15.__dict__, "set_alpha_to_one": True})
 DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"]
+# The samplers of diffusion (VE/VP) schedules; flow matching has its own tests (test_sd3.py).
+DIFFUSION_SAMPLERS = [name for name, spec in SAMPLERS.items() if not spec.flow]
 SHAPE = (1, 1, 64, 64)  # 4096 independent samples
 # Sample std vs S: 4096 samples put ~1% noise on the std; first-order samplers (Euler, DDIM)
 # add ~1.6% bias at 200 steps, ancestral Euler ~3.7%.
@@ -132,7 +134,7 @@ def test_ddim_is_an_euler_step_in_sigma():
 # ---- the sample() contract -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_callback_sees_every_model_call_and_can_stop_with_the_denoised_estimate(name):
     target = noise(seed=5) * 0.5
     seen = []
@@ -148,7 +150,7 @@ def test_callback_sees_every_model_call_and_can_stop_with_the_denoised_estimate(
     np.testing.assert_allclose(out, target, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_callback_returning_none_runs_to_the_end(name):
     count = []
     sample(point_mass_model(noise(seed=5), name, 4), noise(), config=SD15, sampler=name, steps=4,
@@ -156,7 +158,7 @@ def test_callback_returning_none_runs_to_the_end(name):
     assert count == list(range(num_model_calls(name, 4)))
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 @pytest.mark.parametrize("start_step", [0, 3, 8])
 def test_image_to_image_from_a_point_mass_returns_the_init_latents(name, start_step):
     if name == "pndm" and start_step:
@@ -201,7 +203,7 @@ def test_sample_rejects_bad_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_every_step_count_up_to_the_training_steps_runs(name, spacing):
     # With steps_offset, "leading" at T steps asks for t = T (diffusers indexes past its table).
     # LCM's steps are a subset of its original_inference_steps (50) schedule.
@@ -236,7 +238,7 @@ def test_unknown_sampler_lists_the_choices():
     with pytest.raises(InputError) as info:
         resolve_sampler("heun")
     assert str(info.value) == ("unknown sampler 'heun'; choose one of: ddim, pndm, euler, "
-                               "euler_a, dpmpp_2m, dpmpp_2m_karras, lcm")
+                               "euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, flow_euler")
 
 
 @pytest.mark.parametrize("data, expected", [

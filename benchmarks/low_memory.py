@@ -1,0 +1,244 @@
+"""Low-memory mode figures: peak RSS of `sdrt generate` in a fresh process beside the estimate,
+and the PSNR of a tiled against an untiled VAE decode.
+
+Usage:
+  python -m sdrt.benchmarks.low_memory generate MODEL [--precision int8] [--size 512]
+      [--steps 1] [--low-memory] [--backend ort]     # one row: measured peak, estimate, ratio
+  python -m sdrt.benchmarks.low_memory tiled-psnr MODEL [--size 1024] [--tile 48 --overlap 16]
+  python -m sdrt.benchmarks.low_memory generate MODEL --unet-graph variants/X/unet/model.onnx
+      --low-memory   # a UNet graph not (yet) gated and listed, measured all the same
+  python -m sdrt.benchmarks.low_memory regate MODEL --precision int8 --backend ort
+      # a listed variant's gate again after its graphs were rewritten (slice_attention.py)
+
+The peak is the child process's own ru_maxrss (os.wait4), as GNU time reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime import memory
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.low_memory import map_large_allocations, plan_request
+from sdrt.runtime.pipeline import GenerationRequest
+
+PROMPT = "a lighthouse at dusk"
+# `sdrt bench` scenario → the component it calls and its batch rows.
+BENCH_CALLS = {"text_encoder": ("text_encoder", 2), "unet_b1": ("unet", 1),
+               "unet_b2": ("unet", 2), "vae_decode": ("vae_decoder", 1)}
+
+
+def peak_rss_of(argv: list[str]) -> tuple[int, float, str]:
+    """Run argv; its peak RSS in bytes, wall seconds and the tail of its output."""
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        sys.exit(f"error: {' '.join(argv)} failed: {output.strip().splitlines()[-1:]}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start, output.strip()[-300:]
+
+
+def unlisted_variant(args: argparse.Namespace):
+    """--unet-graph: a Variant whose UNet is that graph (under variants/, not listed, not gated:
+    for measuring memory only), else the precision's name."""
+    from sdrt.runtime.variants import ComponentVariant, Variant
+
+    if not args.unet_graph:
+        return args.precision
+    return Variant(args.precision, args.backend, {"unet": ComponentVariant(args.unet_graph)})
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """One generation in this process with an unlisted variant (the child of generate_row)."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.model, args.backend, precision=unlisted_variant(args),
+                         low_memory=args.low_memory)
+    [image] = pipe.generate(PROMPT, steps=args.steps, seed=0, width=args.size, height=args.size)
+    image.save(Path(args.output) / f"{Path(args.model).name}-{args.size}-variant.png")
+    return {"done": True}
+
+
+def generate_row(args: argparse.Namespace) -> dict:
+    """Measured and estimated peak of one `sdrt generate` run (or of run_variant's)."""
+    request = GenerationRequest(prompt=PROMPT, steps=args.steps, seed=0, width=args.size,
+                                height=args.size)
+    plan = plan_request(Path(args.model), args.backend, unlisted_variant(args), request,
+                        mode="low" if args.low_memory else "default", budget=None)
+    if args.unet_graph:
+        peak, wall, _ = peak_rss_of([sys.executable, "-m", "sdrt.benchmarks.low_memory",
+                                     "run-variant", *sys.argv[2:]])
+        return _row(args, peak, wall, plan.peak)
+    out = Path(args.output) / f"{Path(args.model).name}-{args.size}-lm{int(args.low_memory)}.png"
+    argv = [str(Path(sys.executable).parent / "sdrt"), "generate", PROMPT, "--model", args.model,
+            "--backend", args.backend, "--precision", args.precision, "--steps",
+            str(args.steps), "--seed", "0", "-W", str(args.size), "-H", str(args.size),
+            "--max-memory", "1T", "-o", str(out), *(["--low-memory"] if args.low_memory else [])]
+    peak, wall, _ = peak_rss_of(argv)
+    return _row(args, peak, wall, plan.peak)
+
+
+def _row(args: argparse.Namespace, peak: int, wall: float, estimate: int) -> dict:
+    return {"model": Path(args.model).name, "size": args.size, "precision": args.precision,
+            "unet_graph": args.unet_graph, "backend": args.backend,
+            "low_memory": args.low_memory, "steps": args.steps, "peak_rss_bytes": peak,
+            "estimate_bytes": estimate, "estimate_over_measured": round(estimate / peak, 3),
+            "within_tolerance": abs(estimate / peak - 1) <= memory.ESTIMATE_TOLERANCE,
+            "wall_s": round(wall, 1)}
+
+
+def scenario_estimate(name: str, model: str, backend: str, precision: str,
+                      width: int | None, height: int | None) -> int | None:
+    """The estimated peak of one `sdrt bench` scenario (its process loads the whole pipeline,
+    then times one component, or generates end to end); None for the VAE encoder's."""
+    from sdrt.runtime.low_memory import sliced_attention
+    from sdrt.runtime.model_folder import read_facts
+
+    folder = Path(model)
+    facts = read_facts(folder)
+    width, height = width or facts.default_size, height or facts.default_size
+    found = plan_request(folder, backend, precision, GenerationRequest(PROMPT, width=width,
+                                                                       height=height),
+                         mode="default", budget=None).estimate
+    if name == "end_to_end":
+        return found.default_peak
+    component, rows = BENCH_CALLS.get(name, (None, 0))
+    if component is None:
+        return None
+    unet = memory.unet_shape(folder, *sliced_attention(folder))
+    shapes = memory.Shapes(width, height, rows, facts.vae_scale_factor)
+    return (found.base + sum(c.resident for c in found.components)
+            + memory.working_bytes(component, shapes, unet))
+
+
+def tiled_psnr(args: argparse.Namespace) -> dict:
+    """PSNR (dB, images in [-1, 1]) of the tiled decode of seeded latents against the untiled."""
+    from sdrt.runtime.components import VaeDecoder, VaeEncoder
+    from sdrt.runtime.model_folder import read_facts
+    from sdrt.runtime.session import open_session
+    from sdrt.runtime.tiled_vae import TiledVaeDecoder, Tiling
+
+    folder = Path(args.model)
+    facts = read_facts(folder)
+    map_large_allocations()  # the untiled 1024×1024 decode needs gigabytes: keep them bounded
+    decoder = VaeDecoder(open_session(folder / "vae_decoder" / "model.onnx", "ort",
+                                      low_memory=True))
+    side = args.size // facts.vae_scale_factor
+    if args.picture:  # the latents of a seeded picture of shapes, through the folder's encoder
+        encoder = VaeEncoder(open_session(folder / "vae_encoder" / "model.onnx", "ort",
+                                          low_memory=True))
+        latents = encoder(_shapes_picture(args.size))
+    else:  # smooth latents: a seeded field on a grid 8× coarser, upsampled bilinearly
+        coarse = np.random.default_rng(0).standard_normal(
+            (1, facts.latent_channels, side // 8 + 1, side // 8 + 1)) / facts.scaling_factor
+        latents = _upsample(_upsample(coarse, side, axis=2), side, axis=3).astype(np.float32)
+    start = time.perf_counter()
+    tiled = TiledVaeDecoder(decoder, Tiling(args.tile, args.overlap),
+                            facts.vae_scale_factor)(latents)
+    tiled_s = time.perf_counter() - start
+    start = time.perf_counter()
+    full = decoder(latents)
+    full_s = time.perf_counter() - start
+    mse = float(np.mean((np.clip(tiled, -1, 1) - np.clip(full, -1, 1)) ** 2))
+    return {"model": folder.name, "size": args.size, "tile": args.tile, "overlap": args.overlap,
+            "latents": "picture" if args.picture else "smooth field",
+            "psnr_db": round(10 * np.log10(4.0 / mse), 2), "tiled_s": round(tiled_s, 1),
+            "untiled_s": round(full_s, 1)}
+
+
+def regate(args: argparse.Namespace) -> dict:
+    """Gate a listed variant again, with its recorded prompts, seeds, steps and size, after its
+    graphs were rewritten (export/slice_attention.py --query-chunks); its new record replaces
+    the old one, or it is unlisted if it fails (QuantizeError)."""
+    from dataclasses import replace
+
+    from sdrt.quantize import gates
+    from sdrt.runtime.manifest import Manifest
+    from sdrt.runtime.variants import Variant
+
+    folder = Path(args.model)
+    manifest = Manifest.load(folder)
+    entries = [entry for entry in manifest.variants
+               if (entry["precision"], entry["backend"]) == (args.precision, args.backend)]
+    if not entries:
+        sys.exit(f"error: {folder.name} lists no {args.precision}-{args.backend} variant")
+    old = entries[0]["gate"]
+    settings = gates.GateSettings(prompts=tuple(old["prompts"]), seeds=tuple(old["seeds"]),
+                                  steps=old["steps"], size=old["size"])
+    try:
+        record = gates.run_gate(folder, Variant.from_json(entries[0]), settings,
+                                budget=memory.parse_size(args.max_memory) if args.max_memory
+                                else None)
+    except SdrtError:
+        replace(manifest, variants=[e for e in manifest.variants if e is not entries[0]]
+                ).save(folder)
+        raise
+    entries[0]["gate"] = record
+    manifest.save(folder)
+    return {"model": folder.name, "variant": f"{args.precision}-{args.backend}",
+            "gate": record["summary"], "before": old["summary"]}
+
+
+def _shapes_picture(size: int) -> np.ndarray:
+    """(1, 3, size, size) in [-1, 1]: 40 seeded circles and squares on a blue ground."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (size, size), (40, 60, 160))
+    draw = ImageDraw.Draw(picture)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        x, y = rng.integers(0, size, 2).tolist()
+        r = int(rng.integers(size // 50, size // 8))
+        shape = draw.ellipse if i % 2 == 0 else draw.rectangle
+        shape((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return (np.asarray(picture, np.float32) / 127.5 - 1).transpose(2, 0, 1)[None]
+
+
+def _upsample(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Linear interpolation of `x` to `size` samples along `axis` (ends kept)."""
+    where = np.linspace(0, x.shape[axis] - 1, size)
+    lo = np.minimum(np.floor(where).astype(int), x.shape[axis] - 2)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    weight = (where - lo).reshape(shape)
+    return np.take(x, lo, axis=axis) * (1 - weight) + np.take(x, lo + 1, axis=axis) * weight
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("generate", "tiled-psnr", "regate", "run-variant"))
+    parser.add_argument("model")
+    parser.add_argument("--backend", default="ort")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--low-memory", action="store_true")
+    parser.add_argument("--tile", type=int, default=48)
+    parser.add_argument("--overlap", type=int, default=16)
+    parser.add_argument("--output", default="/tmp")
+    parser.add_argument("--picture", action="store_true",
+                        help="tiled-psnr: latents of a picture of shapes, not a smooth field")
+    parser.add_argument("--max-memory", default=None, help="regate: the gate's memory budget")
+    parser.add_argument("--unet-graph", default=None,
+                        help="generate with this UNet graph (a path under variants/, unlisted)")
+    args = parser.parse_args()
+    row = {"generate": generate_row, "tiled-psnr": tiled_psnr, "regate": regate,
+           "run-variant": run_variant}[args.what](args)
+    if "peak_rss_bytes" in row:
+        row["peak"] = memory.format_size(row["peak_rss_bytes"])
+        row["estimate"] = memory.format_size(row["estimate_bytes"])
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
