@@ -358,7 +358,9 @@ def test_kiosk_page_in_headless_chromium(server):
             # the page's CSP forbids eval, so conditions are polled here, not in the page
             wait_for(lambda: page.text_content("#model"), "the page to load its config")
             page.fill("#prompt", "a red circle on a blue background")
-            page.fill("#steps", "300")  # ~4 s: the page polls progress several times
+            # ~4 s on an idle machine (300 steps took 1.3 s, too quick to see progress between
+            # two of the page's polls, or a preview, which comes at most once a second)
+            page.fill("#steps", str(LONG_STEPS))
             page.fill("#seed", "7")
             page.click("#generate")
             wait_for(lambda: 0 < page.eval_on_selector("#progress", "p => p.value") < 1,
