@@ -337,9 +337,19 @@ def chromium() -> str:
     return path
 
 
-def test_kiosk_page_in_headless_chromium(server):
+def test_kiosk_page_in_headless_chromium():
     executable = chromium()  # skips (or fails) before the import when playwright is missing
     from playwright.sync_api import sync_playwright
+
+    # A server of its own: after test_disconnected_clients_free_their_slots on the shared one,
+    # the page's job stayed "Queued" while /health said idle (not yet explained; see the
+    # session note), and this test is about the page.
+    with running_server("--workers", "2", "--max-queue", "3",
+                        "--max-steps", str(LONG_STEPS)) as server:
+        _drive_the_page(server, executable, sync_playwright)
+
+
+def _drive_the_page(server, executable, sync_playwright) -> None:
 
     outside: list[str] = []
 
