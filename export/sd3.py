@@ -30,6 +30,7 @@ from sdrt.export.source import (
     _check_present,
     _check_tokenizer,
     _read_json,
+    check_component_classes,
 )
 from sdrt.runtime.conditioning import penultimate_output
 from sdrt.runtime.errors import ModelError
@@ -68,12 +69,7 @@ def read_sd3_source(root: Path, index: dict[str, Any], family: str | None) -> So
     detected = detect_sd3_family(configs["transformer"], configs["vae"],
                                  configs["text_encoder"], configs["text_encoder_2"], t5_config,
                                  scheduler)
-    for name, (library, classes) in wanted.items():
-        entry = index.get(name)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library
-                and entry[1] in classes):
-            raise ModelError(f"model_index.json {name} is {entry!r}, expected "
-                             f"['{library}', one of {', '.join(sorted(classes))}]")
+    check_component_classes(index, wanted)
     for tokenizer in ("tokenizer", "tokenizer_2"):
         _check_tokenizer(root, tokenizer)
     if t5 and not (root / "tokenizer_3" / "tokenizer.json").is_file():

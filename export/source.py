@@ -149,6 +149,18 @@ def _check_present(root: Path, components: Mapping[str, Any]) -> None:
             raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
 
 
+def check_component_classes(index: dict[str, Any],
+                            components: Mapping[str, tuple[str, frozenset[str]]]) -> None:
+    """Each component's [library, class] entry in model_index.json must be on its allow-list
+    (class names are checked, never imported)."""
+    for component, (library, classes) in components.items():
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library
+                and entry[1] in classes):
+            raise ModelError(f"model_index.json {component} is {entry!r}, expected "
+                             f"['{library}', one of {', '.join(sorted(classes))}]")
+
+
 def _check_index(index: dict[str, Any], components: Mapping[str, tuple[str, frozenset[str]]]
                  ) -> None:
     name = index.get("_class_name")
@@ -158,12 +170,7 @@ def _check_index(index: dict[str, Any], components: Mapping[str, tuple[str, froz
     if PIPELINES[name] != ("text_encoder_2" in components):
         raise ModelError(f"model_index.json _class_name {name!r} does not fit its components: "
                          f"text_encoder_2 is {'missing' if PIPELINES[name] else 'present'}")
-    for component, (library, classes) in components.items():
-        entry = index.get(component)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library
-                and entry[1] in classes):
-            raise ModelError(f"model_index.json {component} is {entry!r}, expected "
-                             f"['{library}', one of {', '.join(sorted(classes))}]")
+    check_component_classes(index, components)
     entry = index.get("scheduler")
     if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"
             and isinstance(entry[1], str) and SCHEDULER_CLASS.fullmatch(entry[1])):
