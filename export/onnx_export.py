@@ -85,6 +85,7 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     fused = read_loras([(Path(path), scale) for path, scale in loras], unet_config=source.unet,
                        sdxl=source.text_encoder_2 is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_partials(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     started = time.perf_counter()
@@ -98,6 +99,26 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         raise
     logger.info("exported %s → %s in %.1f s", src, out, time.perf_counter() - started)
     return out
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Delete OUT_DIR's partial folders whose export process is gone (killed with SIGKILL, or by
+    the OOM killer: no cleanup ran), which can hold gigabytes; a live export's is left alone."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by an export that was killed", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _check_destination(src: Path, out: Path, force: bool) -> None:

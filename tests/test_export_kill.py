@@ -78,3 +78,16 @@ def test_a_killed_export_leaves_nothing_check_accepts(tiny_sd_dir, tmp_path):
         for leftover in _partials(out):
             assert_one_line_error(run("check", leftover), "interrupted `sdrt export`")
     assert interrupted, f"every kill came after the rename (seed {SEED}); nothing was tested"
+
+
+def test_the_next_export_removes_partials_of_killed_exports_only(tiny_sd_dir, tmp_path):
+    out = tmp_path / "tiny-onnx"
+    process = _start(tiny_sd_dir, out)
+    _wait_for_partial(process, out)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (abandoned,) = _partials(out)
+    live = out.parent / f".{out.name}.partial-{os.getpid()}-0123abcd"  # this process is alive
+    live.mkdir()
+    assert run("export", tiny_sd_dir, out).exit_code == 0
+    assert not abandoned.exists() and live.is_dir()
