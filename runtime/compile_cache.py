@@ -1,22 +1,34 @@
-"""Where OpenVINO keeps compiled models between runs: its model cache (`CACHE_DIR`).
+"""What OpenVINO keeps between runs: converted graphs and compiled models.
+
+Converted graphs: an ONNX file that holds its weights inline is parsed whole by every read (0.8–0.9 s
+for SD 1.5's 492 MB text encoder, 0.3 s for its VAE decoder), while OpenVINO's own IR maps its
+weights file (0.03 s). So the first read of such a graph saves it as IR (`ov.serialize`: the graph
+as read, no transformations) under `graphs/`, keyed by the ONNX file's path, size and modification
+time; later runs read the IR. Graphs with external weights (the UNet's `model.onnx_data`) read in
+0.1–0.4 s already and are not copied. On for every device.
+
+Compiled models: OpenVINO's model cache (`CACHE_DIR`).
 
 With a warm cache OpenVINO imports a compiled blob instead of compiling the graph for its input
 shape. Its cache key hashes the graph with its weights, the device and the compile options, so a
 re-exported or requantized model never meets a stale blob; blobs are kept per OpenVINO version
 (a folder each), so an upgrade starts afresh and the old folder can be deleted whole.
 
-On by default for GPU devices only, where compiling kernels is what OpenVINO's cache is for. On
-the CPU it was measured and bought nothing: SD 1.5 in bf16, load + compile + first call less a
+Its blobs are on by default for GPU devices only, where compiling kernels is what OpenVINO's cache
+is for. On the CPU they were measured and bought nothing: SD 1.5 in bf16, load + compile + first call less a
 steady call, 5.1–5.3 s with a cold or warm cache against 4.8–5.2 s without (benchmarks/
-RESULTS.md); there it is used only when `SDRT_CACHE_DIR` names a folder. The default folder is
-`$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`; `SDRT_CACHE_DIR=off` turns the cache off.
+RESULTS.md); there they are written only when `SDRT_CACHE_DIR` names a folder. The default folder
+is `$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`; `SDRT_CACHE_DIR=off` turns both off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -29,11 +41,16 @@ OFF = "off"
 CACHE_MODE = "OPTIMIZE_SIZE"
 
 
-def cache_dir(device: str = "cpu") -> Path | None:
-    """The folder for this OpenVINO version's compiled blobs on `device`, made if missing; None
-    when off (the CPU's default) or when it cannot be made (then every run compiles, warned)."""
+# An .onnx file at least this large keeps its weights inside it (sdrt's and optimum's exports put
+# weights in `model.onnx_data` only past protobuf's 2 GB limit; the graph alone is at most a few MB).
+INLINE_WEIGHTS_MIN_BYTES = 16 * 2**20
+
+
+def cache_dir() -> Path | None:
+    """The folder for this OpenVINO version's cached files, made if missing; None when off or when
+    it cannot be made (then every run reads and compiles afresh, warned)."""
     chosen = os.environ.get(ENV_VAR, "")
-    if chosen.strip().lower() == OFF or (not chosen and device.lower() == "cpu"):
+    if chosen.strip().lower() == OFF:
         return None
     if chosen:
         base = Path(chosen).expanduser()
@@ -52,8 +69,40 @@ def cache_dir(device: str = "cpu") -> Path | None:
     return folder
 
 
-def options(folder: Path | None) -> dict[str, str]:
-    """OpenVINO compile options that use `folder` as the model cache (none for None)."""
-    if folder is None:
+def options(folder: Path | None, device: str = "cpu") -> dict[str, str]:
+    """OpenVINO compile options that keep compiled blobs in `folder`: for GPU devices, and for the
+    CPU only when `SDRT_CACHE_DIR` names the folder; none for None."""
+    if folder is None or (device.lower() == "cpu" and not os.environ.get(ENV_VAR)):
         return {}
     return {"CACHE_DIR": str(folder), "CACHE_MODE": CACHE_MODE}
+
+
+def converted_graph(folder: Path | None, graph: Path) -> Path | None:
+    """Where the IR of an inline-weight ONNX `graph` is (or would be) kept; None when the cache is
+    off or the graph is not worth converting. The key changes whenever the file is replaced."""
+    if folder is None or graph.suffix != ".onnx":
+        return None
+    real = graph.resolve()
+    stat = real.stat()
+    if stat.st_size < INLINE_WEIGHTS_MIN_BYTES:
+        return None
+    key = hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    return folder / "graphs" / key[:32] / "model.xml"
+
+
+def save_converted(model, target: Path) -> None:
+    """Write `model` as IR at `target`, whole or not at all (a second process may race us)."""
+    import openvino as ov
+
+    try:
+        target.parent.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent.parent))
+        try:
+            ov.serialize(model, str(staging / target.name), str(staging / "model.bin"))
+            staging.rename(target.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:  # full disk, a read-only cache, or the other process won the race
+        if not target.exists():
+            log.warning("could not keep %s's IR in the cache (%s)", target.parent.name,
+                        exc.strerror)

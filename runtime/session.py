@@ -163,10 +163,10 @@ class OpenVinoSession(CheckedSession):
         self._config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision_hint}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
-        self._config.update(compile_cache.options(cache_dir))
+        self._config.update(compile_cache.options(cache_dir, device))
         self._device = devices.openvino_device(self._core, device.lower(), vram_limit)
         try:
-            self._model = _read_ov_model(self._core, path)
+            self._model = _read_ov_model(self._core, path, cache_dir)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             reason = (version_refusal(path, "openvino")
                       or f"OpenVINO cannot read it: {_first_line(exc)}")
@@ -206,7 +206,24 @@ class OpenVinoSession(CheckedSession):
                 entry.idle.append(request)
 
 
-def _read_ov_model(core, path: Path):
+def _read_ov_model(core, path: Path, cache_dir: Path | None):
+    """read_model, from the cache's IR copy of an inline-weight ONNX graph where there is one
+    (made by this read otherwise: runtime/compile_cache.py)."""
+    converted = compile_cache.converted_graph(cache_dir, path)
+    if converted is not None and converted.exists():
+        try:
+            return core.read_model(str(converted))
+        except Exception as exc:  # a damaged cache entry: read the source and write it anew
+            log.warning("cached IR of %s unreadable (%s); reading the ONNX file", path,
+                        _first_line(exc))
+            shutil.rmtree(converted.parent, ignore_errors=True)
+    model = _read_ov_source(core, path)
+    if converted is not None:
+        compile_cache.save_converted(model, converted)
+    return model
+
+
+def _read_ov_source(core, path: Path):
     """read_model; an ONNX graph in a folder of symlinks (the hub cache) is staged first.
 
     OpenVINO refuses ONNX external data whose real path lies outside the model's folder, which
@@ -248,7 +265,7 @@ def open_session(path: Path, backend: str, *, threads: int | None = None,
                           providers=devices.ort_providers(device, vram_limit))
     if backend == "openvino":
         return OpenVinoSession(path, threads=threads, precision_hint=execution,
-                               cache_dir=compile_cache.cache_dir(device),
+                               cache_dir=compile_cache.cache_dir(),
                                device=device.upper(), vram_limit=vram_limit)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 

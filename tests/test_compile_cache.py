@@ -25,17 +25,21 @@ def test_folder_is_per_openvino_version_under_the_chosen_root(tmp_path, monkeypa
     assert "/" not in folder.name
 
 
-def test_by_default_on_for_gpus_under_xdg_cache_home_and_off_for_the_cpu(tmp_path, monkeypatch):
+def test_by_default_under_xdg_cache_home_with_blobs_for_gpus_only(tmp_path, monkeypatch):
     monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert compile_cache.cache_dir("gpu").parent == tmp_path / "sdrt"
-    assert compile_cache.cache_dir("cpu") is None  # measured: no gain on the CPU
+    folder = compile_cache.cache_dir()
+    assert folder.parent == tmp_path / "sdrt"
+    assert compile_cache.options(folder, "gpu")["CACHE_DIR"] == str(folder)
+    assert compile_cache.options(folder, "cpu") == {}  # measured: blobs buy nothing on the CPU
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path))
+    assert compile_cache.options(folder, "cpu")["CACHE_DIR"] == str(folder)  # asked for
 
 
 def test_off_turns_it_off(monkeypatch):
     monkeypatch.setenv(compile_cache.ENV_VAR, "OFF")
-    assert compile_cache.cache_dir("gpu") is None
-    assert compile_cache.options(None) == {}
+    assert compile_cache.cache_dir() is None
+    assert compile_cache.options(None, "gpu") == {}
 
 
 def test_an_unmakeable_root_warns_and_compiles_without_cache(tmp_path, monkeypatch, caplog):
@@ -75,3 +79,60 @@ def test_off_writes_nothing(tiny_onnx_dir, tmp_path, monkeypatch, setting):
     monkeypatch.setenv("HOME", str(tmp_path))
     _image(tiny_onnx_dir)
     assert not list(tmp_path.rglob("*.blob"))
+
+
+def _read_sources(monkeypatch) -> list[str]:
+    """Records which graphs were read from their ONNX files rather than the cache's IR."""
+    from sdrt.runtime import session
+
+    sources: list[str] = []
+    real = session._read_ov_source
+
+    def spy(core, path):
+        sources.append(path.parent.name)
+        return real(core, path)
+
+    monkeypatch.setattr(session, "_read_ov_source", spy)
+    return sources
+
+
+def test_inline_weight_graphs_are_read_from_their_ir_once_converted(
+        tiny_onnx_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(compile_cache, "INLINE_WEIGHTS_MIN_BYTES", 0)  # tiny graphs count too
+    sources = _read_sources(monkeypatch)
+    from_onnx = _image(tiny_onnx_dir)
+    assert sorted(sources) == ["text_encoder", "unet", "vae_decoder"]
+    assert len(list(tmp_path.rglob("graphs/*/model.xml"))) == 3
+    assert not list(tmp_path.rglob(".partial-*"))
+    sources.clear()
+    np.testing.assert_array_equal(_image(tiny_onnx_dir), from_onnx)
+    assert sources == []  # every graph came from its IR
+
+
+def test_a_replaced_graph_or_a_damaged_entry_is_converted_again(
+        tiny_onnx_dir, tmp_path, monkeypatch, caplog):
+    import os
+
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(compile_cache, "INLINE_WEIGHTS_MIN_BYTES", 0)
+    graph = tiny_onnx_dir / "vae_decoder" / "model.onnx"
+    folder = compile_cache.cache_dir()
+    first = compile_cache.converted_graph(folder, graph)
+    os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 10**9))
+    assert compile_cache.converted_graph(folder, graph) != first  # a new file, a new key
+    expected = _image(tiny_onnx_dir)
+    converted = compile_cache.converted_graph(folder, graph)
+    (converted.parent / "model.bin").write_bytes(b"damaged")
+    sources = _read_sources(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(_image(tiny_onnx_dir), expected)
+    assert sources == ["vae_decoder"] and "unreadable" in caplog.text
+    assert (converted.parent / "model.bin").stat().st_size > len(b"damaged")  # written anew
+
+
+def test_small_graphs_and_external_weight_graphs_are_not_copied(tmp_path):
+    small = tmp_path / "model.onnx"
+    small.write_bytes(b"x" * 1024)
+    assert compile_cache.converted_graph(tmp_path, small) is None  # weights outside, or tiny
+    assert compile_cache.converted_graph(None, small) is None  # cache off
