@@ -65,11 +65,19 @@ class TextConditioner(Protocol):
                  height: int) -> Conditioning: ...
 
 
+# The dropped tail is quoted in the warning up to this many characters: a server's client may
+# send a prompt of hundreds of kilobytes, which must not land whole in the log.
+LOGGED_TAIL_CHARS = 120
+
+
 def _tokenize(tokenizer: ClipTokenizer, texts: list[str]) -> np.ndarray:
     for text in texts:
         cut = tokenizer.truncated(text)
         if cut:
-            log.warning("prompt longer than %d tokens; ignored: %r", tokenizer.max_length, cut)
+            more = (f" … ({len(cut) - LOGGED_TAIL_CHARS:,} more characters)"
+                    if len(cut) > LOGGED_TAIL_CHARS else "")
+            log.warning("prompt longer than %d tokens; ignored: %r%s", tokenizer.max_length,
+                        cut[:LOGGED_TAIL_CHARS], more)
     return tokenizer(texts)  # (N, 77)
 
 

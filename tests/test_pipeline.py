@@ -60,3 +60,14 @@ def test_nan_output_is_an_error_not_a_black_image(pipe, monkeypatch):
 def test_request_validation(pipe, field, value, message):
     with pytest.raises(InputError, match=message):
         pipe.run(GenerationRequest("x", **{field: value}))
+
+
+def test_an_over_long_prompt_is_logged_by_its_head_not_whole(pipe, caplog):
+    from sdrt.runtime.conditioning import LOGGED_TAIL_CHARS
+
+    prompt = "a red circle " + "and more words " * 20_000  # ~300 kB, a server body's size
+    with caplog.at_level("WARNING", logger="sdrt.runtime.conditioning"):
+        pipe.generate(prompt, steps=1, seed=0)
+    (record,) = [r for r in caplog.records if "longer than" in r.getMessage()]
+    message = record.getMessage()
+    assert len(message) < LOGGED_TAIL_CHARS + 200 and "more characters)" in message
