@@ -1,24 +1,19 @@
 """What OpenVINO keeps between runs: converted graphs and compiled models.
 
-Converted graphs: an ONNX file that holds its weights inline is parsed whole by every read (0.8–0.9 s
-for SD 1.5's 492 MB text encoder, 0.3 s for its VAE decoder), while OpenVINO's own IR maps its
-weights file (0.03 s). So the first read of such a graph saves it as IR (`ov.serialize`: the graph
-as read, no transformations) under `graphs/`, keyed by the ONNX file's path, size and modification
-time; later runs read the IR. Graphs with external weights (the UNet's `model.onnx_data`) read in
-0.1–0.4 s already and are not copied. On for every device.
+Converted graphs: an ONNX file that holds its weights inline is parsed whole by every read
+(0.8–0.9 s for SD 1.5's 492 MB text encoder, 0.3 s for its VAE decoder), while OpenVINO's own
+IR maps its weights file (0.03 s). So the first read of such a graph saves it as IR
+(`ov.serialize`: the graph as read, no transformations) under `graphs/`, keyed by the ONNX
+file's path, size and modification time; later runs read the IR. Graphs with external weights
+(the UNet's `model.onnx_data`) read in 0.1–0.4 s already and are not copied. On for every
+device: SD 1.5's start-up in bf16 (load + compile + first call less a steady call) went from
+4.6–5.1 s to 3.7–3.8 s, for 0.66 GB of IR (benchmarks/RESULTS.md).
 
-Compiled models: OpenVINO's model cache (`CACHE_DIR`).
-
-With a warm cache OpenVINO imports a compiled blob instead of compiling the graph for its input
-shape. Its cache key hashes the graph with its weights, the device and the compile options, so a
-re-exported or requantized model never meets a stale blob; blobs are kept per OpenVINO version
-(a folder each), so an upgrade starts afresh and the old folder can be deleted whole.
-
-Its blobs are on by default for GPU devices only, where compiling kernels is what OpenVINO's cache
-is for. On the CPU they were measured and bought nothing: SD 1.5 in bf16, load + compile + first call less a
-steady call, 5.1–5.3 s with a cold or warm cache against 4.8–5.2 s without (benchmarks/
-RESULTS.md); there they are written only when `SDRT_CACHE_DIR` names a folder. The default folder
-is `$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`; `SDRT_CACHE_DIR=off` turns both off.
+Compiled models: OpenVINO's model cache (`CACHE_DIR`). Its blobs are written by default for GPU
+devices only, where compiling kernels is what that cache is for. On the CPU they bought
+nothing: with the IR copies, 4.3–4.5 s with warm blobs against 3.7–3.8 s without; there they
+are written only when `SDRT_CACHE_DIR` names a folder. The default folder is
+`$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`; `SDRT_CACHE_DIR=off` turns both off.
 """
 
 from __future__ import annotations
@@ -41,8 +36,8 @@ OFF = "off"
 CACHE_MODE = "OPTIMIZE_SIZE"
 
 
-# An .onnx file at least this large keeps its weights inside it (sdrt's and optimum's exports put
-# weights in `model.onnx_data` only past protobuf's 2 GB limit; the graph alone is at most a few MB).
+# An .onnx file at least this large keeps its weights inside it (sdrt's and optimum's exports
+# put weights in `model.onnx_data` only past protobuf's 2 GB limit; a graph alone is a few MB).
 INLINE_WEIGHTS_MIN_BYTES = 16 * 2**20
 
 
