@@ -11,6 +11,7 @@ they are there). Machine facts and versions go with every report.
 
 Usage: sdrt bench MODEL [--backend ort] [--precision fp32] [--steps N] [--width W --height H]
        [--threads N] [--num-runs 5] [--scenarios unet_b2,end_to_end] [--json F] [--plot F.png]
+       [--vae TINY_VAE_DIR]  (a tiny autoencoder in the VAE's place: vae_* and end_to_end)
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ class BenchOptions:
     runs: int = 5
     sampler: str | None = None  # end to end only; None: the model's own
     guidance: float | None = None  # end to end only; None: the family's default
+    vae: str | None = None  # a tiny autoencoder folder in the model's VAE's place
+    deepcache: int | None = None  # end to end only: DeepCache interval N (runtime/deepcache.py)
 
     def argv(self) -> list[str]:
         """The options as this module's command-line arguments."""
         args = ["--backend", self.backend, "--precision", self.precision,
                 "--num-runs", str(self.runs)]
-        for name in ("steps", "width", "height", "threads", "sampler", "guidance"):
+        for name in ("steps", "width", "height", "threads", "sampler", "guidance", "vae",
+                     "deepcache"):
             value = getattr(self, name)
             if value is not None:
                 args += [f"--{name}", str(value)]
@@ -97,6 +101,10 @@ def _prepare(name: str, pipe: Pipeline, opts: BenchOptions) -> Callable[[], obje
     if name == "vae_decode":
         latents = rng.standard_normal((1, *latent), dtype=np.float32)
         return lambda: pipe.vae_decoder(latents)
+    if name == "vae_encode" and opts.vae is not None:  # the tiny VAE's encoder
+        encoder = pipe.vae_encoder()
+        images = rng.uniform(-1, 1, (1, 3, req_height, req_width)).astype(np.float32)
+        return lambda: encoder(images)
     if name == "vae_encode":
         variant = resolve_variant(pipe.folder, opts.precision, opts.backend)
         encoder = VaeEncoder(open_session(variant.graph_path(pipe.folder, "vae_encoder"),
@@ -105,7 +113,8 @@ def _prepare(name: str, pipe: Pipeline, opts: BenchOptions) -> Callable[[], obje
         images = rng.uniform(-1, 1, (1, 3, req_height, req_width)).astype(np.float32)
         return lambda: encoder(images)
     if name == "end_to_end":
-        chosen = {"sampler": opts.sampler, "guidance_scale": opts.guidance}
+        chosen = {"sampler": opts.sampler, "guidance_scale": opts.guidance,
+                  "deepcache": opts.deepcache}
         return lambda: pipe.generate(PROMPT, steps=opts.steps, width=req_width,
                                      height=req_height, seed=0,
                                      **{k: v for k, v in chosen.items() if v is not None})
@@ -116,7 +125,8 @@ def run_scenario(name: str, opts: BenchOptions) -> dict:
     """Time one scenario in this process: load, first call, then `opts.runs` steady calls."""
     start = time.perf_counter()
     pipe = Pipeline.load(opts.model, opts.backend, threads=opts.threads,
-                         precision=opts.precision)
+                         precision=opts.precision, vae=opts.vae,
+                         deepcache=opts.deepcache is not None)
     call = _prepare(name, pipe, opts)
     load_s = time.perf_counter() - start
     with _counting_runs(pipe.unet.session) as unet_calls:
@@ -255,6 +265,8 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, default=None)
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--vae", default=None)
+    parser.add_argument("--deepcache", type=int, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = vars(parser.parse_args())
     worker = args.pop("worker")

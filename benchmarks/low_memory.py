@@ -5,6 +5,7 @@ Usage:
   python -m sdrt.benchmarks.low_memory generate MODEL [--precision int8] [--size 512]
       [--steps 1] [--low-memory] [--backend ort]     # one row: measured peak, estimate, ratio
   python -m sdrt.benchmarks.low_memory tiled-psnr MODEL [--size 1024] [--tile 48 --overlap 16]
+      [--passes 3]   # passes over the split decoder's tail, where the folder has it
   python -m sdrt.benchmarks.low_memory generate MODEL --unet-graph variants/X/unet/model.onnx
       --low-memory   # a UNet graph not (yet) gated and listed, measured all the same
   python -m sdrt.benchmarks.low_memory regate MODEL --precision int8 --backend ort
@@ -29,6 +30,7 @@ from sdrt.runtime import memory
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.low_memory import map_large_allocations, plan_request
 from sdrt.runtime.pipeline import GenerationRequest
+from sdrt.runtime.split_vae import SHARED_PASSES
 
 PROMPT = "a lighthouse at dusk"
 # `sdrt bench` scenario → the component it calls and its batch rows.
@@ -126,13 +128,15 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
     from sdrt.runtime.components import VaeDecoder, VaeEncoder
     from sdrt.runtime.model_folder import read_facts
     from sdrt.runtime.session import open_session
-    from sdrt.runtime.tiled_vae import TiledVaeDecoder, Tiling
+    from sdrt.runtime.split_vae import split_graphs, tiled_decoder
+    from sdrt.runtime.tiled_vae import Tiling
 
     folder = Path(args.model)
     facts = read_facts(folder)
     map_large_allocations()  # the untiled 1024×1024 decode needs gigabytes: keep them bounded
-    decoder = VaeDecoder(open_session(folder / "vae_decoder" / "model.onnx", "ort",
-                                      low_memory=True))
+    graph = folder / "vae_decoder" / "model.onnx"
+    decoder = VaeDecoder(open_session(graph, "ort", low_memory=True))
+    split = split_graphs(folder, graph)
     side = args.size // facts.vae_scale_factor
     if args.picture:  # the latents of a seeded picture of shapes, through the folder's encoder
         encoder = VaeEncoder(open_session(folder / "vae_encoder" / "model.onnx", "ort",
@@ -143,8 +147,10 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
             (1, facts.latent_channels, side // 8 + 1, side // 8 + 1)) / facts.scaling_factor
         latents = _upsample(_upsample(coarse, side, axis=2), side, axis=3).astype(np.float32)
     start = time.perf_counter()
-    tiled = TiledVaeDecoder(decoder, Tiling(args.tile, args.overlap),
-                            facts.vae_scale_factor)(latents)
+    tiled = tiled_decoder(decoder, split and tuple(open_session(path, "ort", low_memory=True)
+                                                   for path in split),
+                          Tiling(args.tile, args.overlap), facts.vae_scale_factor,
+                          args.passes)(latents)
     tiled_s = time.perf_counter() - start
     start = time.perf_counter()
     full = decoder(latents)
@@ -152,6 +158,7 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
     mse = float(np.mean((np.clip(tiled, -1, 1) - np.clip(full, -1, 1)) ** 2))
     return {"model": folder.name, "size": args.size, "tile": args.tile, "overlap": args.overlap,
             "latents": "picture" if args.picture else "smooth field",
+            "statistics": f"split graphs, {args.passes} pass(es)" if split else "per window",
             "psnr_db": round(10 * np.log10(4.0 / mse), 2), "tiled_s": round(tiled_s, 1),
             "untiled_s": round(full_s, 1)}
 
@@ -225,6 +232,8 @@ def main() -> None:
     parser.add_argument("--low-memory", action="store_true")
     parser.add_argument("--tile", type=int, default=48)
     parser.add_argument("--overlap", type=int, default=16)
+    parser.add_argument("--passes", type=int, default=SHARED_PASSES,
+                        help="tiled-psnr: tail passes over the split decoder (runtime/split_vae)")
     parser.add_argument("--output", default="/tmp")
     parser.add_argument("--picture", action="store_true",
                         help="tiled-psnr: latents of a picture of shapes, not a smooth field")

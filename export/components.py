@@ -285,6 +285,14 @@ def load_vae(folder: Path) -> torch.nn.Module:
     return _load(AutoencoderKL, folder, "vae")
 
 
+def load_tiny_vae(folder: Path) -> torch.nn.Module:
+    """AutoencoderTiny (TAESD) in float32, failing on any missing, unexpected or mismatched
+    weight."""
+    from diffusers import AutoencoderTiny
+
+    return _load(AutoencoderTiny, folder, "tiny VAE")
+
+
 def _load(cls: Any, folder: Path, name: str) -> torch.nn.Module:
     kwargs: dict[str, Any] = {"torch_dtype": torch.float32, "output_loading_info": True}
     if cls.__module__.startswith("diffusers"):

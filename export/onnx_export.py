@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +39,7 @@ from sdrt.export.onnx_files import (
 )
 from sdrt.export.sd3 import Step, export_plan
 from sdrt.export.source import SourceModel, read_source, source_info
+from sdrt.export.tiny_vae import is_tiny_vae_folder, write_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
 from sdrt.runtime.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
@@ -69,6 +70,8 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     `defaults` (steps, guidance_scale, sampler) are this model's generation defaults, recorded in
     the manifest over its family's; `attention` "sliced" exports the UNet's attention one head at
     a time (sdrt.export.chunked_attention), bounding its score tensor, and says so in the manifest.
+    A lone AutoencoderTiny folder (TAESD) becomes a tiny VAE folder for `--vae`
+    (sdrt.export.tiny_vae).
     """
     if attention not in ATTENTION_MODES:
         raise InputError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
@@ -77,22 +80,34 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if opset not in TORCHSCRIPT_OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
                           f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
+    defaults = _model_defaults(defaults or {})
+    if is_tiny_vae_folder(src):
+        if loras or attention != "full" or family is not None or defaults:
+            raise InputError("--family, --lora, --attention and generation defaults apply to "
+                             "pipelines, not to a tiny autoencoder (AutoencoderTiny)")
+        return _export_folder(src, out, force, lambda work: write_tiny_vae(
+            src, work, opset=opset, check=check, threshold=external_data_threshold,
+            origin=origin, versions=_versions()))
     source = read_source(src, family)
     if source.transformer is not None and (loras or attention != "full"):
         raise InputError("--lora and --attention sliced apply to UNet models, not to SD 3")
-    defaults = _model_defaults(defaults or {})
-    _check_destination(src, out, force)
     fused = read_loras([(Path(path), scale) for path, scale in loras], unet_config=source.unet,
                        sdxl=source.text_encoder_2 is not None)
+    return _export_folder(src, out, force, lambda work: _write_folder(
+        source, work, opset=opset, check=check, origin=origin, threshold=external_data_threshold,
+        loras=fused, defaults=defaults, attention=attention))
+
+
+def _export_folder(src: Path, out: Path, force: bool, write: Callable[[Path], None]) -> Path:
+    """Run `write` into a hidden sibling of OUT_DIR, then rename it into place."""
+    _check_destination(src, out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     started = time.perf_counter()
     try:
-        _write_folder(source, work, opset=opset, check=check, origin=origin,
-                      threshold=external_data_threshold, loras=fused, defaults=defaults,
-                      attention=attention)
+        write(work)
         _commit(work, out, force)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written folder
         shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,8 @@
   in its cache (research/users.md §3.7); `HF_HUB_OFFLINE` and local paths never touch the network.
   SDXL repositories add text_encoder_2/ and tokenizer_2/, required where model_index.json
   names them.
+- A tiny autoencoder (AutoencoderTiny: config.json and weights at the top, as madebyollin/taesd),
+  as a folder or a hub id, for `sdrt export` to make a `--vae` folder (sdrt.export.tiny_vae).
 """
 
 from __future__ import annotations
@@ -30,18 +32,31 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch pickles: code runs w
 Origin = dict[str, Any]  # the manifest's `source` entries that name what the user gave
 # Hub ids: `org/name`, optionally `@revision`; a path that exists is never taken for one.
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
+TOP = "."  # a lone model's folder itself: its config.json and weights sit at the top
 # component → weight file stems as diffusers/transformers name them: (safetensors, pickle).
 _WEIGHTS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
             "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
             "text_encoder": ("model", "pytorch_model"),
-            "text_encoder_2": ("model", "pytorch_model")}  # SDXL only
+            "text_encoder_2": ("model", "pytorch_model"),  # SDXL only
+            TOP: ("diffusion_pytorch_model", "diffusion_pytorch_model")}  # AutoencoderTiny only
 _SDXL_ONLY = frozenset({"text_encoder_2"})  # needed only where model_index.json names them
+
+
+def _prefix(component: str) -> str:
+    """Where a component's files sit in a repository: its folder, or the top."""
+    return "" if component == TOP else f"{component}/"
+
+
+def _named(components: Iterable[str]) -> str:
+    return ", ".join("the autoencoder" if name == TOP else name for name in components)
+
+
 # The files of a diffusers SD pipeline that export reads; no safety checker, no fp16/EMA variants.
 # Patterns that match nothing (an SD 1.x repo has no tokenizer_2/) fetch nothing.
 _HUB_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json",
                 *(f"{folder}/{name}" for folder in ("tokenizer", "tokenizer_2")
                   for name in ("*.json", "merges.txt")),
-                *(f"{name}/config.json" for name in _WEIGHTS))
+                *(f"{_prefix(name)}config.json" for name in _WEIGHTS))
 
 
 @contextlib.contextmanager
@@ -78,13 +93,16 @@ def _is_checkpoint_name(path: Path) -> bool:
 
 
 def check_folder(folder: Path, *, allow_pickle: bool = False) -> Path:
-    """A diffusers pipeline folder whose weights are safetensors (pickle only if allowed)."""
-    if not (folder / "model_index.json").is_file():
+    """A diffusers pipeline folder, or a lone AutoencoderTiny's, whose weights are safetensors
+    (pickle only if allowed)."""
+    from sdrt.export.tiny_vae import is_tiny_vae_folder
+
+    if not (folder / "model_index.json").is_file() and not is_tiny_vae_folder(folder):
         raise ModelError(f"folder '{folder}' has no model_index.json: not a diffusers pipeline "
                          "folder")
-    pickled = [name for name in _WEIGHTS if _weights_format(folder / name) == "pickle"]
+    pickled = [name for name in _needed(folder) if _weights_format(folder / name) == "pickle"]
     if pickled and not allow_pickle:
-        raise ExportError(f"'{folder.name}' has pickle weights only for {', '.join(pickled)} "
+        raise ExportError(f"'{folder.name}' has pickle weights only for {_named(pickled)} "
                           "(pickle can run code when loaded); pass --allow-pickle to load them "
                           "with torch.load(weights_only=True)")
     return folder
@@ -136,7 +154,7 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | Path | None,
                               allow_patterns=_weight_patterns(lacking, pickle=True))
     if lacking := _lacking_weights(folder):
         hint = "" if allow_pickle else "; if it has .bin (pickle) weights, pass --allow-pickle"
-        raise ModelError(f"'{repo}' at {folder.name} has no weights for {', '.join(lacking)}{hint}")
+        raise ModelError(f"'{repo}' at {folder.name} has no weights for {_named(lacking)}{hint}")
     # Cached snapshots are folders of symlinks into blobs/: loaders follow them, and the
     # export copies file contents, never links (DESIGN.md pitfalls).
     logger.info("%s: snapshot %s in %s", repo, folder.name, cache)
@@ -149,18 +167,24 @@ def _lacking_weights(folder: Path) -> list[str]:
 
 
 def _needed(folder: Path) -> list[str]:
-    """The components with weights: SDXL's second text encoder where model_index.json names it."""
+    """The components with weights: SDXL's second text encoder where model_index.json names it;
+    a lone AutoencoderTiny's at the top."""
+    from sdrt.export.tiny_vae import is_tiny_vae_folder
+
+    if is_tiny_vae_folder(folder):
+        return [TOP]
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         index = {}  # check_folder says what is wrong with the folder
-    return [name for name in _WEIGHTS if name not in _SDXL_ONLY or name in index]
+    return [name for name in _WEIGHTS
+            if name != TOP and (name not in _SDXL_ONLY or name in index)]
 
 
 def _weight_patterns(components: Iterable[str], *, pickle: bool) -> list[str]:
     """A component's weights, one file or sharded with an index (diffusers' naming)."""
     ext = "bin" if pickle else "safetensors"
-    return [f"{name}/{_WEIGHTS[name][pickle]}{tail}" for name in components
+    return [f"{_prefix(name)}{_WEIGHTS[name][pickle]}{tail}" for name in components
             for tail in (f".{ext}", f"-*-of-*.{ext}", f".{ext}.index.json")]
 
 

@@ -41,6 +41,12 @@ speed and memory do not depend on the values.
   shift 3; no T5 (model_index.json names text_encoder_3 null, as diffusers allows).
 - `tiny_sd3_t5`: tiny_sd3 with a 2-layer T5 encoder (gated-gelu as T5 v1.1 / T5-XXL, d_model 96)
   and a T5 (Unigram) tokenizer written from CLIP's word list (see `_save_t5_tokenizer`).
+- `tiny_taesd`: a tiny autoencoder (TAESD architecture, diffusers `AutoencoderTiny`) for
+  tiny_sd's latents: 2 blocks of 8 channels each way (vae_scale_factor 2), 4 latent channels.
+- `taesd`: the TAESD architecture at full size, the config madebyollin/taesd ships (diffusers'
+  AutoencoderTiny defaults: 4 blocks of 64 channels, 1/3/3/3 encoder and 3/3/3/1 decoder
+  `AutoencoderTinyBlock`s, scaling_factor 1.0); taesdxl has the same architecture, so this one
+  stands in for both. These two are lone model folders (config.json at the top), not pipelines.
 - `sd15`, `sd21` (768-v), `sd_turbo`, `sdxl` (base 1.0), `sdxl_turbo`, `sdxl_refiner` (refiner
   1.0's UNet as diffusers converts Stability's sd_xl_refiner.yaml), `sd3_medium` (without T5):
   the full-size architectures.
@@ -88,6 +94,12 @@ def build_random_sd(arch: str, out_dir: str | Path, *, seed: int = 0,
     configs = CONFIGS / arch
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if (configs / "config.json").is_file():  # a lone model (AutoencoderTiny), not a pipeline
+        if prediction_type is not None:
+            raise ValueError(f"{arch} is an autoencoder: prediction_type does not apply")
+        class_name = _read(configs / "config.json")["_class_name"]
+        _save_diffusers(class_name, out, _model_config(configs), seed, dtype)
+        return out
     shutil.copy(configs / "model_index.json", out / "model_index.json")
     scheduler = _read(configs / "scheduler" / "scheduler_config.json")
     mmdit = (configs / "transformer").is_dir()  # SD 3's MMDiT in place of the UNet

@@ -57,6 +57,7 @@ class GateSettings:
     steps: int | None = None  # None: the model family's
     size: int | None = None  # square image side in pixels; None: the model's native size
     adherence_captions: tuple[str, ...] = ()
+    deepcache: int | None = None  # DeepCache interval N (runtime/deepcache.py); None: off
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def render(pipe: Pipeline, settings: GateSettings) -> Outputs:
     for prompt in settings.prompts:
         for seed in settings.seeds:
             request = GenerationRequest(prompt, seed=seed, steps=settings.steps,
-                                        width=settings.size, height=settings.size)
+                                        width=settings.size, height=settings.size,
+                                        deepcache=settings.deepcache)
             image, final = _generate(pipe, request)
             where = f"'{prompt}' seed {seed}"
             if not np.isfinite(final).all():
@@ -121,11 +123,13 @@ def compare(reference: Outputs, candidate: Outputs) -> dict[str, float]:
     }
 
 
-def adherence(pipe: Pipeline, captions: tuple[str, ...], steps: int | None) -> float:
+def adherence(pipe: Pipeline, captions: tuple[str, ...], steps: int | None,
+              deepcache: int | None = None) -> float:
     """Share of captions whose every attribute the image shows (caption i with seed i)."""
     from sdrt.benchmarks.adherence import evaluate
 
-    images = [pipe.generate(text, seed=i, steps=steps)[0] for i, text in enumerate(captions)]
+    images = [pipe.generate(text, seed=i, steps=steps, deepcache=deepcache)[0]
+              for i, text in enumerate(captions)]
     return round(evaluate(images, list(captions))["all"], 4)
 
 

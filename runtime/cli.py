@@ -179,6 +179,10 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
     click.echo(f"exported {source} → {done}")
 
 
+VAE_HELP = ("A tiny autoencoder folder (TAESD; `sdrt export` of an AutoencoderTiny) that decodes "
+            "(and encodes) in the model's VAE's place: much faster, approximate.")
+
+
 def _generation_options(sized: bool | None):
     """The options every generating command shares: -W/-H unless `sized` is None; True says in
     their help how an input image is sized."""
@@ -218,6 +222,8 @@ def _generation_options(sized: bool | None):
                      help="torch (same starting noise as diffusers on CPU) or numpy."),
         click.option("--threads", type=int, default=None,
                      help="Backend threads (default: all cores)."),
+        click.option("--vae", type=click.Path(path_type=Path), default=None,
+                     help=VAE_HELP),
         click.option("-o", "--output", type=click.Path(path_type=Path),
                      default=Path("outputs"), show_default=True,
                      help="A .png file, or a folder to number images in."),
@@ -255,11 +261,15 @@ def _save_all(paths: list[Path], results) -> None:
                    "conditional pass on the steps between 1% and 20% of the run).")
 @click.option("--skip-layer-scale", type=float, default=None,
               help="SD 3: skip-layer guidance scale; default 2.8 (diffusers').")
+@click.option("--deepcache", type=int, default=None,
+              help="DeepCache interval N: the full UNet on every N-th call, only its shallow "
+                   "branch on a cached deep feature between (make the graphs with `python -m "
+                   "sdrt.export.deepcache MODEL`).")
 @_reports_errors
 def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, backend: str,
              precision: str, memory: MemoryOptions, refiner_dir: Path | None,
              refiner_start: float | None, skip_layers: str | None,
-             skip_layer_scale: float | None, **options) -> None:
+             skip_layer_scale: float | None, deepcache: int | None, **options) -> None:
     """Generate images from PROMPT; each PNG carries A1111 `parameters` metadata."""
     from sdrt.runtime.cli_memory import describe, plan_generation
     from sdrt.runtime.errors import InputError
@@ -268,13 +278,16 @@ def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, ba
 
     if refiner_start is not None and refiner_dir is None:
         raise InputError("--refiner-start needs --refiner (an SDXL refiner folder)")
+    if deepcache is not None and refiner_dir is not None:
+        raise InputError("--deepcache does not combine with --refiner")
     refiner_start = check_refiner_start(
         DEFAULT_REFINER_START if refiner_start is None else refiner_start)
     if skip_layers is not None:
         options["skip_layers"] = _int_list(skip_layers, "--skip-layers")
     if skip_layer_scale is not None:
         options["skip_layer_scale"] = skip_layer_scale
-    request = GenerationRequest(prompt=prompt, **options)
+    vae = options.pop("vae")
+    request = GenerationRequest(prompt=prompt, deepcache=deepcache, **options)
     paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
     plan = plan_generation(model_dir, backend, precision, request, memory)
     if memory.dry_run:
@@ -284,8 +297,8 @@ def generate(prompt: str, model_dir: Path, output: Path, threads: int | None, ba
         click.echo(f"switching to --low-memory: {plan.reason}", err=True)
     load = {"backend": backend, "threads": threads, "precision": precision,
             "low_memory": plan.low_memory, "device": memory.device,
-            "vram_limit": memory.vram_limit}
-    pipe = Pipeline.load(model_dir, **load)
+            "vram_limit": memory.vram_limit, "vae": vae}
+    pipe = Pipeline.load(model_dir, **load, deepcache=deepcache is not None)
     refiner = None if refiner_dir is None else Pipeline.load(refiner_dir, **load)
     with StepProgress(request.steps) as progress:
         results = pipe.run(request, callback=progress.update) if refiner is None \
@@ -318,7 +331,8 @@ def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path,
     picture = read_image(image)
     drawn = None if mask is None else read_mask(mask)
     paths = output_paths(output, options["num_images"])
-    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision,
+                         vae=options.pop("vae"))
     init = pipe.image_input(picture, drawn, width=width, height=height, **input_options)
     request = pipe.request_for(init, prompt, **options)
     with StepProgress(request.steps) as progress:
@@ -398,7 +412,8 @@ def outpaint(image: Path, prompt: str, left: int, right: int, top: int, bottom: 
 
     picture = read_image(image)
     paths = output_paths(output, options["num_images"])
-    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision,
+                         vae=options.pop("vae"))
     with StepProgress(None) as progress:
         results = outpaint_image(pipe, picture, prompt, Extension(left, right, top, bottom),
                                  strength=strength, mask_blur=mask_blur, fill=fill,
@@ -467,10 +482,14 @@ def quantize(model_dir: Path, precision: str, backend: str | None, components: s
               help="Write the whole report (rows, options, machine facts) as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write a bar chart of the steady-state medians as PNG.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help=VAE_HELP)
+@click.option("--deepcache", type=click.IntRange(1), default=None,
+              help="end_to_end with DeepCache at this interval N (sdrt generate --deepcache).")
 @_reports_errors
 def bench(model_dir: Path, backend: str, precision: str, steps: int | None, width: int | None,
           height: int | None, threads: int | None, num_runs: int, scenarios: str | None,
-          json_path: Path | None, plot: Path | None) -> None:
+          json_path: Path | None, plot: Path | None, vae: Path | None,
+          deepcache: int | None) -> None:
     """Time each stage of MODEL_DIR: text encoder, UNet at batch 1 and 2, VAE decode and
     encode, end to end; each in a fresh process (its own peak RSS), first run apart from the
     steady-state median and p90."""
@@ -479,8 +498,13 @@ def bench(model_dir: Path, backend: str, precision: str, steps: int | None, widt
     from sdrt.benchmarks import bench as bench_module
 
     chosen = bench_module.check_request(model_dir, backend, precision, scenarios)
+    if vae is not None:  # a folder that is no tiny VAE fails here, before any process starts
+        from sdrt.runtime.tiny_vae import TinyVaeManifest
+
+        TinyVaeManifest.load(vae)
     opts = bench_module.BenchOptions(str(model_dir), backend, precision, steps, width, height,
-                                     threads, num_runs)
+                                     threads, num_runs, vae=None if vae is None else str(vae),
+                                     deepcache=deepcache)
     report = bench_module.bench(opts, chosen,
                                 progress=lambda name: click.echo(f"running {name} ...",
                                                                  err=True))

@@ -73,6 +73,13 @@ class UNet:
     def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
                  added: dict[str, np.ndarray] | None = None,
                  timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        return self.session.run(self.feeds(sample, t, context, added,
+                                           timestep_cond))["out_sample"]
+
+    def feeds(self, sample: np.ndarray, t: float, context: np.ndarray,
+              added: dict[str, np.ndarray] | None = None,
+              timestep_cond: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one call, checked against what the graph takes."""
         added = added or {}
         if set(added) != self.added:
             raise ModelError(f"unet: the graph takes added conditions {sorted(self.added)}, "
@@ -86,7 +93,7 @@ class UNet:
                  **added}
         if timestep_cond is not None:
             feeds[GUIDANCE_INPUT] = timestep_cond
-        return self.session.run(feeds)["out_sample"]
+        return feeds
 
 
 def _guidance_dim(session: Session) -> int:

@@ -31,7 +31,8 @@ from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.session import BACKENDS, Session, TensorSpec, open_session
-from sdrt.runtime.tiled_vae import DEFAULT_TILE, TiledVaeDecoder, TiledVaeEncoder
+from sdrt.runtime.split_vae import split_graphs, tiled_decoder
+from sdrt.runtime.tiled_vae import DEFAULT_TILE, TiledVaeEncoder
 from sdrt.runtime.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,15 @@ class Residency:
         return LazySession(lambda: open_session(path, backend, low_memory=True, **options), self)
 
     @staticmethod
-    def components(unet: UNet, decoder: VaeDecoder,
-                   factor: int) -> tuple[UNet, VaeDecoder, Callable[[Session], VaeEncoder]]:
-        """The low-memory plan's UNet (batch-1 calls), tiled decoder, and tiled encoder maker."""
+    def components(unet: UNet, decoder: VaeDecoder, factor: int,
+                   split_decoder: tuple[Session, Session] | None = None,
+                   ) -> tuple[UNet, VaeDecoder, Callable[[Session], VaeEncoder]]:
+        """The low-memory plan's UNet (batch-1 calls), tiled decoder (sharing GroupNorm
+        statistics over the split decoder's head and tail sessions where given: split_vae.py),
+        and tiled encoder maker."""
         # SD 3's transformer (runtime/sd3.py) keeps its CFG pair in one call
         split = SplitBatchUNet(unet) if isinstance(unet, UNet) else unet
-        return (split, TiledVaeDecoder(decoder, factor=factor),
+        return (split, tiled_decoder(decoder, split_decoder, factor=factor),
                 lambda session: TiledVaeEncoder(VaeEncoder(session), factor=factor))
 
     def release_all(self) -> None:
@@ -172,7 +176,9 @@ def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, ima
                            and variant.components[name].file)
     rows = images * (2 if guided else 1)
     shapes = memory.Shapes(width, height, rows, vae_scale_factor)
-    low = memory.Shapes(width, height, LOW_MEMORY_BATCH, vae_scale_factor, tile=tile)
+    split = "vae_decoder" in graphs and split_graphs(folder, graphs["vae_decoder"]) is not None
+    low = memory.Shapes(width, height, LOW_MEMORY_BATCH, vae_scale_factor, tile=tile,
+                        split_decoder=split)
     return memory.estimate(graphs, variant.backend, shapes=shapes, low_shapes=low,
                            unet=memory.unet_shape(folder, *sliced_attention(folder)),
                            compressed=compressed)

@@ -62,6 +62,12 @@ ATTENTION_COPIES = 2
 # 751 MB for 512×512.
 DECODER_BYTES_PER_PIXEL = 2650
 DECODER_ATTENTION_COPIES = 1
+# The split decoder (runtime/split_vae.py): its tail on one window holds more per output pixel
+# (each GroupNorm's centred copy for the shared statistics: a 384² window peaked at 820 MiB, 653
+# MiB without them), and its head runs on the whole latent (512 channels, attention queries in
+# 16 chunks): 238 MiB of working memory at 128×128 latents, 44 MiB at 64×64.
+SHARED_DECODER_BYTES_PER_PIXEL = 4100
+SPLIT_HEAD_BYTES_PER_LATENT_PIXEL = 15 * 1024
 # VAE encoder: the same blocks in reverse order, per input pixel.
 ENCODER_BYTES_PER_PIXEL = DECODER_BYTES_PER_PIXEL
 # Text encoder working memory: 77 tokens per row, negligible beside its weights.
@@ -122,6 +128,7 @@ class Shapes:
     batch: int  # UNet rows per call: 2 × images when guided, else images
     vae_scale_factor: int = 8
     tile: int | None = None  # VAE window side in latent pixels (None: whole image)
+    split_decoder: bool = False  # tiles share GroupNorm statistics (runtime/split_vae.py)
 
     @property
     def latent_pixels(self) -> int:
@@ -218,6 +225,10 @@ def working_bytes(component: str, shapes: Shapes, unet: UNetShape | None) -> int
         scores = unet.score_bytes(latent_h, latent_w, shapes.batch) if unet else 0
         return (shapes.batch * shapes.latent_pixels * UNET_BYTES_PER_LATENT_PIXEL
                 + ATTENTION_COPIES * scores)
+    if shapes.tile is not None and shapes.split_decoder and component == "vae_decoder":
+        window = min(latent_h, shapes.tile) * min(latent_w, shapes.tile) * factor * factor
+        return max(window * SHARED_DECODER_BYTES_PER_PIXEL,  # the tail on one window
+                   shapes.latent_pixels * SPLIT_HEAD_BYTES_PER_LATENT_PIXEL)  # or the head
     if shapes.tile is not None:  # one window of the tiled VAE at a time
         latent_h, latent_w = min(latent_h, shapes.tile), min(latent_w, shapes.tile)
     pixels = latent_h * latent_w * factor * factor

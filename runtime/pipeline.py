@@ -24,6 +24,8 @@ from sdrt.runtime import img2img as i2i
 from sdrt.runtime.check import check_on_load
 from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
+from sdrt.runtime.deepcache import PARAMETER as DEEPCACHE_KEY
+from sdrt.runtime.deepcache import LazyDeepCache, graph_paths
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
 from sdrt.runtime.images import ImageSource, paste_back
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
@@ -46,6 +48,8 @@ from sdrt.runtime.sd3 import (
     velocity_fn,
 )
 from sdrt.runtime.session import BACKENDS, open_session
+from sdrt.runtime.split_vae import SPLIT_COMPONENTS, split_graphs
+from sdrt.runtime.tiny_vae import TinyVae, open_tiny_vae
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import Variant, resolve_variant
 
@@ -74,6 +78,7 @@ class GenerationRequest:
     # SD 3 only: skip-layer guidance's joint blocks (none: off) and scale (runtime/sd3.py)
     skip_layers: tuple[int, ...] = ()
     skip_layer_scale: float = SLG_SCALE
+    deepcache: int | None = None  # DeepCache interval N (runtime/deepcache.py); None: off
 
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
         """Fill defaults from the model and its family, then check each field (errors name it)."""
@@ -114,6 +119,10 @@ class GenerationRequest:
             raise InputError(
                 f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}"
             )
+        if self.deepcache is not None and (isinstance(self.deepcache, bool) or not isinstance(
+                self.deepcache, int) or not 1 <= self.deepcache <= MAX_STEPS):
+            raise InputError(f"deepcache must be an interval between 1 and {MAX_STEPS}, got "
+                             f"{str(self.deepcache)[:20]}")
         if not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         try:
@@ -150,6 +159,8 @@ class Pipeline:
     vae_decoder: VaeDecoder
     precision: str = "fp32"  # the variant that runs (sdrt.runtime.variants)
     vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
+    tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
+    deepcache: LazyDeepCache | None = None  # `deepcache=N` requests only; opened on first use
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -160,12 +171,17 @@ class Pipeline:
     def load(cls, folder: str | Path = EMBEDDED_MODEL, backend: str = "ort", *,
              threads: int | None = None, precision: str | Variant = "fp32",
              low_memory: bool = False, device: str = "cpu",
-             vram_limit: int | None = None) -> Pipeline:
+             vram_limit: int | None = None, vae: str | Path | None = None,
+             deepcache: bool = False) -> Pipeline:
         """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`);
         by default sdrt's embedded shapes model. `precision` names a variant manifest.json lists
         for this backend (quantize's gate passes a Variant it has not listed yet). `low_memory`
         keeps one graph resident at a time, runs the CFG pair as batch-1 calls and the VAE in
-        tiles (runtime/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py."""
+        tiles (runtime/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
+        `vae` is an exported tiny autoencoder folder (runtime/tiny_vae.py) that replaces the
+        model's VAE decoder, and its encoder where the folder has one. `deepcache` runs the UNet
+        from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
+        `deepcache=N` requests add only the small shallow graph's memory."""
         folder = Path(folder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
@@ -183,19 +199,45 @@ class Pipeline:
                           execution=variant.execution(component), device=device,
                           vram_limit=vram_limit)
 
+        def unet_graph(path: Path):  # a DeepCache graph, run as the variant runs its UNet
+            return opener(path, backend, threads=threads, execution=variant.execution("unet"),
+                          device=device, vram_limit=vram_limit)
+
+        refusal = ("DeepCache does not combine with low-memory mode" if low_memory else
+                   f"the {variant.precision} variant has a UNet graph of its own; DeepCache "
+                   f"graphs are cut from the fp32 one (use fp32, or bf16 on OpenVINO)"
+                   if variant.components.get("unet") and variant.components["unet"].file
+                   else None)
+        if deepcache and refusal:
+            raise InputError(refusal)
+        full = unet_graph(graph_paths(folder)[0]) if deepcache else None
+
         if facts.family.architecture == "sd3":  # an MMDiT and its joint text conditioning
             unet = Transformer(session("transformer"))
             conditioner = load_sd3_conditioner(folder, session, unet.context_width)
         else:
-            unet = UNet(session("unet"))
+            unet = UNet(full if full is not None else session("unet"))
             conditioner = load_conditioner(folder, facts.family.architecture, session)
         _check_unet_channels(unet, facts)
-        decoder, encoder = VaeDecoder(session("vae_decoder")), VaeEncoder
-        if residency:  # batch-1 UNet calls, tiled VAE
-            unet, decoder, encoder = residency.components(unet, decoder, facts.vae_scale_factor)
+        tiny = None if vae is None else open_tiny_vae(
+            vae, lambda path: opener(path, backend, threads=threads, device=device,
+                                     execution=variant.execution("vae_decoder"),
+                                     vram_limit=vram_limit),
+            latent_channels=facts.latent_channels, vae_scale_factor=facts.vae_scale_factor)
+        decoder = tiny.decoder if tiny else VaeDecoder(session("vae_decoder"))
+        encoder = VaeEncoder
+        encoder_session = tiny.open_encoder if tiny and tiny.open_encoder else \
+            lambda: session("vae_encoder")
+        if residency:  # batch-1 UNet calls, tiled VAE (over split graphs where the folder has)
+            split = split_graphs(folder, variant.graph_path(folder, "vae_decoder"))
+            unet, decoder, encoder = residency.components(
+                unet, decoder, facts.vae_scale_factor,
+                split and tuple(session(name) for name in SPLIT_COMPONENTS))
+        lazy_deepcache = LazyDeepCache(folder, unet_graph, refusal, full)
         return cls(folder, backend, facts, scheduler, conditioner, unet, decoder,
                    precision=variant.precision,
-                   vae_encoder=LazyEncoder(lambda: encoder(session("vae_encoder"))))
+                   vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
+                   deepcache=lazy_deepcache)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
@@ -305,7 +347,12 @@ class Pipeline:
         # 5. Sampler loop over the guided UNet.
         if req.skip_layers and not isinstance(self.unet, Transformer):
             raise InputError("skip-layer guidance is for SD 3 models (an MMDiT transformer)")
-        model = self._model_fn(cond, req.guidance_scale, guided, start.image_channels) \
+        unet = self.unet
+        if req.deepcache is not None:  # one cache per generation (runtime/deepcache.py)
+            if self.deepcache is None or isinstance(self.unet, Transformer):
+                raise InputError("DeepCache is for UNet models loaded with Pipeline.load")
+            unet = self.deepcache().unet(req.deepcache)
+        model = self._model_fn(cond, req.guidance_scale, guided, start.image_channels, unet) \
             if not isinstance(self.unet, Transformer) else velocity_fn(
                 self.unet, cond, req.guidance_scale, guided, req.steps,
                 SkipLayerGuidance(req.skip_layers, req.skip_layer_scale) if req.skip_layers
@@ -339,15 +386,15 @@ class Pipeline:
         if self.vae_encoder is None:
             raise ModelError("this pipeline was built without a VAE encoder, which image "
                              "inputs need")
-        encoder = Encoder(self.vae_encoder(), self.facts.scaling_factor)
+        encoder = Encoder(self.vae_encoder(), self._vae_latents(encoder=True)[0])
         if init.mask is None:
             return i2i.img2img_start(encoder, init, generators, shape, req.steps)
         return i2i.inpaint_start(encoder, init, generators, shape, req.steps,
                                  self.facts.family.inpainting)
 
     def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool,
-                  image_channels: np.ndarray | None = None):
-        unet, context, added = self.unet, conditioning.context, conditioning.added
+                  image_channels: np.ndarray | None = None, unet: UNet | None = None):
+        unet, context, added = unet or self.unet, conditioning.context, conditioning.added
         embedded = None
         if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
             embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
@@ -364,10 +411,20 @@ class Pipeline:
 
         return model
 
+    def _vae_latents(self, *, encoder: bool = False) -> tuple[float, float]:
+        """(scaling_factor, shift_factor) between UNet latents and the VAE's: a tiny VAE's own
+        (1 and 0: TAESD reads the UNet's latents as they are) for its decoder, and for its
+        encoder where it has one; else the model's."""
+        tiny = self.tiny_vae
+        if tiny is not None and (not encoder or tiny.open_encoder is not None):
+            return tiny.scaling_factor, tiny.shift_factor
+        return self.facts.scaling_factor, self.facts.shift_factor
+
     def _decode(self, latents: np.ndarray) -> Image.Image:
         # SD 3's VAE also shifts its latents (shift_factor 0 elsewhere)
-        decoded = self.vae_decoder(latents / np.float32(self.facts.scaling_factor)
-                                   + np.float32(self.facts.shift_factor))  # (1, 3, H, W)
+        scaling, shift = self._vae_latents()
+        decoded = self.vae_decoder(latents / np.float32(scaling)
+                                   + np.float32(shift))  # (1, 3, H, W)
         if not np.isfinite(decoded).all():
             raise GenerationError(
                 "the VAE decoder produced NaN/Inf values; the model or precision is unstable"
@@ -381,6 +438,11 @@ class Pipeline:
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
         if init is not None and init.mask is not None:
             extra["Mask blur"] = init.mask_blur  # A1111's key, written for inpainting only
+        if self.tiny_vae is not None:  # A1111's keys for a VAE other than the model's
+            extra["VAE hash"] = self.tiny_vae.manifest.autov2_hash
+            extra["VAE"] = self.tiny_vae.manifest.name
+        if req.deepcache is not None:
+            extra[DEEPCACHE_KEY] = req.deepcache
         if req.skip_layers:  # SD 3's skip-layer guidance (quoted: the layers hold commas)
             extra["Skip layers"] = ",".join(map(str, req.skip_layers))
             extra["Skip layer scale"] = req.skip_layer_scale

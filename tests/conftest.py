@@ -262,3 +262,18 @@ def count_unet_calls(pipe, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, .
 
     monkeypatch.setattr(pipe.unet.session, "run", counting_run)
     return calls
+
+
+@pytest.fixture(scope="session")
+def split_embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the embedded model with its VAE decoder split into a whole-image head and a
+    shared-statistics tail (export/split_vae_decoder.py; the shipped folder stays unsplit)."""
+    import shutil
+
+    from sdrt.export.split_vae_decoder import split_folder
+    from sdrt.runtime.model_folder import EMBEDDED_MODEL
+
+    folder = tmp_path_factory.mktemp("split") / "embedded"
+    shutil.copytree(EMBEDDED_MODEL, folder)
+    split_folder(folder)
+    return folder

@@ -16,7 +16,7 @@ from sdrt.runtime.model_folder import EMBEDDED_MODEL
 from sdrt.runtime.pipeline import Pipeline
 
 EMBEDDED_WEIGHTS = ROOT / "models" / "embedded" / "diffusers"
-SIZE_BUDGET = 40_000_000  # bytes: weights + exported folder, the issue's 40 MB
+SIZE_BUDGET = 40_000_000  # bytes: all of models/embedded, the issue's 40 MB
 NATIVE_SIZE = 64
 # The issue's targets on ≥ 200 held-out captions (seeds fixed), at the model's defaults.
 TARGETS = {"background": 0.95, "colour": 0.90, "kind": 0.80, "position": 0.80}
@@ -24,8 +24,9 @@ HELD_OUT_CAPTIONS = 200
 
 
 def committed_bytes() -> int:
-    return sum(p.stat().st_size for folder in (EMBEDDED_WEIGHTS, EMBEDDED_MODEL)
-               for p in folder.rglob("*") if p.is_file())
+    """Everything under models/embedded: weights, their export, the tiny VAE, logs."""
+    return sum(p.stat().st_size for p in (ROOT / "models" / "embedded").rglob("*")
+               if p.is_file())
 
 
 def test_weights_and_export_fit_the_size_budget():

@@ -17,7 +17,8 @@ from sdrt.runtime.errors import InputError
 from sdrt.runtime.low_memory import LazySession, Residency, SplitBatchUNet
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.session import TensorSpec
-from sdrt.runtime.tiled_vae import TiledVaeDecoder, Tiling
+from sdrt.runtime.split_vae import SharedNormVaeDecoder
+from sdrt.runtime.tiled_vae import Tiling
 
 # Batch-1 calls and a batch-2 call differ only by the backend's summation order.
 SPLIT_ATOL = 1e-4
@@ -75,14 +76,16 @@ def _image(pipe: Pipeline, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def test_low_memory_pipeline_gives_the_default_image():
-    default, low = Pipeline.load(), Pipeline.load(low_memory=True)
+def test_low_memory_pipeline_gives_the_default_image(split_embedded):
+    default, low = Pipeline.load(), Pipeline.load(split_embedded, low_memory=True)
     assert isinstance(low.unet, SplitBatchUNet) and isinstance(low.unet, UNet)
-    assert isinstance(low.vae_decoder, TiledVaeDecoder)
+    decoder = low.vae_decoder  # this copy of the embedded folder has the split decoder graphs
+    assert isinstance(decoder, SharedNormVaeDecoder)
     assert np.abs(_image(low, 64) - _image(default, 64)).max() <= SAME_IMAGE_LEVELS
     # windows smaller than the default, so that a small image is tiled (latents 24×24)
-    low = replace(low, vae_decoder=TiledVaeDecoder(low.vae_decoder, Tiling(16, 8),
-                                                    low.facts.vae_scale_factor))
+    low = replace(low, vae_decoder=SharedNormVaeDecoder(decoder, decoder.head, decoder.tail,
+                                                        Tiling(16, 8),
+                                                        low.facts.vae_scale_factor))
     tiled, full = _image(low, 96), _image(default, 96)
     mse = np.mean(((tiled - full) / 127.5) ** 2)
     assert 10 * np.log10(4 / mse) >= MIN_TILED_PSNR_DB

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sdrt.benchmarks import bench
+from sdrt.runtime.deepcache import gate_record
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.variants import REFERENCE, Variant, resolve_variant
@@ -93,6 +94,7 @@ class CompareOptions:
     optimum_intel_venv: Path | None = Path(".venv-optimum-intel")
     genai_venv: Path | None = Path(".venv-optimum-intel")
     only: tuple[str, ...] = ()  # config keys or key prefixes; empty: all
+    deepcache: tuple[int, ...] = ()  # DeepCache intervals: sdrt rows with each (runtime/deepcache)
     timeout: float | None = None  # seconds per peer process
 
 
@@ -107,17 +109,27 @@ class Config:
     model: Path | None
     backend: str | None = None  # sdrt only
     peer: Peer | None = field(default=None, repr=False)
+    deepcache: int | None = None  # sdrt only: DeepCache interval N
 
 
-def sdrt_configs(folder: Path | None) -> list[Config]:
-    """sdrt at fp32 on both backends, then each variant the folder's manifest lists."""
+def sdrt_configs(folder: Path | None, deepcache: tuple[int, ...] = ()) -> list[Config]:
+    """sdrt at fp32 on both backends, then each variant the folder's manifest lists; then with
+    each DeepCache interval, those whose UNet is the fp32 graph (DeepCache's graphs are cut
+    from it)."""
     pairs = [(REFERENCE, "ort"), (REFERENCE, "openvino")]
+    own_unet = set()
     if folder is not None and (folder / MANIFEST_NAME).is_file():
         listed = [Variant.from_json(entry) for entry in Manifest.load(folder).variants]
         pairs += sorted((v.precision, v.backend) for v in listed)
-    return [Config(f"sdrt-{backend}-{precision}",
-                   f"sdrt {BACKEND_NAMES[backend]} {precision}", "sdrt", precision, folder,
-                   backend=backend) for precision, backend in pairs]
+        own_unet = {(v.precision, v.backend) for v in listed
+                    if v.components.get("unet") and v.components["unet"].file}
+    configs = [Config(f"sdrt-{backend}-{precision}",
+                      f"sdrt {BACKEND_NAMES[backend]} {precision}", "sdrt", precision, folder,
+                      backend=backend) for precision, backend in pairs]
+    return configs + [replace(c, key=f"{c.key}-deepcache{n}", label=f"{c.label} DeepCache N={n}",
+                              deepcache=n)
+                      for n in deepcache for c in configs
+                      if (c.precision, c.backend) not in own_unet]
 
 
 def peer_configs(opts: CompareOptions) -> list[Config]:
@@ -131,7 +143,7 @@ def peer_configs(opts: CompareOptions) -> list[Config]:
 
 def chosen_configs(opts: CompareOptions) -> list[Config]:
     """The configurations `opts.only` selects (by key or key prefix), sdrt's first."""
-    configs = sdrt_configs(opts.onnx_model) + peer_configs(opts)
+    configs = sdrt_configs(opts.onnx_model, opts.deepcache) + peer_configs(opts)
     if not opts.only:
         return configs
     return [c for c in configs if any(c.key == o or c.key.startswith(f"{o}-") or o == c.engine
@@ -188,7 +200,8 @@ def run_sdrt(config: Config, opts: CompareOptions) -> dict:
     bench.check_request(config.model, config.backend, config.precision, "end_to_end")
     bench_opts = bench.BenchOptions(
         str(config.model), config.backend, config.precision, opts.steps, opts.width,
-        opts.height, opts.threads, opts.runs, sampler=opts.sampler, guidance=opts.guidance)
+        opts.height, opts.threads, opts.runs, sampler=opts.sampler, guidance=opts.guidance,
+        deepcache=config.deepcache)
     row = bench.run_in_fresh_process("end_to_end", bench_opts)
     facts = bench.machine_facts()["versions"]
     library = "onnxruntime" if config.backend == "ort" else "openvino"
@@ -197,6 +210,11 @@ def run_sdrt(config: Config, opts: CompareOptions) -> dict:
     parts = [f"{name} {c.file or 'fp32 graph'}"
              + (f" at {c.execution}" if config.backend == "openvino" else "")
              for name, c in variant.components.items()]
+    if config.deepcache is not None:
+        gated = gate_record(Manifest.load(config.model).extra, config.precision, config.backend,
+                            config.deepcache)
+        parts.append(f"DeepCache N={config.deepcache} ("
+                     + (f"gated: {gated['figures']}" if gated else "not gated here") + ")")
     row["notes"] = "; ".join([f"{config.backend} backend, {variant.key} variant", *parts,
                               *(["other components fp32 at f32; static shapes"]
                                 if config.backend == "openvino" else [])])
@@ -363,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareOptions, argparse.
                         help="comma-separated config keys or prefixes (sdrt, diffusers-bf16, "
                              "openvino-genai, ...); default: all")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per peer process")
+    parser.add_argument("--deepcache", default="",
+                        help="comma-separated DeepCache intervals: sdrt rows with each, e.g. 3,4 "
+                             "(needs `python -m sdrt.export.deepcache` on --onnx-model)")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a bar chart of the medians (PNG)")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
@@ -375,7 +396,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareOptions, argparse.
                    optimum_intel_venv=args.optimum_intel_venv, genai_venv=args.genai_venv,
                    only=tuple(item for item in args.only.split(",") if item),
                    timeout=args.timeout)
-    return opts, args
+    items = [item.strip() for item in args.deepcache.split(",") if item.strip()]
+    if not all(item.isdigit() and int(item) >= 1 for item in items):
+        parser.error(f"--deepcache must be intervals ≥ 1 separated by commas, got "
+                     f"{args.deepcache!r}")
+    return replace(opts, deepcache=tuple(int(item) for item in items)), args
 
 
 def main(argv: list[str] | None = None) -> dict:
