@@ -21,7 +21,6 @@ Usage: python -m sdrt.export.deepcache MODEL_DIR [--branch B]
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 from dataclasses import replace
@@ -30,6 +29,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from sdrt.export.slice_attention import link_or_copy
 from sdrt.runtime.deepcache import DEEPCACHE_DIR, FEATURE, FULL_GRAPH, SHALLOW_GRAPH
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.manifest import FileEntry, Manifest, sha256_file
@@ -137,7 +137,7 @@ def make_deepcache(folder: Path, branch: int = DEFAULT_BRANCH) -> str:
     for data in sorted({entry.value for init in model.graph.initializer
                         if init.data_location == onnx.TensorProto.EXTERNAL
                         for entry in init.external_data if entry.key == "location"}):
-        _link_or_copy(source.parent / data, out / data)  # the weights, shared
+        link_or_copy(source.parent / data, out / data)  # the weights, shared
         rel = f"{DEEPCACHE_DIR}/{data}"
         files[rel] = manifest.files.get(f"unet/{data}") or FileEntry(
             sha256_file(out / data), (out / data).stat().st_size)
@@ -153,12 +153,6 @@ def make_deepcache(folder: Path, branch: int = DEFAULT_BRANCH) -> str:
     replace(manifest, files=files, extra=extra).save(folder)
     return feature
 
-
-def _link_or_copy(path: Path, dest: Path) -> None:
-    try:
-        os.link(path, dest)
-    except OSError:  # another filesystem: a copy
-        shutil.copyfile(path, dest)
 
 
 def main(argv: list[str] | None = None) -> None:

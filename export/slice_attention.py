@@ -238,7 +238,7 @@ def slice_folder(src: Path, out: Path, query_chunks: int = 1) -> int:
         elif (path not in rewritten and path != src / "manifest.json"
               and (keep_variants or "variants" not in path.parts)):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(path, dest)
+            link_or_copy(path, dest)
     files = {rel: entry for rel, entry in manifest.files.items()
              if keep_variants or not rel.startswith("variants/")}
     for graph_path, model in rewritten.items():
@@ -255,7 +255,8 @@ def slice_folder(src: Path, out: Path, query_chunks: int = 1) -> int:
     return count
 
 
-def _link_or_copy(path: Path, dest: Path) -> None:
+def link_or_copy(path: Path, dest: Path) -> None:
+    """Hard-link `path` to `dest` (weights shared, no disk), else copy it."""
     try:
         os.link(path, dest)
     except OSError:  # another filesystem: a copy
