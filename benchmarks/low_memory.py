@@ -5,7 +5,7 @@ Usage:
   python -m sdrt.benchmarks.low_memory generate MODEL [--precision int8] [--size 512]
       [--steps 1] [--low-memory] [--backend ort]     # one row: measured peak, estimate, ratio
   python -m sdrt.benchmarks.low_memory tiled-psnr MODEL [--size 1024] [--tile 48 --overlap 16]
-      [--passes 3]   # passes over the split decoder's tail, where the folder has it
+      [--passes 3 | --statistics-downsample 2]   # split decoder: tail passes, or pooled stats
   python -m sdrt.benchmarks.low_memory generate MODEL --unet-graph variants/X/unet/model.onnx
       --low-memory   # a UNet graph not (yet) gated and listed, measured all the same
   python -m sdrt.benchmarks.low_memory regate MODEL --precision int8 --backend ort
@@ -150,7 +150,7 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
     tiled = tiled_decoder(decoder, split and tuple(open_session(path, "ort", low_memory=True)
                                                    for path in split),
                           Tiling(args.tile, args.overlap), facts.vae_scale_factor,
-                          args.passes)(latents)
+                          args.passes, args.statistics_downsample)(latents)
     tiled_s = time.perf_counter() - start
     start = time.perf_counter()
     full = decoder(latents)
@@ -158,7 +158,10 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
     mse = float(np.mean((np.clip(tiled, -1, 1) - np.clip(full, -1, 1)) ** 2))
     return {"model": folder.name, "size": args.size, "tile": args.tile, "overlap": args.overlap,
             "latents": "picture" if args.picture else "smooth field",
-            "statistics": f"split graphs, {args.passes} pass(es)" if split else "per window",
+            "statistics": ("per window" if not split else
+                           f"split graphs, pooled ÷{args.statistics_downsample}"
+                           if args.statistics_downsample else
+                           f"split graphs, {args.passes} pass(es)"),
             "psnr_db": round(10 * np.log10(4.0 / mse), 2), "tiled_s": round(tiled_s, 1),
             "untiled_s": round(full_s, 1)}
 
@@ -232,6 +235,9 @@ def main() -> None:
     parser.add_argument("--low-memory", action="store_true")
     parser.add_argument("--tile", type=int, default=48)
     parser.add_argument("--overlap", type=int, default=16)
+    parser.add_argument("--statistics-downsample", type=int, default=0,
+                        help="tiled-psnr: GroupNorm statistics from one untiled tail pass over "
+                             "the head's features pooled by this factor (runtime/split_vae)")
     parser.add_argument("--passes", type=int, default=SHARED_PASSES,
                         help="tiled-psnr: tail passes over the split decoder (runtime/split_vae)")
     parser.add_argument("--output", default="/tmp")

@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 # the one pass that never measured worse than per-window tiling (the head's whole-image
 # attention is its gain); more passes are opt-in (`passes`) until a convergent scheme exists.
 SHARED_PASSES = 1
+# Statistics estimated instead from one untiled tail pass over the head's features average-pooled
+# by this factor (0: off), then one tiled pass with them fixed. Measured (benchmarks/RESULTS.md):
+# the embedded (trained) VAE at 1024² gave 47.6 dB with factor 2 and 37.9 with 4 (exact
+# statistics 60.5); SD 1.5's random-weight VAE at 512² 31.6 with 2 and 21.5 with 4 (per-window
+# 31.4; exact 57.1): random weights' activations do not survive pooling. Opt-in until a trained
+# full-size VAE is measured; the pass holds the tail at 1/factor² of the image.
+STATISTICS_DOWNSAMPLE = 0
 SPLIT_COMPONENTS = ("vae_decoder_head", "vae_decoder_tail")
 DEFAULT_TILING = Tiling()
 
@@ -55,14 +62,15 @@ def split_graphs(folder: Path, decoder_graph: Path) -> tuple[Path, Path] | None:
 
 def tiled_decoder(decoder: VaeDecoder, split: tuple[Session, Session] | None,
                   tiling: Tiling = DEFAULT_TILING, factor: int = 8,
-                  passes: int = SHARED_PASSES) -> VaeDecoder:
+                  passes: int = SHARED_PASSES,
+                  downsample: int = STATISTICS_DOWNSAMPLE) -> VaeDecoder:
     """The tiled decoder: sharing GroupNorm statistics over the split graphs' (head, tail)
     sessions, else (with a log line) per-window normalisation (runtime/tiled_vae.py)."""
     if split is None:
         log.info("VAE decoder not split (python -m sdrt.export.split_vae_decoder MODEL_DIR): "
                  "tiles normalise over themselves, a few dB from the untiled decode")
         return TiledVaeDecoder(decoder, tiling, factor)
-    return SharedNormVaeDecoder(decoder, *split, tiling, factor, passes)
+    return SharedNormVaeDecoder(decoder, *split, tiling, factor, passes, downsample)
 
 
 def core_masks(size: int, tile: int, overlap: int) -> list[np.ndarray]:
@@ -110,16 +118,22 @@ class SharedNormVaeDecoder(VaeDecoder):
 
     def __init__(self, decoder: VaeDecoder, head: Session, tail: Session,
                  tiling: Tiling = DEFAULT_TILING, factor: int = 8,
-                 passes: int = SHARED_PASSES) -> None:
+                 passes: int = SHARED_PASSES,
+                 downsample: int = STATISTICS_DOWNSAMPLE) -> None:
         super().__init__(decoder.session)
         self.head, self.tail = head, tail
         self.tiling, self.factor, self.passes = tiling.validate(), factor, passes
+        self.downsample = downsample
         self.groups = tail.inputs["norm_mean"].shape[1]
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         if self.tiling.tile >= max(latents.shape[2:]):  # one window covers it
             return super().__call__(latents)
         features = self.head.run({"latent_sample": latents})["features"]  # (B, C, h, w)
+        if self.downsample:
+            stats = self._pooled_statistics(features)
+            return run_tiled(self._runner(features, stats, local=False), features, self.tiling,
+                             self.factor)
         zeros = np.zeros((len(features), self.groups), np.float32)
         stats = Statistics(zeros, np.ones_like(zeros))
         for step in range(self.passes - 1):  # statistics passes, outputs dropped
@@ -129,6 +143,21 @@ class SharedNormVaeDecoder(VaeDecoder):
             stats = measured.combined()
         final = self._runner(features, stats, local=self.passes == 1)
         return run_tiled(final, features, self.tiling, self.factor)
+
+    def _pooled_statistics(self, features: np.ndarray) -> Statistics:
+        """Image-wide statistics from the tail run once, untiled, on `features` average-pooled
+        by `downsample` (edges that do not fill a pooling cell are dropped)."""
+        d = self.downsample
+        batch, channels, height, width = features.shape
+        pooled = features[:, :, : height // d * d, : width // d * d].reshape(
+            batch, channels, height // d, d, width // d, d).mean(axis=(3, 5))
+        zeros = np.zeros((batch, self.groups), np.float32)
+        measured = Statistics(zeros, np.ones_like(zeros))
+        measured.add(self.tail.run({
+            "features": pooled, "norm_mean": zeros, "norm_var": np.ones_like(zeros),
+            "local_statistics": np.float32([1]),
+            "statistics_weight": np.ones((1, 1, *pooled.shape[2:]), np.float32)})["norm_sums"])
+        return measured.combined()
 
     def _runner(self, features: np.ndarray, stats: Statistics, local: bool):
         """The tail on one window; windows must come in run_tiled's order (rows, then columns)

@@ -110,6 +110,10 @@ SPLIT_ATOL = 1e-4
 # statistics measured 29.4 dB, shared statistics (3 passes) 43.6 dB; 38 dB leaves margin for
 # backends and still fails the per-window decode by 8 dB.
 MIN_SHARED_PSNR_DB = 38.0
+# The same picture with statistics from one untiled tail pass over the head's features pooled 2×2
+# (split_vae.STATISTICS_DOWNSAMPLE): measured 39.8 dB; 36 dB leaves backend margin and still
+# fails the per-window decode (29.4 dB) by 6 dB.
+MIN_POOLED_PSNR_DB = 36.0
 # The tiny SD VAE (random weights, mid-block attention), white-noise 64×64 latents in 32-latent
 # windows overlapping by 16, against the untiled decode: per-window 35.0 dB; the head (with the
 # attention) on the whole latent and the tail's windows on their own statistics 39.0 dB. (The
@@ -191,6 +195,20 @@ def test_shared_statistics_tiled_decode_matches_untiled(split_embedded):
     per_window = TiledVaeDecoder(decoder, Tiling(32, 8), factor)(latents)
     assert shared.shape == full.shape
     assert psnr(shared, full) >= MIN_SHARED_PSNR_DB > psnr(per_window, full)
+
+
+def test_pooled_statistics_tiled_decode_matches_untiled(split_embedded):
+    from sdrt.runtime.split_vae import SharedNormVaeDecoder
+
+    factor = read_facts(split_embedded).vae_scale_factor
+    latents = _picture_latents(split_embedded, 384)
+    decoder = VaeDecoder(open_session(split_embedded / "vae_decoder" / "model.onnx", "ort"))
+    full = decoder(latents)
+    pooled = SharedNormVaeDecoder(decoder, *_split_sessions(split_embedded), Tiling(32, 8),
+                                  factor, downsample=2)(latents)
+    per_window = TiledVaeDecoder(decoder, Tiling(32, 8), factor)(latents)
+    assert pooled.shape == full.shape
+    assert psnr(pooled, full) >= MIN_POOLED_PSNR_DB > psnr(per_window, full)
 
 
 def test_shared_statistics_decode_on_openvino(split_embedded):
