@@ -89,7 +89,8 @@ class VaeEncoderGraph(torch.nn.Module):
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    """AutoencoderKL.decode (post_quant_conv + decoder) → sample in [-1, 1] scale."""
+    """The VAE's decode → sample in [-1, 1] scale: AutoencoderKL's post_quant_conv + decoder,
+    AutoencoderTiny's decoder on the UNet's latents as they are (export/tiny_vae.py)."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()

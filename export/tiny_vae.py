@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from sdrt.export.components import CHECK_LATENTS, GraphDef, Inputs, load_tiny_vae
+from sdrt.export.components import (
+    CHECK_LATENTS,
+    GraphDef,
+    Inputs,
+    VaeDecoderGraph,
+    load_tiny_vae,
+)
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.manifest import ComponentSpec, scan_files, sha256_file
@@ -70,17 +76,6 @@ def read_tiny_source(folder: Path) -> TinyVaeSource:
     return TinyVaeSource(folder, config)
 
 
-class TinyDecoderGraph(torch.nn.Module):
-    """AutoencoderTiny.decode: UNet-scale latents → sample in [-1, 1]."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
 class TinyEncoderGraph(torch.nn.Module):
     """AutoencoderTiny.encode: pixels in [-1, 1] → UNet-scale latents (no Gaussian)."""
 
@@ -112,7 +107,7 @@ def tiny_graphs() -> dict[str, GraphDef]:
             DECODER, ("latent_sample",), ("sample",),
             {"latent_sample": latent_axes, "sample": pixel_axes},
             lambda s: _latents(s, 2, _TRACE_LATENT),
-            lambda s: [_latents(s, b, hw) for b, hw in CHECK_LATENTS], TinyDecoderGraph),
+            lambda s: [_latents(s, b, hw) for b, hw in CHECK_LATENTS], VaeDecoderGraph),
         ENCODER: GraphDef(
             ENCODER, ("sample",), ("latent_sample",),
             {"sample": pixel_axes, "latent_sample": latent_axes},

@@ -115,6 +115,19 @@ class FileEntry:
         return {"sha256": self.sha256, "bytes": self.bytes}
 
 
+def read_manifest_json(folder: str | os.PathLike[str], missing: str = "") -> Any:
+    """`folder/manifest.json` parsed; a one-line ModelError if it is absent (with `missing`
+    appended, e.g. how to make one) or not JSON."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"'{Path(folder).name}' has no {MANIFEST_NAME}{missing}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelError(f"{MANIFEST_NAME} in '{Path(folder).name}' is not valid JSON: "
+                         f"{first_line(exc)}") from exc
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The contents of manifest.json (format version 1)."""
@@ -144,15 +157,7 @@ class Manifest:
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> Manifest:
         """Read and validate `folder/manifest.json`."""
-        path = Path(folder) / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError as exc:
-            raise ModelError(f"'{Path(folder).name}' has no {MANIFEST_NAME}") from exc
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ModelError(f"{MANIFEST_NAME} in '{Path(folder).name}' is not valid JSON: "
-                             f"{first_line(exc)}") from exc
-        return cls.from_json(data)
+        return cls.from_json(read_manifest_json(folder))
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.components import VaeDecoder
-from sdrt.runtime.errors import ModelError, first_line
+from sdrt.runtime.errors import ModelError
 from sdrt.runtime.manifest import (
     MANIFEST_NAME,
     ComponentSpec,
     FileEntry,
     file_problem,
+    read_manifest_json,
 )
 from sdrt.runtime.metadata import AUTOV2_HEX_CHARS
 from sdrt.runtime.session import Session
@@ -83,15 +84,8 @@ class TinyVaeManifest:
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> TinyVaeManifest:
         """Read and validate `folder/manifest.json`; ModelError if it is not a tiny VAE's."""
-        path = Path(folder) / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError as exc:
-            raise ModelError(f"VAE folder '{Path(folder).name}' has no {MANIFEST_NAME}: export "
-                             "an AutoencoderTiny folder with `sdrt export` first") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{MANIFEST_NAME} in '{Path(folder).name}' is not valid JSON: "
-                             f"{first_line(exc)}") from exc
+        data = read_manifest_json(folder, ": export an AutoencoderTiny folder with `sdrt "
+                                          "export` first")
         if not isinstance(data, dict) or data.get("format") != TINY_VAE_FORMAT:
             found = data.get("format") if isinstance(data, dict) else None
             raise ModelError(f"'{Path(folder).name}' is not a tiny autoencoder folder "
