@@ -95,6 +95,25 @@ class UNet:
             feeds[GUIDANCE_INPUT] = timestep_cond
         return feeds
 
+    def feed_shapes(self, batch: int, latent_size: tuple[int, int],
+                    context_length: int) -> dict[str, tuple[int, ...]] | None:
+        """The input shapes `feeds` gives a call at this batch, latent (h, w) and context length,
+        read from the graph's fixed dims; None where another dim is left dynamic."""
+        free = {"sample": {2: latent_size[0], 3: latent_size[1]},
+                "encoder_hidden_states": {1: context_length}}
+        shapes = {}
+        for name, spec in self.session.inputs.items():
+            if name == "timestep":
+                shapes[name] = () if self._timestep_rank == 0 else (batch,)
+                continue
+            dims = [batch, *spec.shape[1:]]
+            for axis, size in free.get(name, {}).items():
+                dims[axis] = size
+            if None in dims:
+                return None
+            shapes[name] = tuple(dims)
+        return shapes
+
 
 def _guidance_dim(session: Session) -> int:
     shape = session.inputs[GUIDANCE_INPUT].shape

@@ -22,6 +22,7 @@ from PIL import Image
 from sdrt.runtime import guidance
 from sdrt.runtime import img2img as i2i
 from sdrt.runtime.check import check_on_load
+from sdrt.runtime.compile_ahead import compile_ahead
 from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
 from sdrt.runtime.deepcache import PARAMETER as DEEPCACHE_KEY
@@ -319,7 +320,15 @@ class Pipeline:
         if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
             return [GeneratedImage(init.image.copy(), self._info(req, i, shown))
                     for i in range(req.num_images)]
-        # 3. Starting point: noise, or a picture's latents; a mask for inpainting.
+        # 3. Starting point: noise, or a picture's latents; a mask for inpainting. OpenVINO
+        #    compiles the UNet and decoder for this size meanwhile (runtime/compile_ahead.py).
+        if isinstance(self.unet, UNet):
+            compile_ahead(self.unet, self.vae_decoder,
+                          unet_batch=req.num_images * (2 if self._guided(req) else 1),
+                          latent=(self.facts.latent_channels,
+                                  req.height // self.facts.vae_scale_factor,
+                                  req.width // self.facts.vae_scale_factor),
+                          context_length=self.tokenizer.max_length)
         start = self._start(req, generators, init)
         # 4–5. Text conditioning and the sampler loop over the guided UNet.
         latents = self.denoise(req, generators, start, callback)
@@ -337,9 +346,7 @@ class Pipeline:
                 end_step: int | None = None) -> np.ndarray:
         """Steps 4–5 of `run` from `start`: the latents diffusers hands to the VAE, or with
         `end_step` those after that many model calls, still noisy (diffusers' denoising_end)."""
-        # diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
-        # scale as an input (LCM's guidance embedding) instead of classifier-free guidance
-        guided = req.guidance_scale > 1.0 and self.unet.guidance_dim is None
+        guided = self._guided(req)
         # 4. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
         #    with the UNet's added conditions (SDXL) row-aligned.
         cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
@@ -363,6 +370,11 @@ class Pipeline:
                       callback=callback, start_step=start.start_step,
                       init_latents=start.init_latents, keep=start.keep, end_step=end_step,
                       add_noise=start.add_noise)
+
+    def _guided(self, req: GenerationRequest) -> bool:
+        """diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
+        scale as an input (LCM's guidance embedding) instead of classifier-free guidance."""
+        return req.guidance_scale > 1.0 and self.unet.guidance_dim is None
 
     def _fit_unet(self, req: GenerationRequest, init: ImageInput | None) -> ImageInput | None:
         """The input checked against the request; an inpainting UNet gets A1111's stand-ins: a

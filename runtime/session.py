@@ -177,23 +177,31 @@ class OpenVinoSession(CheckedSession):
         self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _compiled_for(self, feeds: dict[str, np.ndarray]) -> tuple[_Compiled, object]:
-        key = tuple(sorted((name, value.shape) for name, value in feeds.items()))
+    def prepare(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Compile for these input shapes now (nothing to do where that is done), so a caller
+        can compile on another thread while it does other work: a `run` with these shapes waits
+        for that compile instead of starting its own."""
         with self._lock:
-            entry = self._compiled.get(key)
-            if entry is None:
-                model = self._model.clone()
-                model.reshape({name: list(value.shape) for name, value in feeds.items()})
-                entry = _Compiled(self._core.compile_model(model, self._device, self._config))
-                self._compiled[key] = entry
-                while len(self._compiled) > MAX_COMPILED_SHAPES:
-                    self._compiled.popitem(last=False)  # callers still running keep theirs
-            self._compiled.move_to_end(key)
-            request = entry.idle.pop() if entry.idle else None
-        return entry, request
+            self._entry(shapes)
+
+    def _entry(self, shapes: dict[str, tuple[int, ...]]) -> _Compiled:
+        """The compiled model for these input shapes, compiled now if new; the lock is held."""
+        key = tuple(sorted(shapes.items()))
+        entry = self._compiled.get(key)
+        if entry is None:
+            model = self._model.clone()
+            model.reshape({name: list(shape) for name, shape in shapes.items()})
+            entry = _Compiled(self._core.compile_model(model, self._device, self._config))
+            self._compiled[key] = entry
+            while len(self._compiled) > MAX_COMPILED_SHAPES:
+                self._compiled.popitem(last=False)  # callers still running keep theirs
+        self._compiled.move_to_end(key)
+        return entry
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entry, request = self._compiled_for(feeds)
+        with self._lock:
+            entry = self._entry({name: value.shape for name, value in feeds.items()})
+            request = entry.idle.pop() if entry.idle else None
         if request is None:
             request = entry.compiled.create_infer_request()
         try:
