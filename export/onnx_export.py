@@ -39,11 +39,12 @@ from sdrt.export.onnx_files import (
 )
 from sdrt.export.sd3 import Step, export_plan
 from sdrt.export.source import SourceModel, read_source, source_info
-from sdrt.export.tiny_vae import is_tiny_vae_folder, write_tiny_vae
+from sdrt.export.tiny_vae import write_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
 from sdrt.runtime.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
 from sdrt.runtime.samplers import resolve_sampler
+from sdrt.runtime.tiny_vae import is_tiny_vae_folder
 
 logger = logging.getLogger("sdrt.export")
 

@@ -33,18 +33,8 @@ from sdrt.runtime.tiny_vae import DECODER, ENCODER, TinyVaeManifest
 
 logger = logging.getLogger("sdrt.export")
 
-TINY_VAE_CLASS = "AutoencoderTiny"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _TRACE_LATENT = (9, 11)  # any side works (nearest ×2 upsampling, stride-2 convs): odd ones
-
-
-def is_tiny_vae_folder(folder: Path) -> bool:
-    """A diffusers model folder whose config.json names AutoencoderTiny."""
-    try:
-        config = json.loads((folder / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("_class_name") == TINY_VAE_CLASS
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ model_index.json outside the allow-lists, and what an interrupted `sdrt export` 
 Checks that read files already found broken (family detection, tokenizer, scheduler) run only on
 an otherwise clean folder, so one fault gives one line.
 
+An exported tiny VAE folder (`--vae`: manifest.json of format sdrt-tiny-vae, runtime/tiny_vae.py)
+gets the checks that apply to it: paths and file heads, its manifest, each file's size and sha256,
+each graph vetted for the backend. Source folders (diffusers pipelines, a lone AutoencoderTiny)
+are refused with the `sdrt export` command that converts them.
+
 `check_on_load` (Pipeline.load) is the part that reads no weights: the folder and model_index.json
 (model_folder.check_folder), every path confined to the folder, the first bytes of every file the
 fp32 graphs and tokenizers need, and the sizes manifest.json lists; each graph's own checks
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from sdrt.runtime.errors import ModelError, SdrtError
 from sdrt.runtime.graph_files import confinement_roots, escapes, sniff, vet_graph
-from sdrt.runtime.manifest import MANIFEST_NAME, Manifest, file_problem
+from sdrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, file_problem
 from sdrt.runtime.model_folder import (
     COMPONENTS,
     REFINER_COMPONENTS,
@@ -39,6 +44,7 @@ from sdrt.runtime.model_folder import (
     read_json,
 )
 from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.tiny_vae import TinyVaeManifest, is_tiny_vae_export, is_tiny_vae_folder
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import VARIANTS_DIR, Variant
 
@@ -61,8 +67,9 @@ class CheckReport:
     family: str | None = None
     layout: str | None = None
     components: dict[str, int] = field(default_factory=dict)  # name → bytes of its graph files
-    variants: list[str] = field(default_factory=list)
+    variants: list[str] | None = field(default_factory=list)  # None: a tiny VAE has none
     hashed: int = 0  # files whose sha256 matched manifest.json
+    sized: int = 0  # files whose size matched manifest.json (all that --quick checks)
     backends: set[str] = field(default_factory=set)  # whose version checks the graphs passed
 
     @property
@@ -74,10 +81,13 @@ class CheckReport:
         total = sum(self.components.values())
         parts = ", ".join(f"{name} {_size(size)}" for name, size in self.components.items())
         hashes = (f"{self.hashed} files match their sha256 in {MANIFEST_NAME}" if self.hashed
+                  else f"{self.sized} files match their sizes in {MANIFEST_NAME} (sha256 not "
+                       "checked: --quick)" if self.sized
                   else f"no {MANIFEST_NAME}: sizes and hashes not checked")
+        variants = [] if self.variants is None else [
+            f"  variants: {', '.join(self.variants) or 'none'}"]
         return [f"ok: {self.folder.name}: {self.family} ({self.layout}), {_size(total)}",
-                f"  components: {parts}",
-                f"  variants: {', '.join(self.variants) or 'none'}",
+                f"  components: {parts}", *variants,
                 f"  {hashes}; graph versions accepted by {', '.join(sorted(self.backends))}"]
 
 
@@ -118,6 +128,8 @@ def check_model(folder: str | os.PathLike[str], *, backend: str = "ort",
     """Every check on a model folder (module docstring); ModelError only when `folder` is not
     a model folder at all, otherwise the problems are in the report."""
     folder = Path(folder)
+    if folder.is_dir() and is_tiny_vae_export(folder):
+        return _check_tiny_vae(folder, backend, hashes)
     report = CheckReport(folder)
     _check_is_model_folder(folder)
     found = _Findings(fail_fast=False)
@@ -136,19 +148,61 @@ def check_model(folder: str | os.PathLike[str], *, backend: str = "ort",
     for path in graphs:
         rel = path.relative_to(folder).as_posix()
         if not found.touches(rel.rsplit("/", 1)[0]):
-            reader = "openvino" if path.suffix == ".xml" else backend
-            try:
-                vet_graph(path, reader)
-                report.backends.add(reader)
-            except ModelError as exc:
-                found.add(rel, str(exc))
-            except ModuleNotFoundError as exc:  # --backend openvino, OpenVINO not installed
-                found.add(rel, f"{rel} needs the '{exc.name}' package to be checked: "
-                               "pip install 'sdrt[openvino]'")
+            _vet(path, rel, backend, found, report)
     if not found.items:
         _check_configs(folder, found, report)
     report.problems = list(found.items.values())
     return report
+
+
+def _check_tiny_vae(folder: Path, backend: str, hashes: bool) -> CheckReport:
+    """The model folder's checks that apply to an exported tiny VAE (module docstring)."""
+    _refuse_partial_export(folder)
+    report = CheckReport(folder, layout="sdrt tiny-VAE export", variants=None)
+    found = _Findings(fail_fast=False)
+    _walk(folder, found, sniff_files=lambda rel: True)
+    try:
+        manifest = TinyVaeManifest.load(folder)
+    except ModelError as exc:
+        report.problems = [*found.items.values(), str(exc)]
+        return report
+    for rel, entry in sorted(manifest.files.items()):
+        if not found.touches(rel):
+            _count_file(folder, rel, entry, hashes, found, report)
+    for name, spec in manifest.components.items():
+        rel = f"{name}/{spec.file}"
+        if not found.touches(rel):
+            _vet(folder / rel, rel, backend, found, report)
+            report.components[name] = _graph_bytes(folder / name)
+    report.family = (f"tiny VAE '{manifest.name}' for {manifest.latent_channels}-channel "
+                     f"latents, ×{manifest.vae_scale_factor}")
+    report.problems = list(found.items.values())
+    return report
+
+
+def _count_file(folder: Path, rel: str, entry: FileEntry, hashes: bool, found: _Findings,
+                report: CheckReport) -> None:
+    """One file against its manifest entry: a problem, else one more sized (and hashed)."""
+    problem = file_problem(folder, rel, entry, hashes=hashes)
+    if problem:
+        found.add(rel, problem)
+        return
+    report.sized += 1
+    if hashes:
+        report.hashed += 1
+
+
+def _vet(path: Path, rel: str, backend: str, found: _Findings, report: CheckReport) -> None:
+    """vet_graph for `backend` (OpenVINO IR always for OpenVINO), its refusal as a problem."""
+    reader = "openvino" if path.suffix == ".xml" else backend
+    try:
+        vet_graph(path, reader)
+        report.backends.add(reader)
+    except ModelError as exc:
+        found.add(rel, str(exc))
+    except ModuleNotFoundError as exc:  # --backend openvino, OpenVINO not installed
+        found.add(rel, f"{rel} needs the '{exc.name}' package to be checked: "
+                       "pip install 'sdrt[openvino]'")
 
 
 def _check_is_model_folder(folder: Path) -> None:
@@ -157,6 +211,10 @@ def _check_is_model_folder(folder: Path) -> None:
                 if folder.suffix in TORCH_WEIGHTS else "")
         raise ModelError(f"model folder '{folder}' does not exist or is not a folder{hint}")
     _refuse_partial_export(folder)
+    if is_tiny_vae_folder(folder):
+        raise ModelError(f"unknown layout: '{folder.name}' is a diffusers AutoencoderTiny (tiny "
+                         f"VAE) folder, not an exported one: convert it with `sdrt export "
+                         f"{folder.name} OUT_DIR`, then pass OUT_DIR to --vae")
     if not (folder / "model_index.json").is_file():
         weights = sorted(p.name for p in folder.iterdir() if p.suffix in TORCH_WEIGHTS)
         hint = (f" ({weights[0]} is a single-file checkpoint: convert it with `sdrt export`)"
@@ -216,11 +274,7 @@ def _check_manifest(folder: Path, found: _Findings, report: CheckReport,
     for rel, entry in sorted(manifest.files.items()):
         if found.touches(rel) or found.touches(rel.split("/")[0]):
             continue
-        problem = file_problem(folder, rel, entry, hashes=hashes)
-        if problem:
-            found.add(rel, problem)
-        elif hashes:
-            report.hashed += 1
+        _count_file(folder, rel, entry, hashes, found, report)
     for entry in manifest.variants:
         try:
             variant = Variant.from_json(entry).validate(manifest)
@@ -254,13 +308,17 @@ def _graphs(folder: Path, found: _Findings, report: CheckReport,
             found.add(name, _unknown_layout(part))
             continue
         graphs += present
-        report.components[name] = sum(p.stat().st_size for p in part.iterdir() if p.is_file()
-                                      and p.suffix not in (".json",))
+        report.components[name] = _graph_bytes(part)
     if manifest is not None:
         graphs += [folder / rel for rel in manifest.files if rel.startswith(VARIANTS_DIR + "/")
                    and rel.endswith((".onnx", ".xml")) and (folder / rel).is_file()]
     report.layout = _layout(folder, manifest, graphs)
     return graphs
+
+
+def _graph_bytes(part: Path) -> int:
+    """Bytes of a component folder's graph and weight files (its configs left out)."""
+    return sum(p.stat().st_size for p in part.iterdir() if p.is_file() and p.suffix != ".json")
 
 
 def _unknown_layout(part: Path) -> str:

@@ -533,7 +533,8 @@ def bench(model_dir: Path, backend: str, precision: str, steps: int | None, widt
 def check(model_dir: Path, backend: str, quick: bool) -> None:
     """Check MODEL_DIR before use: components, layout, truncated or substituted files
     (git-lfs pointers, HTML pages), sha256 against manifest.json, graph versions the backend
-    reads, weight paths inside the folder (symlinks too), model_index.json's class names.
+    reads, weight paths inside the folder (symlinks too), model_index.json's class names. An
+    exported tiny VAE folder (for --vae) gets the same checks where they apply.
 
     Prints a summary and exits 0 when the folder is sound; otherwise prints every problem found
     as one `error: ...` line (at most one per file or component) and exits 1.
@@ -578,9 +579,10 @@ def check(model_dir: Path, backend: str, quick: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True,
               help="A variant the model's manifest lists (sdrt quantize).")
 @click.option("--threads", type=int, default=None, help="Backend threads (default: all cores).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help=VAE_HELP)
 @_reports_errors
 def serve(model_dir: Path, backend: str, precision: str, threads: int | None,
-          cors_origins: tuple[str, ...], **limits) -> None:
+          cors_origins: tuple[str, ...], vae: Path | None, **limits) -> None:
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) and a
     kiosk web page at / (needs the serve extra: pip install 'sdrt[serve]').
 
@@ -594,7 +596,8 @@ def serve(model_dir: Path, backend: str, precision: str, threads: int | None,
     settings.validate()  # before loading a model: a refused bind costs nothing
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision)
+    pipe = Pipeline.load(model_dir, backend=backend, threads=threads, precision=precision,
+                         vae=vae)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("sdrt.access", "uvicorn.error"):

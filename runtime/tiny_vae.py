@@ -35,6 +35,26 @@ from sdrt.runtime.session import Session
 TINY_VAE_FORMAT = "sdrt-tiny-vae"
 TINY_VAE_FORMAT_VERSION = 1
 DECODER, ENCODER = "vae_decoder", "vae_encoder"  # the encoder is optional
+TINY_VAE_CLASS = "AutoencoderTiny"  # diffusers' class name in a source folder's config.json
+
+
+def is_tiny_vae_folder(folder: Path) -> bool:
+    """A diffusers model folder whose config.json names AutoencoderTiny (export's source)."""
+    config = _json_or_none(folder / "config.json")
+    return isinstance(config, dict) and config.get("_class_name") == TINY_VAE_CLASS
+
+
+def is_tiny_vae_export(folder: Path) -> bool:
+    """A folder whose manifest.json says it is an exported tiny autoencoder."""
+    manifest = _json_or_none(folder / MANIFEST_NAME)
+    return isinstance(manifest, dict) and manifest.get("format") == TINY_VAE_FORMAT
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -400,3 +400,95 @@ def test_ir_with_a_doctype_is_refused(ir_folder):
     entity = '<!DOCTYPE net [<!ENTITY lol "lol">]>\n'
     xml.write_text(text.replace("<net ", entity + "<net ", 1))
     assert_one_line_error(_check(ir_folder), "declares a DOCTYPE")
+
+
+# ------------------------------------------------------------------------------ tiny VAE folders
+
+TINY_VAE = ROOT / "models" / "embedded" / "tiny_vae"
+
+
+def _tiny_vae_copy(tmp_path: Path) -> Path:
+    return _copy(TINY_VAE / "onnx", tmp_path, "tiny_vae")
+
+
+def test_check_accepts_an_exported_tiny_vae_and_summarises_it():
+    result = _check(TINY_VAE / "onnx")
+    assert result.exit_code == 0, result.output
+    first, *rest = result.output.splitlines()
+    assert first.startswith("ok: onnx: tiny VAE 'taesd-shapes' for 4-channel latents, ×4 "
+                            "(sdrt tiny-VAE export)"), result.output
+    assert "vae_decoder" in rest[0] and "vae_encoder" in rest[0]
+    assert "variants" not in result.output  # a tiny VAE has none
+    listed = len(json.loads((TINY_VAE / "onnx" / "manifest.json").read_text())["files"])
+    assert f"{listed} files match their sha256" in result.output
+
+
+def _tiny_sha256_mismatch(folder: Path) -> None:
+    path = folder / "vae_encoder" / "config.json"
+    text = path.read_text()
+    assert text.endswith("\n")
+    path.write_text(" " + text[:-1])  # a space for the last newline: same size, other bytes
+
+
+def _tiny_lfs_pointer(folder: Path) -> None:
+    (folder / "vae_decoder" / "model.onnx").write_text(LFS_POINTER)
+
+
+def _tiny_ir_version_too_new(folder: Path) -> None:
+    _rewrite_graph(folder / "vae_decoder" / "model.onnx",
+                   lambda model: setattr(model, "ir_version", 99))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {rel: entry.to_json() for rel, entry in scan_files(folder).items()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tiny_manifest_without_decoder(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["components"]["vae_decoder"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tiny_truncated(folder: Path) -> None:
+    path = folder / "vae_encoder" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+TINY_BROKEN = {
+    "sha256": (_tiny_sha256_mismatch, ["vae_encoder/config.json", "sha256"]),
+    "lfs-pointer": (_tiny_lfs_pointer, ["vae_decoder/model.onnx", "git-lfs pointer"]),
+    "ir-version": (_tiny_ir_version_too_new, ["vae_decoder/model.onnx", "IR version 99"]),
+    "manifest": (_tiny_manifest_without_decoder, ["component 'vae_decoder' is missing"]),
+    "truncated": (_tiny_truncated, ["vae_encoder/model.onnx"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(TINY_BROKEN))
+def test_check_names_a_broken_tiny_vae_in_one_line(damage, tmp_path):
+    edit, fragments = TINY_BROKEN[damage]
+    folder = _tiny_vae_copy(tmp_path)
+    assert _check(folder).exit_code == 0
+    edit(folder)
+    assert_one_line_error(_check(folder), *fragments)
+
+
+def test_check_quick_on_a_tiny_vae_checks_sizes_not_hashes(tmp_path):
+    folder = _tiny_vae_copy(tmp_path)
+    _tiny_sha256_mismatch(folder)
+    result = _check(folder, "--quick")
+    assert result.exit_code == 0, result.output
+    assert "4 files match their sizes in manifest.json (sha256 not checked" in result.output
+    _tiny_truncated(folder)
+    assert_one_line_error(_check(folder, "--quick"), "vae_encoder/model.onnx")
+
+
+def test_check_quick_says_it_checked_sizes_only(tiny_onnx_dir):
+    result = _check(tiny_onnx_dir, "--quick")
+    assert result.exit_code == 0, result.output
+    listed = len(Manifest.load(tiny_onnx_dir).files)
+    assert f"{listed} files match their sizes in manifest.json (sha256 not checked" \
+        in result.output
+
+
+def test_a_diffusers_tiny_vae_folder_says_how_to_export_it():
+    assert_one_line_error(_check(TINY_VAE / "taesd-shapes"), "diffusers AutoencoderTiny",
+                          "sdrt export taesd-shapes OUT_DIR", "--vae")

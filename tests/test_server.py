@@ -309,6 +309,58 @@ def test_non_loopback_bind_with_token_requires_it():
         assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
+EMBEDDED_TINY_VAE = EMBEDDED_MODEL.parent / "tiny_vae" / "onnx"
+
+
+def test_vae_option_decodes_with_the_tiny_vae_and_names_it():
+    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.tiny_vae import TinyVaeManifest
+
+    tiny = TinyVaeManifest.load(EMBEDDED_TINY_VAE)
+    body = {"prompt": "a red circle", "seed": 7, "steps": 4, "sampler_name": "Euler",
+            "cfg_scale": 5, "width": 64, "height": 64}
+    with running_server("--vae", str(EMBEDDED_TINY_VAE)) as served:
+        response = post(served, "/sdapi/v1/txt2img", body)
+        vaes = httpx.get(served.url + "/sdapi/v1/sd-vae", timeout=WAIT_S).json()
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    image = png(response.json()["images"][0])
+    fields = parse_parameters(image.info["parameters"])
+    assert (fields["VAE"], fields["VAE hash"]) == (tiny.name, tiny.autov2_hash)
+    assert (info["sd_vae_name"], info["sd_vae_hash"]) == (tiny.name, tiny.autov2_hash)
+    assert vaes == [{"model_name": tiny.name, "filename": tiny.name}]
+    for text in (response.text, image.info["parameters"], image.info["sdrt"]):
+        assert str(EMBEDDED_TINY_VAE.parent) not in text  # names, never paths
+    pipe = Pipeline.load(EMBEDDED_MODEL, vae=EMBEDDED_TINY_VAE)  # what `generate --vae` makes
+    [expected] = pipe.generate(body["prompt"], seed=7, steps=4, sampler="euler",
+                               guidance_scale=5, width=64, height=64)
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_the_default_server_names_no_vae(server):
+    body = json.loads(post(server, "/sdapi/v1/txt2img", {**A1111_TXT2IMG_BODY, "steps": 1})
+                      .json()["info"])
+    assert (body["sd_vae_name"], body["sd_vae_hash"]) == (None, None)
+    assert "VAE" not in parse_parameters(body["infotexts"][0])
+    assert httpx.get(server.url + "/sdapi/v1/sd-vae", timeout=WAIT_S).json() == []
+
+
+@pytest.mark.parametrize("vae, message", [
+    (EMBEDDED_MODEL, "is not a tiny autoencoder folder"),
+    (EMBEDDED_MODEL / "missing", "does not exist or is not a folder"),
+])
+def test_a_bad_vae_folder_is_a_one_line_error_before_listening(vae, message):
+    port = free_port()
+    done = subprocess.run([sys.executable, "-c", "from sdrt.runtime.cli import main; main()",
+                           "serve", "--port", str(port), "--vae", str(vae)],
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens
+
+
 def test_settings_refuse_unsafe_combinations():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
@@ -363,6 +415,9 @@ def _drive_the_page(server, executable, sync_playwright) -> None:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            # playwright's 30 s default: a page load on a 2-core machine running other jobs
+            # (load average 11) timed out; the test is about the page, not its speed
+            page.set_default_timeout(WAIT_S * 1000)
             page.route("**/*", only_this_server)
             page.goto(server.url + "/")
             # the page's CSP forbids eval, so conditions are polled here, not in the page

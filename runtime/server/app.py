@@ -1,5 +1,6 @@
-"""The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img, progress, interrupt, samplers
-and sd-models; `/health`, `/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page at `/`.
+"""The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img, progress, interrupt, samplers,
+sd-models and sd-vae; `/health`, `/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page
+at `/`.
 
 Every error is JSON `{"error", "detail"}` with a 4xx status (or a bare 500 "internal error",
 the traceback going to the server log only); nothing in a response names a filesystem path.
@@ -52,6 +53,7 @@ from sdrt.runtime.server.schemas import (
     ProgressState,
     SamplerItem,
     SDModelItem,
+    SDVaeItem,
     ServerConfig,
     Txt2ImgRequest,
 )
@@ -180,6 +182,13 @@ def _add_info_routes(api: APIRouter, pipe: Pipeline, settings: ServerSettings,
         return [SDModelItem(title=f"{facts.name} [{short}]" if short else facts.name,
                             model_name=facts.name, hash=short, sha256=facts.unet_sha256,
                             filename=facts.name)]
+
+    @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
+    async def sd_vae() -> list[SDVaeItem]:
+        """The tiny VAE loaded with --vae, if any (its name, never its path)."""
+        tiny = pipe.tiny_vae
+        return [] if tiny is None else [SDVaeItem(model_name=tiny.manifest.name,
+                                                  filename=tiny.manifest.name)]
 
     @api.get("/sdrt/v1/config", response_model=ServerConfig)
     async def config() -> ServerConfig:
@@ -331,7 +340,8 @@ def _image_response(body: Txt2ImgRequest, results: list[GeneratedImage], job: Jo
         "width": first.width, "height": first.height, "sampler_name": first.sampler,
         "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": body.batch_size,
         "n_iter": body.n_iter, "restore_faces": False, "sd_model_name": first.model_name,
-        "sd_model_hash": first.model_hash, "denoising_strength": first.denoising_strength,
+        "sd_model_hash": first.model_hash, "sd_vae_name": first.extra.get("VAE"),
+        "sd_vae_hash": first.extra.get("VAE hash"), "denoising_strength": first.denoising_strength,
         "extra_generation_params": dict(first.extra), "index_of_first_image": 0,
         "infotexts": [format_parameters(i) for i in infos], "styles": [],
         "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),

@@ -120,6 +120,15 @@ class SDModelItem(BaseModel):
     config: str | None = None
 
 
+class SDVaeItem(BaseModel):
+    """A1111's SDVaeItem; `filename` holds the VAE's name, never a path."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    filename: str
+
+
 class Health(BaseModel):
     status: str
     queued: int
