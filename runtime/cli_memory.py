@@ -67,10 +67,15 @@ def memory_options(command):
 
 def plan_generation(model_dir: Path, backend: str, precision: str, request, opts: MemoryOptions):
     """The plan for one request (low_memory.Plan); InputError when the budget cannot hold it."""
+    from sdrt.runtime.errors import InputError
     from sdrt.runtime.low_memory import plan_request
 
-    return plan_request(model_dir, backend, precision, request,
+    plan = plan_request(model_dir, backend, precision, request,
                         mode="low" if opts.low_memory else "auto", budget=opts.budget())
+    if plan.low_memory and request.deepcache is not None:  # said before loading, not after
+        raise InputError(f"--deepcache does not combine with low-memory mode ({plan.reason}); "
+                         f"drop --deepcache, or raise --max-memory")
+    return plan
 
 
 def describe(plan) -> str:

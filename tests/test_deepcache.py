@@ -194,6 +194,25 @@ def test_cli_errors_are_one_line(cached_dir: Path, tmp_path: Path) -> None:
     assert done.returncode != 0 and done.stderr.strip().startswith("error: --branch")
 
 
+def test_a_budget_that_forces_low_memory_refuses_deepcache_before_loading(
+        cached_dir: Path, tmp_path: Path) -> None:
+    from sdrt.runtime.low_memory import plan_request
+    from sdrt.runtime.pipeline import GenerationRequest
+
+    plan = plan_request(cached_dir, "ort", "fp32", GenerationRequest(PROMPT, deepcache=3),
+                        mode="auto", budget=None)
+    between = (plan.estimate.low_memory_peak + plan.estimate.default_peak) // 2
+    assert plan.estimate.low_memory_peak < between < plan.estimate.default_peak
+    done = subprocess.run([str(Path(sys.executable).with_name("sdrt")), "generate", PROMPT,
+                           "--model", str(cached_dir), "--deepcache", "3", "--max-memory",
+                           str(between), "-o", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # no "switching to" line first
+    assert done.stderr.startswith("error: --deepcache does not combine with low-memory mode")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_gate_records_pass_and_fail(cached_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdrt.quantize import deepcache_gate
 
