@@ -154,7 +154,7 @@ def _estimate_mb(name: str, opts: BenchOptions) -> float | None:
     from sdrt.benchmarks.low_memory import scenario_estimate
 
     found = scenario_estimate(name, opts.model, opts.backend, opts.precision, opts.width,
-                              opts.height)
+                              opts.height, opts.deepcache)
     return None if found is None else found / 2**20
 
 

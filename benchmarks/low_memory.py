@@ -6,8 +6,12 @@ Usage:
       [--steps 1] [--low-memory] [--backend ort]     # one row: measured peak, estimate, ratio
   python -m sdrt.benchmarks.low_memory tiled-psnr MODEL [--size 1024] [--tile 48 --overlap 16]
       [--passes 3 | --statistics-downsample 2]   # split decoder: tail passes, or pooled stats
+      [--no-stages]   # the split decoder's estimated statistics though stage graphs exist
+  python -m sdrt.benchmarks.low_memory decode MODEL [--size 1024] [--decoder untiled]
+      [--no-stages]   # peak RSS and time of one decode in a fresh process
   python -m sdrt.benchmarks.low_memory generate MODEL --unet-graph variants/X/unet/model.onnx
       --low-memory   # a UNet graph not (yet) gated and listed, measured all the same
+  python -m sdrt.benchmarks.low_memory generate MODEL --deepcache 3   # DeepCache's two graphs
   python -m sdrt.benchmarks.low_memory regate MODEL --precision int8 --backend ort
       # a listed variant's gate again after its graphs were rewritten (slice_attention.py)
 
@@ -74,7 +78,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 def generate_row(args: argparse.Namespace) -> dict:
     """Measured and estimated peak of one `sdrt generate` run (or of run_variant's)."""
     request = GenerationRequest(prompt=PROMPT, steps=args.steps, seed=0, width=args.size,
-                                height=args.size)
+                                height=args.size, deepcache=args.deepcache)
     plan = plan_request(Path(args.model), args.backend, unlisted_variant(args), request,
                         mode="low" if args.low_memory else "default", budget=None)
     if args.unet_graph:
@@ -85,7 +89,8 @@ def generate_row(args: argparse.Namespace) -> dict:
     argv = [str(Path(sys.executable).parent / "sdrt"), "generate", PROMPT, "--model", args.model,
             "--backend", args.backend, "--precision", args.precision, "--steps",
             str(args.steps), "--seed", "0", "-W", str(args.size), "-H", str(args.size),
-            "--max-memory", "1T", "-o", str(out), *(["--low-memory"] if args.low_memory else [])]
+            "--max-memory", "1T", "-o", str(out), *(["--low-memory"] if args.low_memory else []),
+            *(["--deepcache", str(args.deepcache)] if args.deepcache else [])]
     peak, wall, _ = peak_rss_of(argv)
     return _row(args, peak, wall, plan.peak)
 
@@ -93,25 +98,29 @@ def generate_row(args: argparse.Namespace) -> dict:
 def _row(args: argparse.Namespace, peak: int, wall: float, estimate: int) -> dict:
     return {"model": Path(args.model).name, "size": args.size, "precision": args.precision,
             "unet_graph": args.unet_graph, "backend": args.backend,
-            "low_memory": args.low_memory, "steps": args.steps, "peak_rss_bytes": peak,
+            "low_memory": args.low_memory, "deepcache": args.deepcache, "steps": args.steps,
+            "peak_rss_bytes": peak,
             "estimate_bytes": estimate, "estimate_over_measured": round(estimate / peak, 3),
             "within_tolerance": abs(estimate / peak - 1) <= memory.ESTIMATE_TOLERANCE,
             "wall_s": round(wall, 1)}
 
 
 def scenario_estimate(name: str, model: str, backend: str, precision: str,
-                      width: int | None, height: int | None) -> int | None:
+                      width: int | None, height: int | None,
+                      deepcache: int | None = None) -> int | None:
     """The estimated peak of one `sdrt bench` scenario (its process loads the whole pipeline,
-    then times one component, or generates end to end); None for the VAE encoder's."""
+    then times one component, or generates end to end, with DeepCache's shallow graph where
+    `deepcache` is set); None for the VAE encoder's."""
     from sdrt.runtime.low_memory import sliced_attention
     from sdrt.runtime.model_folder import read_facts
 
     folder = Path(model)
     facts = read_facts(folder)
     width, height = width or facts.default_size, height or facts.default_size
-    found = plan_request(folder, backend, precision, GenerationRequest(PROMPT, width=width,
-                                                                       height=height),
-                         mode="default", budget=None).estimate
+    request = GenerationRequest(PROMPT, width=width, height=height,
+                                deepcache=deepcache if name == "end_to_end" else None)
+    found = plan_request(folder, backend, precision, request, mode="default",
+                         budget=None).estimate
     if name == "end_to_end":
         return found.default_peak
     component, rows = BENCH_CALLS.get(name, (None, 0))
@@ -125,32 +134,22 @@ def scenario_estimate(name: str, model: str, backend: str, precision: str,
 
 def tiled_psnr(args: argparse.Namespace) -> dict:
     """PSNR (dB, images in [-1, 1]) of the tiled decode of seeded latents against the untiled."""
-    from sdrt.runtime.components import VaeDecoder, VaeEncoder
+    from sdrt.runtime.components import VaeEncoder
     from sdrt.runtime.model_folder import read_facts
     from sdrt.runtime.session import open_session
-    from sdrt.runtime.split_vae import split_graphs, tiled_decoder
-    from sdrt.runtime.tiled_vae import Tiling
 
     folder = Path(args.model)
     facts = read_facts(folder)
     map_large_allocations()  # the untiled 1024×1024 decode needs gigabytes: keep them bounded
-    graph = folder / "vae_decoder" / "model.onnx"
-    decoder = VaeDecoder(open_session(graph, "ort", low_memory=True))
-    split = split_graphs(folder, graph)
-    side = args.size // facts.vae_scale_factor
+    decoder, tiled_decoder, stages, split = _decoders(args)
     if args.picture:  # the latents of a seeded picture of shapes, through the folder's encoder
         encoder = VaeEncoder(open_session(folder / "vae_encoder" / "model.onnx", "ort",
                                           low_memory=True))
         latents = encoder(_shapes_picture(args.size))
-    else:  # smooth latents: a seeded field on a grid 8× coarser, upsampled bilinearly
-        coarse = np.random.default_rng(0).standard_normal(
-            (1, facts.latent_channels, side // 8 + 1, side // 8 + 1)) / facts.scaling_factor
-        latents = _upsample(_upsample(coarse, side, axis=2), side, axis=3).astype(np.float32)
+    else:
+        latents = _smooth_latents(facts, args.size)
     start = time.perf_counter()
-    tiled = tiled_decoder(decoder, split and tuple(open_session(path, "ort", low_memory=True)
-                                                   for path in split),
-                          Tiling(args.tile, args.overlap), facts.vae_scale_factor,
-                          args.passes, args.statistics_downsample)(latents)
+    tiled = tiled_decoder(latents)
     tiled_s = time.perf_counter() - start
     start = time.perf_counter()
     full = decoder(latents)
@@ -158,12 +157,69 @@ def tiled_psnr(args: argparse.Namespace) -> dict:
     mse = float(np.mean((np.clip(tiled, -1, 1) - np.clip(full, -1, 1)) ** 2))
     return {"model": folder.name, "size": args.size, "tile": args.tile, "overlap": args.overlap,
             "latents": "picture" if args.picture else "smooth field",
-            "statistics": ("per window" if not split else
+            "statistics": ("exact (stage graphs)" if stages else "per window" if not split else
                            f"split graphs, pooled ÷{args.statistics_downsample}"
                            if args.statistics_downsample else
                            f"split graphs, {args.passes} pass(es)"),
             "psnr_db": round(10 * np.log10(4.0 / mse), 2), "tiled_s": round(tiled_s, 1),
             "untiled_s": round(full_s, 1)}
+
+
+def _smooth_latents(facts, size: int) -> np.ndarray:
+    """Smooth latents: a seeded field on a grid 8× coarser, upsampled bilinearly."""
+    side = size // facts.vae_scale_factor
+    coarse = np.random.default_rng(0).standard_normal(
+        (1, facts.latent_channels, side // 8 + 1, side // 8 + 1)) / facts.scaling_factor
+    return _upsample(_upsample(coarse, side, axis=2), side, axis=3).astype(np.float32)
+
+
+def _decoders(args: argparse.Namespace):
+    """The untiled decoder, the tiled one `args` asks for (`--no-stages`: the split decoder's
+    estimated statistics even where stage graphs exist), and whether stage or split graphs
+    are used; every session on ONNX Runtime, opened as the low-memory plan opens them (one
+    resident at a time: runtime/low_memory.Residency)."""
+    from sdrt.runtime.components import VaeDecoder
+    from sdrt.runtime.low_memory import Residency
+    from sdrt.runtime.model_folder import read_facts
+    from sdrt.runtime.split_vae import split_graphs, tiled_decoder
+    from sdrt.runtime.staged_vae import stage_plan
+    from sdrt.runtime.tiled_vae import Tiling
+
+    folder = Path(args.model)
+    graph = folder / "vae_decoder" / "model.onnx"
+    residency = Residency()
+    opener = lambda path: residency.open_session(path, "ort")  # noqa: E731
+    decoder = VaeDecoder(opener(graph))
+    plan = None if args.no_stages else stage_plan(folder, graph)
+    split = None if plan else split_graphs(folder, graph)
+    tiled = tiled_decoder(decoder, split and tuple(opener(path) for path in split),
+                          Tiling(args.tile, args.overlap), read_facts(folder).vae_scale_factor,
+                          args.passes, args.statistics_downsample,
+                          stages=plan and plan.open(opener))
+    return decoder, tiled, plan is not None, split is not None
+
+
+def decode_row(args: argparse.Namespace) -> dict:
+    """Peak RSS and wall time of one decode (`--decoder`) of smooth latents in a fresh process
+    (the child runs decode_run): the decode's sessions, maps and working memory."""
+    peak, wall, output = peak_rss_of([sys.executable, "-m", "sdrt.benchmarks.low_memory",
+                                      "decode-run", *sys.argv[2:]])
+    row = json.loads(output.splitlines()[-1])
+    return row | {"peak_rss_bytes": peak, "process_s": round(wall, 1)}
+
+
+def decode_run(args: argparse.Namespace) -> dict:
+    from sdrt.runtime.model_folder import read_facts
+
+    map_large_allocations()
+    decoder, tiled, stages, split = _decoders(args)
+    run = decoder if args.decoder == "untiled" else tiled
+    latents = _smooth_latents(read_facts(Path(args.model)), args.size)
+    start = time.perf_counter()
+    image = run(latents)
+    return {"model": Path(args.model).name, "size": args.size, "decoder": args.decoder,
+            "path": type(run).__name__, "stages": stages, "split": split,
+            "decode_s": round(time.perf_counter() - start, 1), "shape": list(image.shape)}
 
 
 def regate(args: argparse.Namespace) -> dict:
@@ -226,7 +282,8 @@ def _upsample(x: np.ndarray, size: int, axis: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("generate", "tiled-psnr", "regate", "run-variant"))
+    parser.add_argument("what", choices=("generate", "tiled-psnr", "decode", "regate",
+                                         "run-variant", "decode-run"))
     parser.add_argument("model")
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--precision", default="fp32")
@@ -240,17 +297,26 @@ def main() -> None:
                              "the head's features pooled by this factor (runtime/split_vae)")
     parser.add_argument("--passes", type=int, default=SHARED_PASSES,
                         help="tiled-psnr: tail passes over the split decoder (runtime/split_vae)")
+    parser.add_argument("--no-stages", action="store_true",
+                        help="tiled-psnr, decode: the split decoder's estimated statistics even "
+                             "where the folder has stage graphs (runtime/staged_vae)")
+    parser.add_argument("--decoder", choices=("tiled", "untiled"), default="tiled",
+                        help="decode: the tiled decoder tiled-psnr measures, or the untiled one")
     parser.add_argument("--output", default="/tmp")
     parser.add_argument("--picture", action="store_true",
                         help="tiled-psnr: latents of a picture of shapes, not a smooth field")
     parser.add_argument("--max-memory", default=None, help="regate: the gate's memory budget")
     parser.add_argument("--unet-graph", default=None,
                         help="generate with this UNet graph (a path under variants/, unlisted)")
+    parser.add_argument("--deepcache", type=int, default=None,
+                        help="generate with DeepCache at this interval N (its two UNet graphs)")
     args = parser.parse_args()
     row = {"generate": generate_row, "tiled-psnr": tiled_psnr, "regate": regate,
-           "run-variant": run_variant}[args.what](args)
+           "run-variant": run_variant, "decode": decode_row,
+           "decode-run": decode_run}[args.what](args)
     if "peak_rss_bytes" in row:
         row["peak"] = memory.format_size(row["peak_rss_bytes"])
+    if "estimate_bytes" in row:
         row["estimate"] = memory.format_size(row["estimate_bytes"])
     print(json.dumps(row))
 

@@ -17,6 +17,9 @@ InstanceNormalization → Reshape → Mul → Add) writes two graphs beside it:
   upsampled to the norm's resolution, so windows' sums combine into image-wide statistics
   (runtime/split_vae.py).
 
+It also cuts the tail at every GroupNorm into stage graphs (export/vae_stages.py) for the exact
+tiled decode (runtime/staged_vae.py), which the runtime prefers where they exist; the shared-norm
+tail stays for folders split before the stages existed and for the estimated-statistics modes.
 The graphs are added in place with their manifest `files` entries; the untiled decoder is kept.
 
 Usage: python -m sdrt.export.split_vae_decoder MODEL_DIR [--query-chunks N]
@@ -35,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sdrt.export.slice_attention import chunk_queries
 from sdrt.runtime.errors import ExportError
 from sdrt.runtime.manifest import FileEntry, Manifest, sha256_file
+from sdrt.runtime.staged_vae import STAGES_DIR
 
 HEAD, TAIL = "vae_decoder_head", "vae_decoder_tail"
 FEATURES = "features"
@@ -230,22 +234,33 @@ def split_decoder(model: onnx.ModelProto,
     return head, tail, norms
 
 
-def split_folder(folder: Path, query_chunks: int = DEFAULT_QUERY_CHUNKS) -> int:
-    """Write the head and tail graphs into `folder` and list them in its manifest."""
+def split_folder(folder: Path, query_chunks: int = DEFAULT_QUERY_CHUNKS) -> tuple[int, int]:
+    """Write the head, tail and stage graphs (export/vae_stages.py) into `folder` and list them
+    in its manifest; the tail's shared GroupNorm count and the number of stages."""
     source = folder / "vae_decoder" / "model.onnx"
     if not source.is_file():
         raise ExportError(f"'{folder}' has no vae_decoder/model.onnx")
+    from sdrt.export.vae_stages import write_stages  # it imports this module's helpers
+
     manifest = Manifest.load(folder)
-    head, tail, norms = split_decoder(onnx.load(str(source)), query_chunks)
-    files = dict(manifest.files)
+    decoder = onnx.load(str(source))
+    head, tail, norms = split_decoder(decoder, query_chunks)
+    written = []
     for name, model in ((HEAD, head), (TAIL, tail)):
         onnx.checker.check_model(model)
         path = folder / name / "model.onnx"
         path.parent.mkdir(exist_ok=True)
         onnx.save_model(model, str(path))
-        files[f"{name}/model.onnx"] = FileEntry(sha256_file(path), path.stat().st_size)
+        written.append(path)
+    del head, tail
+    stage_files, stages = write_stages(folder, decoder)
+    files = {rel: entry for rel, entry in manifest.files.items()
+             if not rel.startswith(STAGES_DIR + "/")}  # a previous split's stages
+    for path in written + stage_files:
+        files[path.relative_to(folder).as_posix()] = FileEntry(sha256_file(path),
+                                                               path.stat().st_size)
     replace(manifest, files=files).save(folder)
-    return norms
+    return norms, stages
 
 
 def main() -> None:
@@ -256,10 +271,11 @@ def main() -> None:
     if len(args) != 1 or chunks < 1:
         sys.exit(__doc__.strip().splitlines()[-1])
     try:
-        norms = split_folder(Path(args[0]), chunks)
+        norms, stages = split_folder(Path(args[0]), chunks)
     except ExportError as exc:
         sys.exit(f"error: {exc}")
-    print(f"wrote {HEAD} and {TAIL} ({norms} shared GroupNorms) in {args[0]}")
+    print(f"wrote {HEAD}, {TAIL} ({norms} shared GroupNorms) and {STAGES_DIR} ({stages} "
+          f"stages) in {args[0]}")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ import numpy as np
 
 from sdrt.runtime import memory
 from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
+from sdrt.runtime.deepcache import graph_paths as deepcache_graphs
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.session import BACKENDS, Session, TensorSpec, open_session
 from sdrt.runtime.split_vae import split_graphs, tiled_decoder
+from sdrt.runtime.staged_vae import StagedGraphs, stage_plan
 from sdrt.runtime.tiled_vae import DEFAULT_TILE, TiledVaeEncoder
 from sdrt.runtime.variants import Variant
 
@@ -86,13 +88,14 @@ class Residency:
     @staticmethod
     def components(unet: UNet, decoder: VaeDecoder, factor: int,
                    split_decoder: tuple[Session, Session] | None = None,
+                   stages: StagedGraphs | None = None,
                    ) -> tuple[UNet, VaeDecoder, Callable[[Session], VaeEncoder]]:
-        """The low-memory plan's UNet (batch-1 calls), tiled decoder (sharing GroupNorm
-        statistics over the split decoder's head and tail sessions where given: split_vae.py),
-        and tiled encoder maker."""
+        """The low-memory plan's UNet (batch-1 calls), tiled decoder (exact over the stage
+        graphs where given: staged_vae.py; else sharing GroupNorm statistics over the split
+        decoder's head and tail sessions where given: split_vae.py), and tiled encoder maker."""
         # SD 3's transformer (runtime/sd3.py) keeps its CFG pair in one call
         split = SplitBatchUNet(unet) if isinstance(unet, UNet) else unet
-        return (split, tiled_decoder(decoder, split_decoder, factor=factor),
+        return (split, tiled_decoder(decoder, split_decoder, factor=factor, stages=stages),
                 lambda session: TiledVaeEncoder(VaeEncoder(session), factor=factor))
 
     def release_all(self) -> None:
@@ -167,18 +170,22 @@ class Plan:
 
 def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, images: int,
                  guided: bool, vae_scale_factor: int, tile: int,
-                 components: tuple[str, ...]) -> memory.MemoryEstimate:
-    """The memory estimate of one generation with `variant`'s graphs from `folder`."""
+                 components: tuple[str, ...], deepcache: bool = False) -> memory.MemoryEstimate:
+    """The memory estimate of one generation with `variant`'s graphs from `folder`; with
+    `deepcache`, DeepCache's shallow graph beside them (its full graph is the UNet's weights)."""
     graphs = {name: variant.graph_path(folder, name) for name in components}
+    if deepcache:
+        graphs[memory.DEEPCACHE_SHALLOW] = deepcache_graphs(folder)[1]
     compressed = frozenset(name for name in components
                            if variant.precision in ("int8", "int8-hybrid", "int4")
                            and variant.components.get(name) is not None
                            and variant.components[name].file)
     rows = images * (2 if guided else 1)
     shapes = memory.Shapes(width, height, rows, vae_scale_factor)
+    staged = "vae_decoder" in graphs and stage_plan(folder, graphs["vae_decoder"]) is not None
     split = "vae_decoder" in graphs and split_graphs(folder, graphs["vae_decoder"]) is not None
     low = memory.Shapes(width, height, LOW_MEMORY_BATCH, vae_scale_factor, tile=tile,
-                        split_decoder=split)
+                        split_decoder=split and not staged, staged_decoder=staged)
     return memory.estimate(graphs, variant.backend, shapes=shapes, low_shapes=low,
                            unet=memory.unet_shape(folder, *sliced_attention(folder)),
                            compressed=compressed)
@@ -243,5 +250,6 @@ def plan_request(folder: Path, backend: str, precision: str | Variant, request, 
     found = estimate_for(folder, variant, width=req.width, height=req.height,
                          images=req.num_images, guided=req.guidance_scale > 1.0,
                          vae_scale_factor=facts.vae_scale_factor, tile=DEFAULT_TILE,
-                         components=(*texts, denoiser, "vae_decoder"))
+                         components=(*texts, denoiser, "vae_decoder"),
+                         deepcache=req.deepcache is not None)
     return plan_for(found, mode, budget)

@@ -13,7 +13,9 @@ Working memory: the UNet's convolution activations grow with batch × latent pix
 holds a (batch·heads, N, N) score tensor at the finest attention level (N tokens), or one head's
 (B, N, N) when the graph was exported with `--attention sliced`; the VAE decoder's grow with
 output pixels (its last blocks run 128 channels at full resolution) plus its mid-block attention
-over the latent tokens. The per-unit constants below were fitted to fresh-process peak RSS
+over the latent tokens. DeepCache (`--deepcache N`) adds its shallow graph as one more component:
+the weights it names in the UNet's shared file and its own finest-level working memory
+(DEEPCACHE_SHALLOW). The per-unit constants below were fitted to fresh-process peak RSS
 measurements of the SD 1.5 and SDXL architectures on ONNX Runtime (benchmarks/RESULTS.md,
 "Low-memory mode"), where the estimate is checked within ESTIMATE_TOLERANCE of each measured peak.
 """
@@ -57,6 +59,19 @@ OPENVINO_INT8_EXPANSION = 4.0
 # sliced attention used 178 MB at 64×64 latents, batch 1 (134 MB of it the scores).
 UNET_BYTES_PER_LATENT_PIXEL = 11 * 1024
 ATTENTION_COPIES = 2
+# DeepCache (runtime/deepcache.py): the UNet runs as the full graph (the same weights) and the
+# shallow graph is a session of its own: its weights (a slice of the UNet's file, hard-linked
+# beside it, so only the tensors it names count) and its working memory at the finest level,
+# where it runs the UNet's first and last layers: feature maps per latent pixel per batch row, plus
+# on ONNX Runtime that level's attention scores and softmax in the session's own arena. Measured
+# on SD 1.5 at 512², 2 steps, batch 2, fresh processes, 2026-11-26 (benchmarks/low_memory.py
+# generate --deepcache 3): ORT fp32 peaked 2,184 and 2,227 MiB above the same run without
+# DeepCache (31 MiB of weights, 2,048 MiB of scores: 13-18 KiB per latent pixel-row left);
+# OpenVINO bf16 189-203 MiB above in four pairs (34 MiB of weights, 19-21 KiB per latent pixel-row,
+# no score tensor: its CPU plugin fuses the attention).
+DEEPCACHE_SHALLOW = "unet (shallow)"  # its row in the estimate
+SHALLOW_BYTES_PER_LATENT_PIXEL = 19 * 1024
+SHALLOW_HOLDS_SCORES = {"ort": True, "openvino": False}
 # VAE decoder working memory per output pixel (its 128-channel full-resolution blocks), plus one
 # copy of its mid-block attention scores over the latent tokens: 416 MB for a 384×384 window,
 # 751 MB for 512×512.
@@ -68,6 +83,12 @@ DECODER_ATTENTION_COPIES = 1
 # 16 chunks): 238 MiB of working memory at 128×128 latents, 44 MiB at 64×64.
 SHARED_DECODER_BYTES_PER_PIXEL = 4100
 SPLIT_HEAD_BYTES_PER_LATENT_PIXEL = 15 * 1024
+# The staged decoder (runtime/staged_vae.py) keeps whole-image maps: at most 512 float32
+# channels per output pixel in SD's last up blocks (2 KiB; the peaks below grew 2,049 B per
+# pixel from 512² to 1024²), plus one stage's window; it holds one stage's weights, not the
+# decoder's that the estimate counts as resident. SD 1.5's decode in a fresh process peaked at
+# 666 MiB (512²) and 2.15 GiB (1024²); this value puts the estimate at 1.11 and 0.97 of them.
+STAGED_DECODER_BYTES_PER_PIXEL = 1850
 # VAE encoder: the same blocks in reverse order, per input pixel.
 ENCODER_BYTES_PER_PIXEL = DECODER_BYTES_PER_PIXEL
 # Text encoder working memory: 77 tokens per row, negligible beside its weights.
@@ -111,6 +132,18 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+def referenced_bytes(path: Path) -> int:
+    """Bytes of an .onnx graph's weights: the file plus the external-data ranges it names, so a
+    weights file it shares with another graph counts only for its own tensors."""
+    from sdrt.runtime.onnx_proto import read_stamps
+
+    ranges = 0
+    for ref in read_stamps(path).external:
+        whole = (path.parent / (ref.location or "")).stat().st_size - int(ref.offset or 0)
+        ranges += int(ref.length) if ref.length else whole
+    return path.stat().st_size + ranges
+
+
 def graph_bytes(path: Path) -> int:
     """Bytes of one graph's files: model.onnx plus its external data, or an IR's .xml and .bin."""
     prefix = path.stem + "."
@@ -129,6 +162,7 @@ class Shapes:
     vae_scale_factor: int = 8
     tile: int | None = None  # VAE window side in latent pixels (None: whole image)
     split_decoder: bool = False  # tiles share GroupNorm statistics (runtime/split_vae.py)
+    staged_decoder: bool = False  # exact, stage by stage (runtime/staged_vae.py)
 
     @property
     def latent_pixels(self) -> int:
@@ -154,10 +188,14 @@ class UNetShape:
                        if "CrossAttn" in kind)
         return cls(levels, sliced, query_chunks)
 
-    def score_bytes(self, latent_h: int, latent_w: int, batch: int) -> int:
-        """The largest attention score tensor one call holds."""
+    def score_bytes(self, latent_h: int, latent_w: int, batch: int,
+                    finest_only: bool = False) -> int:
+        """The largest attention score tensor one call holds (`finest_only`: at the latent's
+        own resolution, 0 where that level has no attention, as SDXL's)."""
         largest = 0
         for factor, heads in self.levels:
+            if finest_only and factor != 1:
+                continue
             tokens = math.ceil(latent_h / factor) * math.ceil(latent_w / factor)
             largest = max(largest, (1 if self.sliced else heads) * tokens * tokens)
         return batch * math.ceil(largest / self.query_chunks) * FLOAT
@@ -215,16 +253,26 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def working_bytes(component: str, shapes: Shapes, unet: UNetShape | None) -> int:
-    """Working memory of one call of `component` at `shapes`."""
+def working_bytes(component: str, shapes: Shapes, unet: UNetShape | None,
+                  backend: str = "ort") -> int:
+    """Working memory of one call of `component` at `shapes` on `backend`."""
     factor = shapes.vae_scale_factor
     latent_h, latent_w = shapes.height // factor, shapes.width // factor
     if component.startswith("text_encoder"):
         return shapes.batch * TEXT_BYTES_PER_ROW
+    if component == DEEPCACHE_SHALLOW:  # the finest level only
+        scores = unet.score_bytes(latent_h, latent_w, shapes.batch, finest_only=True) \
+            if unet and SHALLOW_HOLDS_SCORES[backend] else 0
+        return (shapes.batch * shapes.latent_pixels * SHALLOW_BYTES_PER_LATENT_PIXEL
+                + ATTENTION_COPIES * scores)
     if component in ("unet", "transformer"):  # SD 3's MMDiT: no attention levels read (yet)
         scores = unet.score_bytes(latent_h, latent_w, shapes.batch) if unet else 0
         return (shapes.batch * shapes.latent_pixels * UNET_BYTES_PER_LATENT_PIXEL
                 + ATTENTION_COPIES * scores)
+    if shapes.tile is not None and shapes.staged_decoder and component == "vae_decoder":
+        pixels = latent_h * latent_w * factor * factor
+        return max(pixels * STAGED_DECODER_BYTES_PER_PIXEL,  # the maps and one window
+                   shapes.latent_pixels * SPLIT_HEAD_BYTES_PER_LATENT_PIXEL)  # or the head
     if shapes.tile is not None and shapes.split_decoder and component == "vae_decoder":
         window = min(latent_h, shapes.tile) * min(latent_w, shapes.tile) * factor * factor
         return max(window * SHARED_DECODER_BYTES_PER_PIXEL,  # the tail on one window
@@ -253,15 +301,16 @@ def loading_bytes(path: Path, file_bytes: int, backend: str) -> int:
 
 def estimate(graphs: dict[str, Path], backend: str, *, shapes: Shapes, low_shapes: Shapes,
              unet: UNetShape | None, compressed: frozenset[str] = frozenset()) -> MemoryEstimate:
-    """The estimate for `graphs` (component → graph file); `compressed` names components whose
-    graphs hold int8/int4 weights; `low_shapes` are the low-memory plan's (batch 1, tiles)."""
+    """The estimate for `graphs` (component → graph file; DEEPCACHE_SHALLOW: DeepCache's shallow
+    graph); `compressed` names components whose graphs hold int8/int4 weights; `low_shapes` are
+    the low-memory plan's (batch 1, tiles)."""
     def rows(at: Shapes) -> tuple[ComponentEstimate, ...]:
         out = []
         for name, path in graphs.items():
-            size = graph_bytes(path)
+            size = referenced_bytes(path) if name == DEEPCACHE_SHALLOW else graph_bytes(path)
             out.append(ComponentEstimate(name, size,
                                          resident_bytes(size, backend, name in compressed),
-                                         working_bytes(name, at, unet),
+                                         working_bytes(name, at, unet, backend),
                                          loading_bytes(path, size, backend)))
         return tuple(out)
 

@@ -50,6 +50,7 @@ from sdrt.runtime.sd3 import (
 )
 from sdrt.runtime.session import BACKENDS, open_session
 from sdrt.runtime.split_vae import SPLIT_COMPONENTS, split_graphs
+from sdrt.runtime.staged_vae import stage_plan
 from sdrt.runtime.tiny_vae import TinyVae, open_tiny_vae
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import Variant, resolve_variant
@@ -229,11 +230,16 @@ class Pipeline:
         encoder = VaeEncoder
         encoder_session = tiny.open_encoder if tiny and tiny.open_encoder else \
             lambda: session("vae_encoder")
-        if residency:  # batch-1 UNet calls, tiled VAE (over split graphs where the folder has)
-            split = split_graphs(folder, variant.graph_path(folder, "vae_decoder"))
+        if residency:  # batch-1 UNet calls, tiled VAE (over stage or split graphs, if any)
+            stages = stage_plan(folder, variant.graph_path(folder, "vae_decoder"))
+            split = None if stages else split_graphs(folder,
+                                                     variant.graph_path(folder, "vae_decoder"))
             unet, decoder, encoder = residency.components(
                 unet, decoder, facts.vae_scale_factor,
-                split and tuple(session(name) for name in SPLIT_COMPONENTS))
+                split and tuple(session(name) for name in SPLIT_COMPONENTS),
+                stages and stages.open(lambda path: opener(
+                    path, backend, threads=threads, execution=variant.execution("vae_decoder"),
+                    device=device, vram_limit=vram_limit)))
         lazy_deepcache = LazyDeepCache(folder, unet_graph, refusal, full)
         return cls(folder, backend, facts, scheduler, conditioner, unet, decoder,
                    precision=variant.precision,

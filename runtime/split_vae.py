@@ -25,6 +25,7 @@ import numpy as np
 
 from sdrt.runtime.components import VaeDecoder
 from sdrt.runtime.session import Session
+from sdrt.runtime.staged_vae import StagedGraphs, StagedVaeDecoder
 from sdrt.runtime.tiled_vae import TiledVaeDecoder, Tiling, run_tiled, tile_starts
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,20 @@ def split_graphs(folder: Path, decoder_graph: Path) -> tuple[Path, Path] | None:
 def tiled_decoder(decoder: VaeDecoder, split: tuple[Session, Session] | None,
                   tiling: Tiling = DEFAULT_TILING, factor: int = 8,
                   passes: int = SHARED_PASSES,
-                  downsample: int = STATISTICS_DOWNSAMPLE) -> VaeDecoder:
-    """The tiled decoder: sharing GroupNorm statistics over the split graphs' (head, tail)
-    sessions, else (with a log line) per-window normalisation (runtime/tiled_vae.py)."""
+                  downsample: int = STATISTICS_DOWNSAMPLE,
+                  stages: StagedGraphs | None = None) -> VaeDecoder:
+    """The tiled decoder: exact, stage by stage, over the stage graphs where given
+    (runtime/staged_vae.py); else (with a log line) sharing estimated GroupNorm statistics over
+    the split graphs' (head, tail) sessions, or normalising per window (runtime/tiled_vae.py)."""
+    if stages is not None:
+        return StagedVaeDecoder(decoder, stages, tiling)
     if split is None:
         log.info("VAE decoder not split (python -m sdrt.export.split_vae_decoder MODEL_DIR): "
                  "tiles normalise over themselves, a few dB from the untiled decode")
         return TiledVaeDecoder(decoder, tiling, factor)
+    log.info("VAE decoder split without stage graphs (re-run python -m "
+             "sdrt.export.split_vae_decoder MODEL_DIR for the exact tiled decode): GroupNorm "
+             "statistics are estimated")
     return SharedNormVaeDecoder(decoder, *split, tiling, factor, passes, downsample)
 
 

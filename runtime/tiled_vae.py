@@ -8,8 +8,9 @@ from 0 at a window's edge that has a neighbour to 1 where the neighbour's overla
 divides by the summed weights. The decoder tiles in latent space, the encoder in pixel space.
 What tiling cannot reproduce exactly is GroupNorm's whole-image statistics: each window
 normalises over itself, so windows should stay large (benchmarks/RESULTS.md measures the PSNR of
-tiled against untiled decodes); runtime/split_vae.py shares the statistics across windows where
-the model folder has the split decoder graphs, and falls back to this decoder where it has not.
+tiled against untiled decodes); runtime/staged_vae.py decodes exactly, GroupNorm by GroupNorm,
+where the model folder has the stage graphs, runtime/split_vae.py estimates shared statistics
+where it has only the split decoder graphs, and both fall back to this decoder otherwise.
 """
 
 from __future__ import annotations

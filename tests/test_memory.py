@@ -3,13 +3,23 @@ and the CLI's --dry-run / --max-memory."""
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
+from conftest import ROOT
 
 from sdrt.runtime import memory
 from sdrt.runtime.cli import main
-from sdrt.runtime.errors import InputError
+from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.low_memory import plan_for, plan_request
+from sdrt.runtime.manifest import Manifest, scan_files
 from sdrt.runtime.model_folder import EMBEDDED_MODEL
 from sdrt.runtime.pipeline import GenerationRequest
 
@@ -142,3 +152,113 @@ def test_max_memory_between_the_plans_switches_to_low_memory(tmp_path):
     assert result.exit_code == 0, result.output
     assert "switching to --low-memory" in result.output
     assert (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------ DeepCache's graph
+
+SD15_FULL_SIZE = ROOT / "models" / "generated" / "sd15-random-onnx"
+# What DeepCache (--deepcache 3) added to a fresh process's peak RSS on SD 1.5 at 512², 2 steps
+# (benchmarks/low_memory.py generate, 2026-11-26; runtime/memory.py's DEEPCACHE_SHALLOW notes).
+MEASURED_SHALLOW_MIB = {"ort": 2205, "openvino": 198}  # means of 2 and 4 pairs of runs
+SD15_SHALLOW_WEIGHTS = 32_083_340  # memory.referenced_bytes of the SD 1.5 shallow graph
+
+
+@pytest.fixture(scope="module")
+def deepcache_dir(tmp_path_factory) -> Path:
+    """The embedded model with its UNet's weights in model.onnx_data (SD 1.5's layout) and the
+    DeepCache graphs cut from it, sharing that file through a hard link."""
+    onnx = pytest.importorskip("onnx")
+    from sdrt.export.deepcache import make_deepcache
+
+    folder = tmp_path_factory.mktemp("deepcache") / "model"
+    shutil.copytree(EMBEDDED_MODEL, folder)
+    graph = folder / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    replace(Manifest.load(folder), files=scan_files(folder)).save(folder)
+    make_deepcache(folder, 0)
+    return folder
+
+
+def test_the_shallow_graph_counts_only_the_weights_it_names(deepcache_dir):
+    onnx = pytest.importorskip("onnx")
+    shallow = deepcache_dir / "unet" / "deepcache" / "shallow.onnx"
+    model = onnx.load(str(shallow), load_external_data=False)  # onnx refuses hard links
+    named = sum(math.prod(tensor.dims)
+                * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                for tensor in model.graph.initializer
+                if tensor.data_location == onnx.TensorProto.EXTERNAL)  # from shapes and dtypes
+    assert 0 < named < (deepcache_dir / "unet" / "model.onnx_data").stat().st_size / 2
+    assert memory.referenced_bytes(shallow) == shallow.stat().st_size + named
+    inline = EMBEDDED_MODEL / "unet" / "model.onnx"
+    assert memory.referenced_bytes(inline) == inline.stat().st_size
+
+
+def test_the_shallow_graph_working_memory_by_backend():
+    sd15 = memory.UNetShape.from_config(SD15_UNET, sliced=False)
+    at = memory.Shapes(512, 512, 2)
+    maps = 2 * 64 * 64 * memory.SHALLOW_BYTES_PER_LATENT_PIXEL
+    scores = 2 * 8 * 4096**2 * 4  # the finest level's, as the whole UNet's largest
+    assert sd15.score_bytes(64, 64, 2, finest_only=True) == scores
+    shallow = memory.DEEPCACHE_SHALLOW
+    assert memory.working_bytes(shallow, at, sd15, "ort") == maps + memory.ATTENTION_COPIES * scores
+    assert memory.working_bytes(shallow, at, sd15, "openvino") == maps
+    sdxl = memory.UNetShape.from_config(SDXL_UNET, sliced=False)  # no attention at full size
+    assert sdxl.score_bytes(128, 128, 2, finest_only=True) == 0
+    assert (memory.working_bytes(shallow, memory.Shapes(1024, 1024, 2), sdxl, "ort")
+            == 2 * 128 * 128 * memory.SHALLOW_BYTES_PER_LATENT_PIXEL)
+
+
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_the_shallow_term_matches_what_deepcache_added_to_measured_peaks(backend):
+    """SD 1.5 at 512², batch 2: the term's own weights and working memory against the peak RSS
+    DeepCache added in fresh processes (MEASURED_SHALLOW_MIB)."""
+    sd15 = memory.UNetShape.from_config(SD15_UNET, sliced=False)
+    term = (memory.resident_bytes(SD15_SHALLOW_WEIGHTS, backend, compressed=False)
+            + memory.working_bytes(memory.DEEPCACHE_SHALLOW, memory.Shapes(512, 512, 2), sd15,
+                                   backend))
+    measured = MEASURED_SHALLOW_MIB[backend] * memory.MIB
+    assert abs(term / measured - 1) <= memory.ESTIMATE_TOLERANCE
+
+
+def test_deepcache_adds_its_shallow_graph_to_the_estimate(deepcache_dir, tmp_path):
+    plain = plan_request(deepcache_dir, "ort", "fp32", GenerationRequest("x"), mode="default",
+                         budget=None).estimate
+    cached = plan_request(deepcache_dir, "ort", "fp32", GenerationRequest("x", deepcache=3),
+                          mode="default", budget=None).estimate
+    names = [c.name for c in cached.components]
+    assert names == [*(c.name for c in plain.components), memory.DEEPCACHE_SHALLOW]
+    shallow = cached.components[-1]
+    assert shallow.file_bytes == memory.referenced_bytes(
+        deepcache_dir / "unet" / "deepcache" / "shallow.onnx")
+    added = shallow.resident + memory.DEFAULT_WORKING_FACTOR * shallow.working
+    assert abs(cached.default_peak - plain.default_peak - added) <= 1  # int() of the sum
+    with pytest.raises(ModelError, match="python -m sdrt.export.deepcache"):
+        plan_request(EMBEDDED_MODEL, "ort", "fp32", GenerationRequest("x", deepcache=3),
+                     mode="default", budget=None)
+    from sdrt.benchmarks.low_memory import scenario_estimate
+
+    bench = {(name, interval): scenario_estimate(name, str(deepcache_dir), "ort", "fp32", None,
+                                                 None, interval)
+             for name in ("end_to_end", "unet_b2") for interval in (None, 3)}
+    assert bench["end_to_end", 3] == cached.default_peak > bench["end_to_end", None]
+    assert bench["unet_b2", 3] == bench["unet_b2", None]  # `sdrt bench --deepcache`: e2e only
+    dry = run_cli("generate", "x", "--model", deepcache_dir, "--deepcache", 3, "--dry-run",
+                  "-o", tmp_path / "x.png")
+    assert dry.exit_code == 0, dry.output
+    assert memory.DEEPCACHE_SHALLOW in dry.output and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SD15_FULL_SIZE / "unet" / "deepcache").is_dir(),
+                    reason="needs models/generated/sd15-random-onnx with its DeepCache graphs")
+@pytest.mark.parametrize("deepcache", [[], ["--deepcache", "3"]])
+def test_full_size_estimate_with_and_without_deepcache(deepcache, tmp_path):
+    """SD 1.5, OpenVINO bf16, 512², 2 steps: the estimate within tolerance of a fresh process's
+    peak RSS (several GB: run alone)."""
+    done = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.low_memory", "generate",
+                           str(SD15_FULL_SIZE), "--backend", "openvino", "--precision", "bf16",
+                           "--size", "512", "--steps", "2", "--output", str(tmp_path),
+                           *deepcache], capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.splitlines()[-1])
+    assert row["within_tolerance"], row

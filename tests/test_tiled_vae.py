@@ -216,34 +216,6 @@ def test_shared_statistics_decode_on_openvino(split_embedded):
     np.testing.assert_allclose(results[1], results[0], atol=OPENVINO_ATOL)
 
 
-def test_low_memory_pipeline_uses_split_graphs_or_falls_back(split_embedded, caplog):
-    from sdrt.runtime.pipeline import Pipeline
-    from sdrt.runtime.split_vae import SharedNormVaeDecoder
-
-    split = Pipeline.load(split_embedded, "ort", low_memory=True)
-    assert isinstance(split.vae_decoder, SharedNormVaeDecoder)
-    with caplog.at_level("INFO", logger="sdrt.runtime.split_vae"):
-        plain = Pipeline.load(_without_split(split_embedded), "ort", low_memory=True)
-    assert type(plain.vae_decoder) is TiledVaeDecoder
-    assert "not split" in caplog.text
-
-
-def _without_split(folder):
-    """A copy of `folder` without the split graphs (nor their manifest entries)."""
-    import shutil
-    from dataclasses import replace
-
-    from sdrt.runtime.manifest import Manifest
-
-    plain = folder.parent / "plain"
-    if not plain.exists():
-        shutil.copytree(folder, plain, ignore=shutil.ignore_patterns("vae_decoder_*"))
-        manifest = Manifest.load(plain)
-        replace(manifest, files={rel: entry for rel, entry in manifest.files.items()
-                                 if not rel.startswith("vae_decoder_")}).save(plain)
-    return plain
-
-
 def test_split_refuses_a_folder_without_a_decoder(tmp_path):
     from sdrt.export.split_vae_decoder import split_folder
     from sdrt.runtime.errors import ExportError
