@@ -118,6 +118,22 @@ def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise ExportError(f"vae_decoder: {name!r} is not a constant")
 
 
+def group_norm_parts(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
+                     node: onnx.NodeProto) -> tuple[onnx.NodeProto, int, float]:
+    """For an InstanceNormalization of torch's GroupNorm export (Reshape(B, G, -1) →
+    InstanceNormalization with scale 1, bias 0 → ...): its Reshape, group count and epsilon;
+    ExportError for any other InstanceNormalization."""
+    reshape = producers.get(node.input[0])
+    if reshape is None or reshape.op_type != "Reshape":
+        raise ExportError(f"vae_decoder: {node.name} is not a GroupNorm (no Reshape before)")
+    scale, bias = (_constant_value(graph, node.input[i]) for i in (1, 2))
+    target = _constant_value(graph, reshape.input[1])
+    if not (np.all(scale == 1) and np.all(bias == 0)) or list(target[::2]) != [0, -1]:
+        raise ExportError(f"vae_decoder: {node.name} is not torch's GroupNorm pattern")
+    return reshape, int(target[1]), next((a.f for a in node.attribute if a.name == "epsilon"),
+                                         1e-5)
+
+
 def share_norms(graph: onnx.GraphProto) -> int:
     """Replace each GroupNorm's InstanceNormalization of the tail graph in place (module doc);
     adds the statistics inputs and `norm_sums` output. How many norms (S columns in all)."""
@@ -128,15 +144,7 @@ def share_norms(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         if node.op_type != "InstanceNormalization":
             continue
-        reshape = producers.get(node.input[0])
-        if reshape is None or reshape.op_type != "Reshape":
-            raise ExportError(f"vae_decoder: {node.name} is not a GroupNorm (no Reshape before)")
-        scale, bias = (_constant_value(graph, node.input[i]) for i in (1, 2))
-        target = _constant_value(graph, reshape.input[1])
-        if not (np.all(scale == 1) and np.all(bias == 0)) or list(target[::2]) != [0, -1]:
-            raise ExportError(f"vae_decoder: {node.name} is not torch's GroupNorm pattern")
-        groups = int(target[1])
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        reshape, groups, eps = group_norm_parts(graph, producers, node)
         build = _Builder(node.name + "/shared", extra)
         _shared_norm(build, reshape.input[0], node.input[0], node.output[0], groups, offset,
                      eps, sums)

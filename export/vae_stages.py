@@ -31,6 +31,7 @@ from sdrt.export.split_vae_decoder import (
     FEATURES,
     _constant_value,
     features_info,
+    group_norm_parts,
     mid_block_output,
     subgraph,
 )
@@ -87,15 +88,8 @@ def externalise_norms(graph: onnx.GraphProto) -> tuple[list[_Norm], dict[str, in
         if node.op_type != "InstanceNormalization":
             nodes.append(node)
             continue
-        reshape = producers.get(node.input[0])
-        if reshape is None or reshape.op_type != "Reshape":
-            raise ExportError(f"vae_decoder: {node.name} is not a GroupNorm (no Reshape before)")
-        scale, bias = (_constant_value(graph, node.input[i]) for i in (1, 2))
-        target = _constant_value(graph, reshape.input[1])
-        if not (np.all(scale == 1) and np.all(bias == 0)) or list(target[::2]) != [0, -1]:
-            raise ExportError(f"vae_decoder: {node.name} is not torch's GroupNorm pattern")
-        norm = _Norm(len(norms) + 1, reshape.input[0], int(target[1]),
-                     next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
+        reshape, groups, epsilon = group_norm_parts(graph, producers, node)
+        norm = _Norm(len(norms) + 1, reshape.input[0], groups, epsilon)
         norms.append(norm)
         axis = f"{node.name}/axis"
         graph.initializer.append(numpy_helper.from_array(np.array([2], np.int64), axis))
