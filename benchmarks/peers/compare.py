@@ -161,6 +161,11 @@ def venv_python(venv: Path | None) -> Path:
 
 
 # Prints the modules (argv) that the interpreter cannot find, without importing heavy packages.
+# A peer's output is decoded as UTF-8 whatever this process's locale says: in one CI run the
+# test process's preferred encoding was ASCII and a peer's warning text (UTF-8) failed its row.
+CHILD_TEXT = {"encoding": "utf-8", "errors": "replace"}
+
+
 _FIND_MODULES = """
 import importlib.util, sys
 def missing(name):
@@ -188,7 +193,7 @@ def why_not(config: Config, opts: CompareOptions) -> str | None:
     if not python.exists():
         return f"venv {venv} not found (benchmarks/peers/README.md makes it)"
     done = subprocess.run([str(python), "-c", _FIND_MODULES, *config.peer.modules],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, timeout=120, **CHILD_TEXT)
     missing = done.stdout.strip()
     if done.returncode != 0 or missing:
         return f"{venv or python} lacks {missing or config.peer.modules[0]}"
@@ -233,7 +238,7 @@ def run_peer(config: Config, opts: CompareOptions) -> dict:
         argv += ["--threads", str(opts.threads)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["HF_HUB_OFFLINE"] = "1"  # local folders only: never reach the hub
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=opts.timeout)
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=opts.timeout, **CHILD_TEXT)
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
         raise RuntimeError(f"{config.peer.script} exited {done.returncode}: {lines[-1]}")
