@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -139,6 +140,13 @@ class OrtSession(CheckedSession):
 MAX_COMPILED_SHAPES = 8
 
 
+# OpenVINO switches the whole process to the C locale while it writes or reads a compiled blob
+# and switches back after; two such compiles at once (runtime/compile_ahead.py's threads) can
+# each restore the other's "C", leaving it set (seen in the tests: Python then decoded text as
+# ASCII). So compiles with the blob cache on run one at a time; without it they overlap.
+_BLOB_COMPILES = threading.Lock()
+
+
 class _Compiled:
     """One compiled model and its idle infer requests (a request serves one caller at a time)."""
 
@@ -195,7 +203,8 @@ class OpenVinoSession(CheckedSession):
         if entry is None:
             model = self._model.clone()
             model.reshape({name: list(shape) for name, shape in shapes.items()})
-            entry = _Compiled(self._core.compile_model(model, self._device, self._config))
+            with _BLOB_COMPILES if "CACHE_DIR" in self._config else nullcontext():
+                entry = _Compiled(self._core.compile_model(model, self._device, self._config))
             self._compiled[key] = entry
             while len(self._compiled) > MAX_COMPILED_SHAPES:
                 self._compiled.popitem(last=False)  # callers still running keep theirs

@@ -3,6 +3,7 @@ images from imported blobs equal freshly compiled ones."""
 
 from __future__ import annotations
 
+import locale
 import logging
 
 import numpy as np
@@ -59,7 +60,11 @@ def _image(folder, **options):
 def test_generation_writes_blobs_and_imported_blobs_give_the_same_image(
         tiny_onnx_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path))
+    ctype = locale.setlocale(locale.LC_CTYPE)
     compiled = _image(tiny_onnx_dir)
+    # OpenVINO switches the process to the C locale around blobs; compiles on several threads
+    # (runtime/compile_ahead.py) once left it there, and Python then decoded text as ASCII
+    assert locale.setlocale(locale.LC_CTYPE) == ctype
     blobs = sorted(tmp_path.rglob("*.blob"))
     assert len(blobs) == 3  # text encoder, UNet, VAE decoder at this shape
     imported = _image(tiny_onnx_dir)
