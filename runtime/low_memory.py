@@ -32,8 +32,8 @@ from sdrt.runtime.deepcache import graph_paths as deepcache_graphs
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.session import BACKENDS, Session, TensorSpec, open_session
-from sdrt.runtime.split_vae import split_graphs, tiled_decoder
-from sdrt.runtime.staged_vae import StagedGraphs, stage_plan
+from sdrt.runtime.split_vae import tiled_decode_graphs, tiled_decoder
+from sdrt.runtime.staged_vae import StagedGraphs
 from sdrt.runtime.tiled_vae import DEFAULT_TILE, TiledVaeEncoder
 from sdrt.runtime.variants import Variant
 
@@ -182,10 +182,10 @@ def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, ima
                            and variant.components[name].file)
     rows = images * (2 if guided else 1)
     shapes = memory.Shapes(width, height, rows, vae_scale_factor)
-    staged = "vae_decoder" in graphs and stage_plan(folder, graphs["vae_decoder"]) is not None
-    split = "vae_decoder" in graphs and split_graphs(folder, graphs["vae_decoder"]) is not None
+    stages, split = tiled_decode_graphs(folder, graphs["vae_decoder"]) \
+        if "vae_decoder" in graphs else (None, None)
     low = memory.Shapes(width, height, LOW_MEMORY_BATCH, vae_scale_factor, tile=tile,
-                        split_decoder=split and not staged, staged_decoder=staged)
+                        split_decoder=split is not None, staged_decoder=stages is not None)
     return memory.estimate(graphs, variant.backend, shapes=shapes, low_shapes=low,
                            unet=memory.unet_shape(folder, *sliced_attention(folder)),
                            compressed=compressed)

@@ -49,8 +49,7 @@ from sdrt.runtime.sd3 import (
     velocity_fn,
 )
 from sdrt.runtime.session import BACKENDS, open_session
-from sdrt.runtime.split_vae import SPLIT_COMPONENTS, split_graphs
-from sdrt.runtime.staged_vae import stage_plan
+from sdrt.runtime.split_vae import SPLIT_COMPONENTS, tiled_decode_graphs
 from sdrt.runtime.tiny_vae import TinyVae, open_tiny_vae
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.variants import Variant, resolve_variant
@@ -196,14 +195,18 @@ class Pipeline:
         residency = Residency() if low_memory else None
         opener = residency.open_session if residency else open_session
 
-        def session(component: str):
-            return opener(variant.graph_path(folder, component), backend, threads=threads,
-                          execution=variant.execution(component), device=device,
-                          vram_limit=vram_limit)
-
-        def unet_graph(path: Path):  # a DeepCache graph, run as the variant runs its UNet
-            return opener(path, backend, threads=threads, execution=variant.execution("unet"),
+        def graph(path: Path, component: str):  # run as the variant runs `component`
+            return opener(path, backend, threads=threads, execution=variant.execution(component),
                           device=device, vram_limit=vram_limit)
+
+        def session(component: str):
+            return graph(variant.graph_path(folder, component), component)
+
+        def unet_graph(path: Path):  # a DeepCache graph
+            return graph(path, "unet")
+
+        def decoder_graph(path: Path):  # a tiny VAE's, or a stage of the VAE decoder's
+            return graph(path, "vae_decoder")
 
         refusal = ("DeepCache does not combine with low-memory mode" if low_memory else
                    f"the {variant.precision} variant has a UNet graph of its own; DeepCache "
@@ -222,24 +225,19 @@ class Pipeline:
             conditioner = load_conditioner(folder, facts.family.architecture, session)
         _check_unet_channels(unet, facts)
         tiny = None if vae is None else open_tiny_vae(
-            vae, lambda path: opener(path, backend, threads=threads, device=device,
-                                     execution=variant.execution("vae_decoder"),
-                                     vram_limit=vram_limit),
-            latent_channels=facts.latent_channels, vae_scale_factor=facts.vae_scale_factor)
+            vae, decoder_graph, latent_channels=facts.latent_channels,
+            vae_scale_factor=facts.vae_scale_factor)
         decoder = tiny.decoder if tiny else VaeDecoder(session("vae_decoder"))
         encoder = VaeEncoder
         encoder_session = tiny.open_encoder if tiny and tiny.open_encoder else \
             lambda: session("vae_encoder")
         if residency:  # batch-1 UNet calls, tiled VAE (over stage or split graphs, if any)
-            stages = stage_plan(folder, variant.graph_path(folder, "vae_decoder"))
-            split = None if stages else split_graphs(folder,
-                                                     variant.graph_path(folder, "vae_decoder"))
+            stages, split = tiled_decode_graphs(folder, variant.graph_path(folder,
+                                                                           "vae_decoder"))
             unet, decoder, encoder = residency.components(
                 unet, decoder, facts.vae_scale_factor,
                 split and tuple(session(name) for name in SPLIT_COMPONENTS),
-                stages and stages.open(lambda path: opener(
-                    path, backend, threads=threads, execution=variant.execution("vae_decoder"),
-                    device=device, vram_limit=vram_limit)))
+                stages and stages.open(decoder_graph))
         lazy_deepcache = LazyDeepCache(folder, unet_graph, refusal, full)
         return cls(folder, backend, facts, scheduler, conditioner, unet, decoder,
                    precision=variant.precision,

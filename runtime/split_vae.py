@@ -25,7 +25,7 @@ import numpy as np
 
 from sdrt.runtime.components import VaeDecoder
 from sdrt.runtime.session import Session
-from sdrt.runtime.staged_vae import StagedGraphs, StagedVaeDecoder
+from sdrt.runtime.staged_vae import StagedGraphs, StagedVaeDecoder, StagePlan, stage_plan
 from sdrt.runtime.tiled_vae import TiledVaeDecoder, Tiling, run_tiled, tile_starts
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ def split_graphs(folder: Path, decoder_graph: Path) -> tuple[Path, Path] | None:
             path.is_file() for path in paths):
         return None
     return paths
+
+
+def tiled_decode_graphs(folder: Path, decoder_graph: Path,
+                        ) -> tuple[StagePlan | None, tuple[Path, Path] | None]:
+    """What the folder's tiled decode runs on, best first: (the stage plan, None) for the exact
+    staged decode; (None, the split graphs) for estimated statistics; (None, None) for
+    per-window tiling."""
+    stages = stage_plan(folder, decoder_graph)
+    return stages, None if stages else split_graphs(folder, decoder_graph)
 
 
 def tiled_decoder(decoder: VaeDecoder, split: tuple[Session, Session] | None,
