@@ -2,12 +2,23 @@
 
 Converted graphs: an ONNX file that holds its weights inline is parsed whole by every read
 (0.8–0.9 s for SD 1.5's 492 MB text encoder, 0.3 s for its VAE decoder), while OpenVINO's own
-IR maps its weights file (0.03 s). So the first read of such a graph saves it as IR
-(`ov.serialize`: the graph as read, no transformations) under `graphs/`, keyed by the ONNX
-file's path, size and modification time; later runs read the IR. Graphs with external weights
-(the UNet's `model.onnx_data`) read in 0.1–0.4 s already and are not copied. On for every
-device: SD 1.5's start-up in bf16 (load + compile + first call less a steady call) went from
-4.6–5.1 s to 3.7–3.8 s, for 0.66 GB of IR (benchmarks/RESULTS.md).
+IR maps its weights file (0.03 s). So the first read of such a graph saves it as IR (the
+graph as read, no transformations) under `graphs/`, keyed by the ONNX file's path, size and
+modification time; later runs read the IR. Graphs with external weights
+(the UNet's `model.onnx_data`) read in 0.1–0.4 s already and are not copied at fp32. On for
+every device: SD 1.5's start-up in bf16 (load + compile + first call less a steady call) went
+from 4.6–5.1 s to 3.7–3.8 s, for 0.66 GB of IR (benchmarks/RESULTS.md).
+
+For bf16 and f16 execution the graphs with external weights are copied too, weights and all,
+saved as `ovc` saves a model: OpenVINO's offline ("MOC") transformations applied and float
+weights stored as float16. SD 1.5's UNet then reads, reshapes and compiles in 1.9 s against
+2.7 s from its ONNX files (the transformations are done once; half the bytes to map and
+convert), its steps as fast; 1.7 GB of cache, and a bf16 generation's peak RSS fell from 7.1
+to 5.0 GiB (the mapped weights are half as large). Weights pass through float16 on their way to
+the bfloat16 OpenVINO runs them in, so results differ from the ONNX graph's only where rounding
+twice differs from rounding once (one UNet call: 51 dB); every run, the first included, reads
+the copy, so a seed gives one image. Inline-weight graphs keep the as-read copy: the text
+encoder compiled 0.1–0.7 s slower from a float16 one.
 
 Compiled models: OpenVINO's model cache (`CACHE_DIR`). Its blobs are written by default for GPU
 devices only, where compiling kernels is what that cache is for. On the CPU they bought
@@ -26,6 +37,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sdrt.runtime.onnx_proto import ProtoError, read_stamps
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "SDRT_CACHE_DIR"
@@ -39,6 +52,9 @@ CACHE_MODE = "OPTIMIZE_SIZE"
 # An .onnx file at least this large keeps its weights inside it (sdrt's and optimum's exports
 # put weights in `model.onnx_data` only past protobuf's 2 GB limit; a graph alone is a few MB).
 INLINE_WEIGHTS_MIN_BYTES = 16 * 2**20
+# Execution precisions (OpenVINO's INFERENCE_PRECISION_HINT) at which weights are rounded to
+# 16 bits anyway, so a copy may keep them as float16 (module docstring).
+HALF_WEIGHT_EXECUTIONS = ("bf16", "f16")
 
 
 def cache_dir() -> Path | None:
@@ -72,28 +88,56 @@ def options(folder: Path | None, device: str = "cpu") -> dict[str, str]:
     return {"CACHE_DIR": str(folder), "CACHE_MODE": CACHE_MODE}
 
 
-def converted_graph(folder: Path | None, graph: Path) -> Path | None:
-    """Where the IR of an inline-weight ONNX `graph` is (or would be) kept; None when the cache is
-    off or the graph is not worth converting. The key changes whenever the file is replaced."""
+def half_weights(graph: Path, execution: str) -> bool:
+    """Whether the cache's copy of `graph` is the transformed float16 one (module docstring)."""
+    return (execution in HALF_WEIGHT_EXECUTIONS and graph.suffix == ".onnx"
+            and bool(_external_files(graph)))
+
+
+def converted_graph(folder: Path | None, graph: Path, half: bool = False) -> Path | None:
+    """Where the IR copy of ONNX `graph` is (or would be) kept, the float16 one if `half`;
+    None when the cache is off or the graph is not worth converting (module docstring). The
+    key changes whenever the graph or a weights file it names is replaced."""
     if folder is None or graph.suffix != ".onnx":
         return None
-    real = graph.resolve()
-    stat = real.stat()
-    if stat.st_size < INLINE_WEIGHTS_MIN_BYTES:
+    files = [graph.resolve()] + (_external_files(graph) if half else [])
+    stats = [path.stat() for path in files]
+    if sum(stat.st_size for stat in stats) < INLINE_WEIGHTS_MIN_BYTES:
         return None
-    key = hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    text = "\0".join(["f16-moc" if half else "as-read"]
+                     + [f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+                        for path, stat in zip(files, stats, strict=True)])
+    key = hashlib.sha256(text.encode()).hexdigest()
     return folder / "graphs" / key[:32] / "model.xml"
 
 
-def save_converted(model, target: Path) -> None:
-    """Write `model` as IR at `target`, whole or not at all (a second process may race us)."""
+def _external_files(graph: Path) -> list[Path]:
+    """The weights files an ONNX graph names; none for a file that is not a readable graph
+    (runtime/graph_files.py refuses it in one line when it is opened)."""
+    try:
+        locations = {ref.location for ref in read_stamps(graph).external}
+    except (ProtoError, OSError):
+        return []
+    return [(graph.parent / location).resolve() for location in sorted(locations)]
+
+
+def save_converted(model, target: Path, half: bool = False) -> bool:
+    """Write `model` as IR at `target`, whole or not at all (a second process may race us), as
+    read or, if `half`, transformed with float16 weights (this changes `model`); whether the
+    copy is there now."""
     import openvino as ov
 
     try:
         target.parent.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent.parent))
         try:
-            ov.serialize(model, str(staging / target.name), str(staging / "model.bin"))
+            if half:
+                # What `ovc` and optimum-intel apply before saving; the API is underscored but
+                # is how OpenVINO's own converters reach it.
+                from openvino._offline_transformations import apply_moc_transformations
+
+                apply_moc_transformations(model, cf=False)
+            ov.save_model(model, str(staging / target.name), compress_to_fp16=half)
             staging.rename(target.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -101,3 +145,4 @@ def save_converted(model, target: Path) -> None:
         if not target.exists():
             log.warning("could not keep %s's IR in the cache (%s)", target.parent.name,
                         exc.strerror)
+    return target.exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import memory
+from sdrt.runtime import compile_cache, memory
 from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.deepcache import graph_paths as deepcache_graphs
 from sdrt.runtime.errors import InputError
@@ -180,6 +180,11 @@ def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, ima
                            if variant.precision in ("int8", "int8-hybrid", "int4")
                            and variant.components.get(name) is not None
                            and variant.components[name].file)
+    # OpenVINO reads float16 copies of external-weight graphs at 16-bit executions
+    cached = variant.backend == "openvino" and compile_cache.cache_dir() is not None
+    halved = frozenset(
+        name for name, path in graphs.items() if cached and compile_cache.half_weights(
+            path, variant.execution("unet" if name == memory.DEEPCACHE_SHALLOW else name)))
     rows = images * (2 if guided else 1)
     shapes = memory.Shapes(width, height, rows, vae_scale_factor)
     stages, split = tiled_decode_graphs(folder, graphs["vae_decoder"]) \
@@ -188,7 +193,7 @@ def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, ima
                         split_decoder=split is not None, staged_decoder=stages is not None)
     return memory.estimate(graphs, variant.backend, shapes=shapes, low_shapes=low,
                            unet=memory.unet_shape(folder, *sliced_attention(folder)),
-                           compressed=compressed)
+                           compressed=compressed, halved=halved)
 
 
 def sliced_attention(folder: Path) -> tuple[bool, int]:

@@ -300,14 +300,18 @@ def loading_bytes(path: Path, file_bytes: int, backend: str) -> int:
 
 
 def estimate(graphs: dict[str, Path], backend: str, *, shapes: Shapes, low_shapes: Shapes,
-             unet: UNetShape | None, compressed: frozenset[str] = frozenset()) -> MemoryEstimate:
+             unet: UNetShape | None, compressed: frozenset[str] = frozenset(),
+             halved: frozenset[str] = frozenset()) -> MemoryEstimate:
     """The estimate for `graphs` (component → graph file; DEEPCACHE_SHALLOW: DeepCache's shallow
-    graph); `compressed` names components whose graphs hold int8/int4 weights; `low_shapes` are
-    the low-memory plan's (batch 1, tiles)."""
+    graph); `compressed` names components whose graphs hold int8/int4 weights, `halved` those
+    read from a float16 copy (runtime/compile_cache.py); `low_shapes` are the low-memory plan's
+    (batch 1, tiles)."""
     def rows(at: Shapes) -> tuple[ComponentEstimate, ...]:
         out = []
         for name, path in graphs.items():
             size = referenced_bytes(path) if name == DEEPCACHE_SHALLOW else graph_bytes(path)
+            if name in halved:
+                size //= 2  # float weights as float16
             out.append(ComponentEstimate(name, size,
                                          resident_bytes(size, backend, name in compressed),
                                          working_bytes(name, at, unet, backend),

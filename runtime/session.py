@@ -178,7 +178,7 @@ class OpenVinoSession(CheckedSession):
         self._config.update(compile_cache.options(cache_dir, device))
         self._device = devices.openvino_device(self._core, device.lower(), vram_limit)
         try:
-            self._model = _read_ov_model(self._core, path, cache_dir)
+            self._model = _read_ov_model(self._core, path, cache_dir, precision_hint)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             reason = (version_refusal(path, "openvino")
                       or f"OpenVINO cannot read it: {_first_line(exc)}")
@@ -227,10 +227,11 @@ class OpenVinoSession(CheckedSession):
                 entry.idle.append(request)
 
 
-def _read_ov_model(core, path: Path, cache_dir: Path | None):
-    """read_model, from the cache's IR copy of an inline-weight ONNX graph where there is one
-    (made by this read otherwise: runtime/compile_cache.py)."""
-    converted = compile_cache.converted_graph(cache_dir, path)
+def _read_ov_model(core, path: Path, cache_dir: Path | None, execution: str):
+    """read_model, from the cache's IR copy of the graph for this execution precision where
+    there is one, made by this read otherwise (runtime/compile_cache.py)."""
+    half = compile_cache.half_weights(path, execution)
+    converted = compile_cache.converted_graph(cache_dir, path, half)
     if converted is not None and converted.exists():
         try:
             return core.read_model(str(converted))
@@ -239,8 +240,8 @@ def _read_ov_model(core, path: Path, cache_dir: Path | None):
                         _first_line(exc))
             shutil.rmtree(converted.parent, ignore_errors=True)
     model = _read_ov_source(core, path)
-    if converted is not None:
-        compile_cache.save_converted(model, converted)
+    if converted is not None and compile_cache.save_converted(model, converted, half):
+        return core.read_model(str(converted))  # the weights every later run will read
     return model
 
 

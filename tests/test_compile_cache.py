@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import locale
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -117,8 +118,6 @@ def test_inline_weight_graphs_are_read_from_their_ir_once_converted(
 
 def test_a_replaced_graph_or_a_damaged_entry_is_converted_again(
         tiny_onnx_dir, tmp_path, monkeypatch, caplog):
-    import os
-
     monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.setattr(compile_cache, "INLINE_WEIGHTS_MIN_BYTES", 0)
     graph = tiny_onnx_dir / "vae_decoder" / "model.onnx"
@@ -141,3 +140,47 @@ def test_small_graphs_and_external_weight_graphs_are_not_copied(tmp_path):
     small.write_bytes(b"x" * 1024)
     assert compile_cache.converted_graph(tmp_path, small) is None  # weights outside, or tiny
     assert compile_cache.converted_graph(None, small) is None  # cache off
+
+
+def _external_weights_copy(graph, out):
+    """`graph` saved again with its weights in `model.onnx_data`, as large exports are."""
+    import onnx
+
+    out.mkdir()
+    onnx.save_model(onnx.load(str(graph)), str(out / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    return out / "model.onnx"
+
+
+def test_bf16_copies_external_weight_graphs_transformed_with_float16_weights(
+        tiny_onnx_dir, tmp_path, monkeypatch):
+    from sdrt.runtime.session import OpenVinoSession
+
+    graph = _external_weights_copy(tiny_onnx_dir / "vae_decoder" / "model.onnx",
+                                   tmp_path / "vae_decoder")
+    weights = graph.with_name("model.onnx_data")
+    # between the graph's own size and its size with weights, as SD 1.5's UNet is
+    monkeypatch.setattr(compile_cache, "INLINE_WEIGHTS_MIN_BYTES", graph.stat().st_size + 1)
+    folder = tmp_path / "cache"
+    assert not compile_cache.half_weights(graph, "f32")
+    assert compile_cache.converted_graph(folder, graph) is None  # fp32: read in place
+    assert compile_cache.half_weights(graph, "bf16")
+    # inline weights keep the as-read copy at bf16 too (a float16 text encoder compiled slower)
+    assert not compile_cache.half_weights(tiny_onnx_dir / "vae_decoder" / "model.onnx", "bf16")
+    converted = compile_cache.converted_graph(folder, graph, half=True)
+    assert converted is not None
+    sources = _read_sources(monkeypatch)
+    latent = np.random.default_rng(0).standard_normal((1, 4, 4, 4), dtype=np.float32)
+
+    first = OpenVinoSession(graph, precision_hint="bf16", cache_dir=folder)
+    assert sources == ["vae_decoder"] and converted.exists()
+    assert 'element_type="f16"' in converted.read_text()  # float16 weights: half the bytes
+    assert converted.with_name("model.bin").stat().st_size < weights.stat().st_size * 0.6
+    sources.clear()
+    second = OpenVinoSession(graph, precision_hint="bf16", cache_dir=folder)
+    assert sources == []  # read from the copy
+    # the first run compiled the copy too, so a seed gives one image from the first run on
+    np.testing.assert_array_equal(first.run({"latent_sample": latent})["sample"],
+                                  second.run({"latent_sample": latent})["sample"])
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert compile_cache.converted_graph(folder, graph, half=True) != converted  # new weights

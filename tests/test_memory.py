@@ -120,6 +120,23 @@ def test_estimate_of_a_real_folder_reads_its_graphs():
     assert plan.estimate.low_memory_peak <= plan.estimate.default_peak
 
 
+def test_graphs_read_from_float16_copies_count_half_their_bytes(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x" * 10)
+    (tmp_path / "model.onnx_data").write_bytes(b"x" * 990)
+    shapes = memory.Shapes(512, 512, 2, 8)
+    graphs = {"unet": tmp_path / "model.onnx"}
+
+    def unet_row(halved):
+        found = memory.estimate(graphs, "openvino", shapes=shapes, low_shapes=shapes, unet=None,
+                                halved=halved)
+        return found.components[0]
+
+    full, half = unet_row(frozenset()), unet_row(frozenset({"unet"}))
+    assert (full.file_bytes, half.file_bytes) == (1000, 500)
+    assert half.resident == memory.resident_bytes(500, "openvino", compressed=False)
+    assert half.working == full.working
+
+
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
