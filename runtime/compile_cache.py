@@ -4,10 +4,10 @@ Converted graphs: an ONNX file that holds its weights inline is parsed whole by 
 (0.8–0.9 s for SD 1.5's 492 MB text encoder, 0.3 s for its VAE decoder), while OpenVINO's own
 IR maps its weights file (0.03 s). So the first read of such a graph saves it as IR (the
 graph as read, no transformations) under `graphs/`, keyed by the ONNX file's path, size and
-modification time; later runs read the IR. Graphs with external weights
-(the UNet's `model.onnx_data`) read in 0.1–0.4 s already and are not copied at fp32. On for
-every device: SD 1.5's start-up in bf16 (load + compile + first call less a steady call) went
-from 4.6–5.1 s to 3.7–3.8 s, for 0.66 GB of IR (benchmarks/RESULTS.md).
+modification time; later runs read the IR. Graphs with external weights (the UNet's
+`model.onnx_data`) read in 0.1–0.4 s already and are not copied at fp32. On for every device:
+SD 1.5's start-up in bf16 (load + compile + first call less a steady call) went from 4.6–5.1 s
+to 3.7–3.8 s, for 0.66 GB of IR (benchmarks/RESULTS.md).
 
 For bf16 and f16 execution the graphs with external weights are copied too, weights and all,
 saved as `ovc` saves a model: OpenVINO's offline ("MOC") transformations applied and float
@@ -104,7 +104,7 @@ def converted_graph(folder: Path | None, graph: Path, half: bool = False) -> Pat
     stats = [path.stat() for path in files]
     if sum(stat.st_size for stat in stats) < INLINE_WEIGHTS_MIN_BYTES:
         return None
-    text = "\0".join(["f16-moc" if half else "as-read"]
+    text = "\0".join((["f16-moc"] if half else [])  # as-read keys: as before float16 copies
                      + [f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
                         for path, stat in zip(files, stats, strict=True)])
     key = hashlib.sha256(text.encode()).hexdigest()
