@@ -38,6 +38,7 @@ from sdrt.runtime.server.settings import ServerSettings, is_loopback  # noqa: E4
 
 WAIT_S = 60  # bound on waiting for a state change (a busy CI machine is slow, never this slow)
 LONG_STEPS = 1000  # the most steps a request may ask
+PAGE_SIZE = 96  # the kiosk page's image side: long enough a job to watch its progress (below)
 # Jobs the tests stop or abandon while they run: ~1 min each at 128² (the embedded model's
 # steps cost 4× those at 64²), far longer than any test waits, even on a fast machine.
 LONG = {"steps": LONG_STEPS, "width": 128, "height": 128}
@@ -59,14 +60,15 @@ def post(server, path: str, body: dict, **kwargs) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=WAIT_S * 2, **kwargs)
 
 
-def wait_for(predicate, what: str):
+def wait_for(predicate, what: str, state=None):
+    """Poll `predicate` until it holds; on giving up, say what `state()` shows then."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    pytest.fail(f"gave up waiting for {what}")
+    pytest.fail(f"gave up waiting for {what}" + (f"; {state()}" if state else ""))
 
 
 def health(server) -> dict:
@@ -401,6 +403,13 @@ def test_kiosk_page_in_headless_chromium():
         _drive_the_page(server, executable, sync_playwright)
 
 
+def page_state(page, server, console: list[str]) -> str:
+    """What the page and the server show, for a failure message."""
+    return (f"page status {page.text_content('#status')!r}, progress "
+            f"{page.eval_on_selector('#progress', 'p => p.value')}, server {health(server)}, "
+            f"console {console[-5:]}")
+
+
 def _drive_the_page(server, executable, sync_playwright) -> None:
 
     outside: list[str] = []
@@ -415,6 +424,8 @@ def _drive_the_page(server, executable, sync_playwright) -> None:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            console: list[str] = []
+            page.on("console", lambda message: console.append(message.text))
             # playwright's 30 s default: a page load on a 2-core machine running other jobs
             # (load average 11) timed out; the test is about the page, not its speed
             page.set_default_timeout(WAIT_S * 1000)
@@ -423,23 +434,26 @@ def _drive_the_page(server, executable, sync_playwright) -> None:
             # the page's CSP forbids eval, so conditions are polled here, not in the page
             wait_for(lambda: page.text_content("#model"), "the page to load its config")
             page.fill("#prompt", "a red circle on a blue background")
-            # ~4 s on an idle machine (300 steps took 1.3 s, too quick to see progress between
-            # two of the page's polls, or a preview, which comes at most once a second)
+            # ~9 s on an idle machine. At 64² (~4 s) a loaded machine answered only two of the
+            # page's polls, one mid-job, and this loop missed the 1.8 s the bar showed it; at
+            # 300 steps (1.3 s) even an idle one saw no progress or preview (at most one a second)
+            page.fill("#width", str(PAGE_SIZE))
+            page.fill("#height", str(PAGE_SIZE))
             page.fill("#steps", str(LONG_STEPS))
             page.fill("#seed", "7")
             page.click("#generate")
             wait_for(lambda: 0 < page.eval_on_selector("#progress", "p => p.value") < 1,
-                     "the progress bar to move")
+                     "the progress bar to move", lambda: page_state(page, server, console))
             page.wait_for_selector("#preview:not([hidden])", timeout=WAIT_S * 1000)
             page.wait_for_selector("#gallery img", timeout=WAIT_S * 1000)
             assert page.text_content("#status").startswith("Done (seed 7)")
-            assert page.eval_on_selector("#gallery img", "img => img.naturalWidth") == 64
+            assert page.eval_on_selector("#gallery img", "img => img.naturalWidth") == PAGE_SIZE
             link = page.locator("#gallery a")
             assert link.get_attribute("download") == "sdrt-7.png"
             with page.expect_download() as download:
                 link.click()
             saved = Image.open(download.value.path())
-            assert saved.size == (64, 64)
+            assert saved.size == (PAGE_SIZE, PAGE_SIZE)
             assert "Seed: 7" in saved.info["parameters"]  # the PNG's A1111 metadata
         finally:
             browser.close()
