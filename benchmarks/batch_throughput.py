@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdrt.runtime.batch import run_batch
+from sdrt.runtime.batch.runner import run_batch
 
 DEFAULT_SCENARIOS = "local-1x2,local-2x1,ray-1x2,ray-2x1"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]

@@ -36,10 +36,10 @@ import numpy as np
 from sdrt.runtime.components import VaeEncoder
 from sdrt.runtime.errors import GenerationError, InputError, SdrtError
 from sdrt.runtime.guidance import guidance_embedding
-from sdrt.runtime.model_folder import check_folder
+from sdrt.runtime.model.folder import check_folder
+from sdrt.runtime.model.variants import resolve_variant
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.session import BACKENDS, open_session
-from sdrt.runtime.variants import resolve_variant
 
 SCENARIOS = ("text_encoder", "unet_b1", "unet_b2", "vae_decode", "vae_encode", "end_to_end")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -145,7 +145,7 @@ def run_scenario(name: str, opts: BenchOptions) -> dict:
         "startup_s": load_s + first_call_s - statistics.median(times),  # load + compile
         "p90_s": float(np.percentile(times, 90)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "estimate_mb": _estimate_mb(name, opts),  # runtime/memory.py, before loading
+        "estimate_mb": _estimate_mb(name, opts),  # runtime/memory/estimate.py, before loading
         "unet_calls": len(unet_calls),  # UNet graph runs in one call (PNDM: steps + 1)
     }
 

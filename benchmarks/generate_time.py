@@ -33,7 +33,7 @@ def command_seconds(argv: list[str]) -> float:
 
 def in_process_seconds(model: str | None, prompt: str, runs: int) -> dict[str, float]:
     """Median seconds of `Pipeline.load` and of one `Pipeline.generate` in this process."""
-    from sdrt.runtime.model_folder import EMBEDDED_MODEL
+    from sdrt.runtime.model.folder import EMBEDDED_MODEL
     from sdrt.runtime.pipeline import Pipeline
 
     loads, generations = [], []

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdrt.benchmarks.adherence import accuracies, score
-from sdrt.benchmarks.shapes import (
+from sdrt.evaluation.adherence import accuracies, score
+from sdrt.evaluation.scenes import (
     COLOURS,
     GRID_CENTRES,
     KINDS,
@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the three measurements and print them as JSON."""
-    from sdrt.runtime.model_folder import EMBEDDED_MODEL
+    from sdrt.runtime.model.folder import EMBEDDED_MODEL
     from sdrt.runtime.pipeline import Pipeline
 
     args = _parser().parse_args(argv)

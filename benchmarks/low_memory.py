@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import memory
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.low_memory import map_large_allocations, plan_request
+from sdrt.runtime.memory import estimate as memory
+from sdrt.runtime.memory.low_memory import map_large_allocations, plan_request
 from sdrt.runtime.pipeline import GenerationRequest
-from sdrt.runtime.split_vae import SHARED_PASSES
+from sdrt.runtime.vae.pooled_norm import SHARED_PASSES
 
 PROMPT = "a lighthouse at dusk"
 # `sdrt bench` scenario → the component it calls and its batch rows.
@@ -57,7 +57,7 @@ def peak_rss_of(argv: list[str]) -> tuple[int, float, str]:
 def unlisted_variant(args: argparse.Namespace):
     """--unet-graph: a Variant whose UNet is that graph (under variants/, not listed, not gated:
     for measuring memory only), else the precision's name."""
-    from sdrt.runtime.variants import ComponentVariant, Variant
+    from sdrt.runtime.model.variants import ComponentVariant, Variant
 
     if not args.unet_graph:
         return args.precision
@@ -111,8 +111,8 @@ def scenario_estimate(name: str, model: str, backend: str, precision: str,
     """The estimated peak of one `sdrt bench` scenario (its process loads the whole pipeline,
     then times one component, or generates end to end, with DeepCache's shallow graph where
     `deepcache` is set); None for the VAE encoder's."""
-    from sdrt.runtime.low_memory import sliced_attention
-    from sdrt.runtime.model_folder import read_facts
+    from sdrt.runtime.memory.low_memory import sliced_attention
+    from sdrt.runtime.model.folder import read_facts
 
     folder = Path(model)
     facts = read_facts(folder)
@@ -135,7 +135,7 @@ def scenario_estimate(name: str, model: str, backend: str, precision: str,
 def tiled_psnr(args: argparse.Namespace) -> dict:
     """PSNR (dB, images in [-1, 1]) of the tiled decode of seeded latents against the untiled."""
     from sdrt.runtime.components import VaeEncoder
-    from sdrt.runtime.model_folder import read_facts
+    from sdrt.runtime.model.folder import read_facts
     from sdrt.runtime.session import open_session
 
     folder = Path(args.model)
@@ -179,11 +179,11 @@ def _decoders(args: argparse.Namespace):
     are used; every session on ONNX Runtime, opened as the low-memory plan opens them (one
     resident at a time: runtime/low_memory.Residency)."""
     from sdrt.runtime.components import VaeDecoder
-    from sdrt.runtime.low_memory import Residency
-    from sdrt.runtime.model_folder import read_facts
-    from sdrt.runtime.split_vae import split_graphs, tiled_decoder
-    from sdrt.runtime.staged_vae import stage_plan
-    from sdrt.runtime.tiled_vae import Tiling
+    from sdrt.runtime.memory.low_memory import Residency
+    from sdrt.runtime.model.folder import read_facts
+    from sdrt.runtime.vae.exact_tiled import stage_plan
+    from sdrt.runtime.vae.pooled_norm import split_graphs, tiled_decoder
+    from sdrt.runtime.vae.tiled import Tiling
 
     folder = Path(args.model)
     graph = folder / "vae_decoder" / "model.onnx"
@@ -209,7 +209,7 @@ def decode_row(args: argparse.Namespace) -> dict:
 
 
 def decode_run(args: argparse.Namespace) -> dict:
-    from sdrt.runtime.model_folder import read_facts
+    from sdrt.runtime.model.folder import read_facts
 
     map_large_allocations()
     decoder, tiled, stages, split = _decoders(args)
@@ -229,8 +229,8 @@ def regate(args: argparse.Namespace) -> dict:
     from dataclasses import replace
 
     from sdrt.quantize import gates
-    from sdrt.runtime.manifest import Manifest
-    from sdrt.runtime.variants import Variant
+    from sdrt.runtime.model.manifest import Manifest
+    from sdrt.runtime.model.variants import Variant
 
     folder = Path(args.model)
     manifest = Manifest.load(folder)

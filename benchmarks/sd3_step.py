@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--low-memory", action="store_true",
-                        help="one graph resident at a time, tiled VAE (runtime/low_memory.py)")
+                        help="one graph resident at a time, tiled VAE (memory/low_memory.py)")
     args = parser.parse_args()
 
     started = time.perf_counter()

@@ -85,7 +85,7 @@ def free_port() -> int:
 def running_server(*options: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`sdrt serve --port P *options` in a child process, ready when /health answers."""
     port = free_port()
-    command = [sys.executable, "-c", "from sdrt.runtime.cli import main; main()", "serve",
+    command = [sys.executable, "-c", "from sdrt.cli.main import main; main()", "serve",
                "--port", str(port), *options]
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "server.log"

@@ -21,9 +21,9 @@ import statistics
 from pathlib import Path
 
 from sdrt.benchmarks.step_overhead import time_unet
+from sdrt.runtime.model.variants import resolve_variant
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.session import BACKENDS
-from sdrt.runtime.variants import resolve_variant
 
 DEFAULT_VARIANTS = "fp32-ort,int8-ort,fp32-openvino,int8-openvino"
 

@@ -32,7 +32,7 @@ from onnx import helper
 from sdrt.export.slice_attention import link_or_copy
 from sdrt.runtime.deepcache import DEEPCACHE_DIR, FEATURE, FULL_GRAPH, SHALLOW_GRAPH
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.manifest import FileEntry, Manifest, sha256_file
+from sdrt.runtime.model.manifest import FileEntry, Manifest, sha256_file
 
 DEFAULT_BRANCH = 0  # the paper's choice for Stable Diffusion: the most speed, and it held its gate
 _UP_LAYER = re.compile(r"(?:^|/)up_blocks\.(\d+)/resnets\.(\d+)/")

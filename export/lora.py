@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sdrt.runtime.errors import ExportError, InputError, first_line
-from sdrt.runtime.manifest import sha256_file
+from sdrt.runtime.model.manifest import sha256_file
 
 logger = logging.getLogger("sdrt.export")
 

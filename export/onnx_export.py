@@ -42,9 +42,9 @@ from sdrt.export.source import SourceModel, read_source, source_info
 from sdrt.export.tiny_vae import write_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
-from sdrt.runtime.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
+from sdrt.runtime.model.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
 from sdrt.runtime.samplers import resolve_sampler
-from sdrt.runtime.tiny_vae import is_tiny_vae_folder
+from sdrt.runtime.vae.tiny import is_tiny_vae_folder
 
 logger = logging.getLogger("sdrt.export")
 
@@ -66,7 +66,7 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     `external_data_threshold` (bytes of weights) moves weights to model.onnx_data above it;
     `origin` names the source in the manifest when `src_dir` stands in for it (a hub id and
     revision, a converted checkpoint's name and sha256: sdrt.export.sources); `family`
-    overrides the family detected from the configs (sdrt.runtime.families); `loras` are
+    overrides the family detected from the configs (sdrt.runtime.model.families); `loras` are
     (LoRA .safetensors file, scale) pairs fused into the weights in order (sdrt.export.lora);
     `defaults` (steps, guidance_scale, sampler) are this model's generation defaults, recorded in
     the manifest over its family's; `attention` "sliced" exports the UNet's attention one head at
@@ -273,7 +273,7 @@ def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, 
               origin: Mapping[str, Any] | None, loras: list[Lora],
               defaults: dict[str, Any], attention: str = "full") -> Manifest:
     extra: dict[str, Any] = {"exporter": EXPORTER}
-    if attention != "full":  # runtime/memory.py reads it: the UNet's attention peak is bounded
+    if attention != "full":  # memory/estimate.py reads it: the UNet's attention peak is bounded
         extra["attention"] = attention
     if loras:  # the weights are no longer the source's alone
         extra["loras"] = [lora.manifest_entry() for lora in loras]

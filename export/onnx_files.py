@@ -19,7 +19,7 @@ import torch
 
 from sdrt.export.components import GraphDef, Inputs
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.manifest import TensorSpec
+from sdrt.runtime.model.manifest import TensorSpec
 
 logger = logging.getLogger("sdrt.export")
 

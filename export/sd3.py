@@ -34,7 +34,7 @@ from sdrt.export.source import (
 )
 from sdrt.runtime.conditioning import penultimate_output
 from sdrt.runtime.errors import ModelError
-from sdrt.runtime.families import check_override, detect_sd3_family
+from sdrt.runtime.model.families import check_override, detect_sd3_family
 from sdrt.runtime.sd3 import SKIP_LAYERS, T5_MAX_LENGTH
 
 # component → (library, allowed classes), as model_index.json names them

@@ -32,13 +32,12 @@ import torch
 from sdrt.export.components import check_loading_info
 from sdrt.export.source import CONFIG_FILES
 from sdrt.export.sources import PICKLE_SUFFIXES
+from sdrt.models import CLIP_TOKENIZER as TOKENIZER
+from sdrt.models import SHIPPED_CONFIGS
 from sdrt.runtime.errors import ExportError, InputError, ModelError, first_line
 
 logger = logging.getLogger("sdrt.export")
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-SHIPPED_CONFIGS = MODELS / "configs"
-TOKENIZER = MODELS / "clip_tokenizer"  # the vocabulary SD 1.x and 2.x share
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

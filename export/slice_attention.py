@@ -31,7 +31,7 @@ import onnx
 from onnx import helper
 
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.manifest import FileEntry, Manifest, sha256_file
+from sdrt.runtime.model.manifest import FileEntry, Manifest, sha256_file
 
 _BLOCK = re.compile(r"/(down_blocks|up_blocks)\.(\d+)/|/mid_block/")
 

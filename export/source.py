@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import ModelError
-from sdrt.runtime.families import check_override, detect_family
-from sdrt.runtime.model_folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR, is_sd3_index
+from sdrt.runtime.model.families import check_override, detect_family
+from sdrt.runtime.model.folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR, is_sd3_index
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
@@ -90,7 +90,7 @@ class SourceModel:
 def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
     """Check a diffusers SD folder's model_index.json and configs; raise ModelError if unfit.
 
-    The family is detected from the configs (sdrt.runtime.families); `family` overrides it with
+    The family is detected from the configs (runtime/model/families.py); `family` overrides it with
     another family of the same architecture (e.g. SD-Turbo weights shipped with a plain config).
     """
     root = Path(folder)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.runtime.errors import ExportError, InputError, ModelError, first_line
-from sdrt.runtime.manifest import sha256_file
+from sdrt.runtime.model.manifest import sha256_file
 
 logger = logging.getLogger("sdrt.export")
 
@@ -95,7 +95,7 @@ def _is_checkpoint_name(path: Path) -> bool:
 def check_folder(folder: Path, *, allow_pickle: bool = False) -> Path:
     """A diffusers pipeline folder, or a lone AutoencoderTiny's, whose weights are safetensors
     (pickle only if allowed)."""
-    from sdrt.runtime.tiny_vae import is_tiny_vae_folder
+    from sdrt.runtime.vae.tiny import is_tiny_vae_folder
 
     if not (folder / "model_index.json").is_file() and not is_tiny_vae_folder(folder):
         raise ModelError(f"folder '{folder}' has no model_index.json: not a diffusers pipeline "
@@ -169,7 +169,7 @@ def _lacking_weights(folder: Path) -> list[str]:
 def _needed(folder: Path) -> list[str]:
     """The components with weights: SDXL's second text encoder where model_index.json names it;
     a lone AutoencoderTiny's at the top."""
-    from sdrt.runtime.tiny_vae import is_tiny_vae_folder
+    from sdrt.runtime.vae.tiny import is_tiny_vae_folder
 
     if is_tiny_vae_folder(folder):
         return [TOP]

@@ -15,10 +15,11 @@ InstanceNormalization → Reshape → Mul → Add) writes two graphs beside it:
   where `local_statistics` is 1, and outputs in `norm_sums` (B, 4, S) the window's Σw, Σw·(x−m),
   Σw·(x−m)² and m, with m the mean it normalised with and w `statistics_weight` (1, 1, h, w)
   upsampled to the norm's resolution, so windows' sums combine into image-wide statistics
-  (runtime/split_vae.py).
+  (runtime/vae/pooled_norm.py).
 
 It also cuts the tail at every GroupNorm into stage graphs (export/vae_stages.py) for the exact
-tiled decode (runtime/staged_vae.py), which the runtime prefers where they exist; the shared-norm
+tiled decode (runtime/vae/exact_tiled.py),
+which the runtime prefers where they exist; the shared-norm
 tail stays for folders split before the stages existed and for the estimated-statistics modes.
 The graphs are added in place with their manifest `files` entries; the untiled decoder is kept.
 
@@ -37,8 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.export.slice_attention import chunk_queries
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.manifest import FileEntry, Manifest, sha256_file
-from sdrt.runtime.staged_vae import STAGES_DIR
+from sdrt.runtime.model.manifest import FileEntry, Manifest, sha256_file
+from sdrt.runtime.vae.exact_tiled import STAGES_DIR
 
 HEAD, TAIL = "vae_decoder_head", "vae_decoder_tail"
 FEATURES = "features"

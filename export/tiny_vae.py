@@ -5,7 +5,7 @@ diffusion_pytorch_model.safetensors, as madebyollin/taesd and taesdxl ship), loc
 cache or by hub id (sdrt.export.sources). Output: vae_decoder/ (`latent_sample → sample`, the
 latents as the UNet sees them → pixels in [-1, 1]) and vae_encoder/ (`sample → latent_sample`),
 each model.onnx + config.json, and a manifest.json of format `sdrt-tiny-vae`
-(sdrt.runtime.tiny_vae), checked against torch in ONNX Runtime like every sdrt export.
+(sdrt.runtime.vae.tiny), checked against torch in ONNX Runtime like every sdrt export.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from sdrt.export.components import (
 )
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ModelError
-from sdrt.runtime.manifest import ComponentSpec, scan_files, sha256_file
-from sdrt.runtime.tiny_vae import DECODER, ENCODER, TinyVaeManifest
+from sdrt.runtime.model.manifest import ComponentSpec, scan_files, sha256_file
+from sdrt.runtime.vae.tiny import DECODER, ENCODER, TinyVaeManifest
 
 logger = logging.getLogger("sdrt.export")
 

@@ -8,7 +8,7 @@ x_j of GroupNorm j and that norm's per-group `mean` and `inv_std` (B, G) as inpu
 inside the graph (torch's export writes GroupNorm as Reshape(B, G, -1) → InstanceNormalization →
 Reshape → Mul → Add; the InstanceNormalization becomes (grouped − mean) · inv_std), and runs on to
 x_{j+1}, also passing on what a later stage still needs (a ResNet block's skip input). The runtime
-(runtime/staged_vae.py) keeps those tensors as whole-image maps, reduces each norm's statistics
+(runtime/vae/exact_tiled.py) keeps those tensors as whole-image maps, reduces each norm's statistics
 over the whole map, and runs every stage over windows with the halo its receptive field needs,
 derived here from its Conv kernels and dilations and its Resize scales.
 
@@ -36,7 +36,7 @@ from sdrt.export.split_vae_decoder import (
     subgraph,
 )
 from sdrt.runtime.errors import ExportError
-from sdrt.runtime.staged_vae import PLAN_FILE, PLAN_FORMAT, STAGES_DIR
+from sdrt.runtime.vae.exact_tiled import PLAN_FILE, PLAN_FORMAT, STAGES_DIR
 
 # Ops that act on each pixel alone (the GroupNorm's layout Reshapes included: they only regroup
 # channels, and the statistics come from the inputs); Conv and Resize widen the halo.

@@ -10,7 +10,7 @@ Latent diffusion (Rombach et al. 2022) at 64×64, small enough to train on a 2-c
 4. a `UNet2DConditionModel` with cross-attention is trained on its hidden states with the
    v-prediction objective (Salimans & Ho 2022), min-SNR capped (Hang et al. 2023), with 10%
    empty captions for classifier-free guidance (Ho & Salimans 2022), AdamW and an EMA; prompt
-   adherence on held-out attribute combinations (`sdrt.benchmarks.adherence`) is measured every
+   adherence on held-out attribute combinations (`sdrt.evaluation.adherence`) is measured every
    few minutes with diffusers' own pipeline on the EMA weights, and logged;
 5. the weights are rounded to fp16 and saved as a diffusers StableDiffusionPipeline folder
    (fp16 safetensors, fp32 configs), reloaded to check every key, and evaluated once more.
@@ -46,8 +46,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdrt.benchmarks.adherence import evaluate
-from sdrt.benchmarks.shapes import (
+from sdrt.evaluation.adherence import evaluate
+from sdrt.evaluation.scenes import (
     BACKGROUND_COLOURS,
     KINDS,
     POSITIONS,

@@ -24,7 +24,7 @@ from sdrt.quantize import gates, prompts
 from sdrt.quantize.stage import GATE_PROMPT_COUNT, SCENES_ADHERENCE_CAPTIONS
 from sdrt.runtime.deepcache import gate_key
 from sdrt.runtime.errors import InputError, SdrtError
-from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.model.manifest import Manifest
 from sdrt.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def gate_settings(prompt_set: str, adherence: int | None, steps: int | None,
                          f"{steps}, {size}")
     captions: tuple[str, ...] = ()
     if count:
-        from sdrt.benchmarks.shapes import held_out_captions
+        from sdrt.evaluation.scenes import held_out_captions
 
         captions = tuple(held_out_captions(count, 0))  # the adherence benchmark's split
     return gates.GateSettings(prompts=tuple(prompts.gate_prompts(prompt_set, GATE_PROMPT_COUNT)),

@@ -3,7 +3,7 @@
 fp32 and the variant run on the same backend with the same prompts, seeds and steps. The gate
 compares the final latents and the decoded 8-bit images by PSNR (peak signal-to-noise ratio:
 10·log10(peak² / mean squared error)), and, for models trained on sdrt's simple scenes, prompt
-adherence read from the pixels by `sdrt.benchmarks.adherence.evaluate` over held-out captions.
+adherence read from the pixels by `sdrt.evaluation.adherence.evaluate` over held-out captions.
 NaN/Inf anywhere and all-black images fail whatever the figures (DESIGN.md, precision policy).
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime.errors import GenerationError, QuantizeError
-from sdrt.runtime.low_memory import plan_request
-from sdrt.runtime.memory import available_memory
+from sdrt.runtime.memory.estimate import available_memory
+from sdrt.runtime.memory.low_memory import plan_request
+from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
-from sdrt.runtime.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def compare(reference: Outputs, candidate: Outputs) -> dict[str, float]:
 def adherence(pipe: Pipeline, captions: tuple[str, ...], steps: int | None,
               deepcache: int | None = None) -> float:
     """Share of captions whose every attribute the image shows (caption i with seed i)."""
-    from sdrt.benchmarks.adherence import evaluate
+    from sdrt.evaluation.adherence import evaluate
 
     images = [pipe.generate(text, seed=i, steps=steps, deepcache=deepcache)[0]
               for i, text in enumerate(captions)]

@@ -20,7 +20,7 @@ import onnx
 
 from sdrt.quantize.ort_weights import METHOD as WEIGHT_ONLY
 from sdrt.quantize.ort_weights import quantize_weights
-from sdrt.runtime.memory import graph_bytes
+from sdrt.runtime.memory.estimate import graph_bytes
 
 GRAPH_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one serialised ONNX message; bigger graphs keep external data

@@ -44,7 +44,7 @@ def _prompts(prompt_set: str, count: int, general: tuple[str, ...], seed: int) -
     if prompt_set == "general":
         return [general[i % len(general)] for i in range(count)]
     if prompt_set == "scenes":
-        from sdrt.benchmarks.shapes import seen_captions
+        from sdrt.evaluation.scenes import seen_captions
 
         return seen_captions(count, seed)
     raise InputError(f"unknown prompt set '{prompt_set}'; choose one of: {', '.join(PROMPT_SETS)}")

@@ -19,9 +19,9 @@ from types import ModuleType
 
 from sdrt.quantize import gates, prompts
 from sdrt.runtime.errors import InputError, ModelError, QuantizeError, first_line
-from sdrt.runtime.manifest import MANIFEST_NAME, Manifest, scan_files
-from sdrt.runtime.model_folder import check_folder
-from sdrt.runtime.variants import PRECISIONS, VARIANTS_DIR, ComponentVariant, Variant
+from sdrt.runtime.model.folder import check_folder
+from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest, scan_files
+from sdrt.runtime.model.variants import PRECISIONS, VARIANTS_DIR, ComponentVariant, Variant
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
         raise InputError(f"--size must be ≥ 1 pixel, got {options.size}")
     captions: list[str] = []
     if count:
-        from sdrt.benchmarks.shapes import held_out_captions
+        from sdrt.evaluation.scenes import held_out_captions
 
         captions = held_out_captions(count, 0)  # the adherence benchmark's default split
     return gates.GateSettings(
@@ -195,7 +195,7 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
 
 def _entry(folder: Path, manifest: Manifest, variant: Variant, method: str, gate: dict,
            command: str) -> dict:
-    """The manifest `variants` entry (see runtime/manifest.py for its keys)."""
+    """The manifest `variants` entry (see runtime/model/manifest.py for its keys)."""
     sizes = {}
     for name in variant.components:
         fp32 = sum(e.bytes for p, e in manifest.files.items()

@@ -4,7 +4,7 @@ A tiny decoder approximates the full one, so a configuration using it counts as 
 this check: the model generates held-out scene captions (caption i with seed i, the model's
 defaults) once with its own VAE and once with the tiny one, on the same backend and precision, so
 both decode the same latents. Pass: decoded 8-bit images within `MIN_TINY_VAE_PSNR_DB` of the full
-VAE's (PSNR over all images) AND prompt adherence (`sdrt.benchmarks.adherence`, "all attributes
+VAE's (PSNR over all images) AND prompt adherence (`sdrt.evaluation.adherence`, "all attributes
 right") at most `MAX_ADHERENCE_DROP` below the full VAE's, as quantized variants are gated
 (quantize/gates.py). With `--record` the figures go into the tiny VAE's manifest.json (`gates`).
 
@@ -26,8 +26,8 @@ import numpy as np
 
 from sdrt.quantize.gates import MAX_ADHERENCE_DROP, psnr
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import MANIFEST_NAME
-from sdrt.runtime.model_folder import EMBEDDED_MODEL
+from sdrt.runtime.model.folder import EMBEDDED_MODEL
+from sdrt.runtime.model.manifest import MANIFEST_NAME
 from sdrt.runtime.pipeline import Pipeline
 
 # A tiny decoder is a different network, not a rounding of the same one: its pixels differ
@@ -46,8 +46,8 @@ def gate_images(pipe: Pipeline, captions: Sequence[str]) -> np.ndarray:
 def run_gate(model: Path, vae: Path, *, backend: str = "ort", precision: str = "fp32",
              n: int = 200, caption_seed: int = 0) -> dict[str, Any]:
     """Figures, thresholds and verdict of the tiny VAE `vae` on `model` (a scenes model)."""
-    from sdrt.benchmarks.adherence import evaluate
-    from sdrt.benchmarks.shapes import held_out_captions
+    from sdrt.evaluation.adherence import evaluate
+    from sdrt.evaluation.scenes import held_out_captions
 
     captions = held_out_captions(n, caption_seed)
     full = Pipeline.load(model, backend, precision=precision)

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sdrt.runtime.onnx_proto import ProtoError, read_stamps
+from sdrt.runtime.model.onnx_proto import ProtoError, read_stamps
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def converted_graph(folder: Path | None, graph: Path, half: bool = False) -> Pat
 
 def _external_files(graph: Path) -> list[Path]:
     """The weights files an ONNX graph names; none for a file that is not a readable graph
-    (runtime/graph_files.py refuses it in one line when it is opened)."""
+    (runtime/model/graph_files.py refuses it in one line when it is opened)."""
     try:
         locations = {ref.location for ref in read_stamps(graph).external}
     except (ProtoError, OSError):

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sdrt.runtime.components import TextEncoder
-from sdrt.runtime.model_folder import read_json
+from sdrt.runtime.model.folder import read_json
 from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
 

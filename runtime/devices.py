@@ -5,8 +5,8 @@
   not by doubling, so it stays near the real peak under the cap), the CPU provider behind it for
   any node CUDA does not run.
 - OpenVINO: the "GPU" device (Intel GPUs through OpenCL). Its plugin has no settable memory
-  limit, so the cap is checked against the memory estimate before compiling (runtime/memory.py)
-  and against the device's own `GPU_DEVICE_TOTAL_MEM_SIZE`.
+  limit, so the cap is checked against the memory estimate before compiling
+  (runtime/memory/estimate.py) and against the device's own `GPU_DEVICE_TOTAL_MEM_SIZE`.
 
 When the asked GPU is absent (no onnxruntime-gpu or no CUDA device; no OpenVINO GPU plugin or
 device), the session runs on the CPU and says so once in a warning, rather than failing.

@@ -21,7 +21,6 @@ from PIL import Image
 
 from sdrt.runtime import guidance
 from sdrt.runtime import img2img as i2i
-from sdrt.runtime.check import check_on_load
 from sdrt.runtime.compile_ahead import compile_ahead
 from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
@@ -30,13 +29,15 @@ from sdrt.runtime.deepcache import LazyDeepCache, graph_paths
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
 from sdrt.runtime.images import ImageSource, paste_back
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
-from sdrt.runtime.low_memory import Residency
+from sdrt.runtime.memory.low_memory import Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
-from sdrt.runtime.model_folder import (
+from sdrt.runtime.model.check import check_on_load
+from sdrt.runtime.model.folder import (
     EMBEDDED_MODEL,
     ModelFacts,
     read_facts,
 )
+from sdrt.runtime.model.variants import Variant, resolve_variant
 from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
 from sdrt.runtime.rng import GENERATORS, NoiseGenerator, make_generator, randn_rows
 from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler, sample
@@ -49,10 +50,9 @@ from sdrt.runtime.sd3 import (
     velocity_fn,
 )
 from sdrt.runtime.session import BACKENDS, open_session
-from sdrt.runtime.split_vae import SPLIT_COMPONENTS, tiled_decode_graphs
-from sdrt.runtime.tiny_vae import TinyVae, open_tiny_vae
 from sdrt.runtime.tokenizer import ClipTokenizer
-from sdrt.runtime.variants import Variant, resolve_variant
+from sdrt.runtime.vae.pooled_norm import SPLIT_COMPONENTS, tiled_decode_graphs
+from sdrt.runtime.vae.tiny import TinyVae, open_tiny_vae
 
 MAX_SIDE = 2048  # pixels; beyond this one UNet call needs more memory than the machines we target
 MAX_IMAGES = 16  # per call; larger batches belong to `sdrt batch`
@@ -158,7 +158,7 @@ class Pipeline:
     conditioner: TextConditioner  # the family's prompts → UNet conditioning
     unet: UNet
     vae_decoder: VaeDecoder
-    precision: str = "fp32"  # the variant that runs (sdrt.runtime.variants)
+    precision: str = "fp32"  # the variant that runs (sdrt.runtime.model.variants)
     vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
     tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
     deepcache: LazyDeepCache | None = None  # `deepcache=N` requests only; opened on first use
@@ -178,15 +178,15 @@ class Pipeline:
         by default sdrt's embedded shapes model. `precision` names a variant manifest.json lists
         for this backend (quantize's gate passes a Variant it has not listed yet). `low_memory`
         keeps one graph resident at a time, runs the CFG pair as batch-1 calls and the VAE in
-        tiles (runtime/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
-        `vae` is an exported tiny autoencoder folder (runtime/tiny_vae.py) that replaces the
+        tiles (memory/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
+        `vae` is an exported tiny autoencoder folder (runtime/vae/tiny.py) that replaces the
         model's VAE decoder, and its encoder where the folder has one. `deepcache` runs the UNet
         from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
         `deepcache=N` requests add only the small shallow graph's memory."""
         folder = Path(folder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-        check_on_load(folder)  # model_index.json, paths, file heads and sizes (runtime/check.py)
+        check_on_load(folder)  # model_index.json, paths, file heads and sizes (model/check.py)
         variant = resolve_variant(folder, precision, backend)
         facts = read_facts(folder)
         scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")

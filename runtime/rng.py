@@ -5,7 +5,7 @@
 gives the same image as diffusers on CPU. `NumpyGenerator` is the fast default when that parity is
 not wanted. Both return float32 arrays.
 
-How torch draws, as established against torch 2.13 (tests/test_rng.py pins every point):
+How torch draws, as established against torch 2.13 (tests/runtime/test_rng.py pins every point):
 
 * Engine: MT19937 (Matsumoto & Nishimura 1998) seeded with the reference `init_genrand` from the
   low 32 bits of the seed (torch takes any int in [-2**63, 2**64) and reduces it modulo 2**64
@@ -97,7 +97,7 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
 # the sum is rounded twice (to 53 bits, then to 24); that can differ from one rounding only when
 # the float64 sum lands exactly on a float32 midpoint while the exact sum is not one. Over every
 # input the two functions below can receive here (all 2**24 uniforms each) that never changes a
-# result; tests/test_rng.py re-checks it exhaustively against an exact FMA (a slow test).
+# result; tests/runtime/test_rng.py re-checks it exhaustively against an exact FMA (a slow test).
 
 
 def _fma32(a: np.ndarray, b: np.ndarray | _F64, c: np.ndarray | _F64) -> np.ndarray:

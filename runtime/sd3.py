@@ -29,7 +29,7 @@ from sdrt.runtime.conditioning import Conditioning, penultimate_output
 from sdrt.runtime.conditioning import _tokenize as tokenize_clip
 from sdrt.runtime.errors import InputError, ModelError, first_line
 from sdrt.runtime.guidance import ModelFn, cfg_combine
-from sdrt.runtime.model_folder import read_json
+from sdrt.runtime.model.folder import read_json
 from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
 

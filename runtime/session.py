@@ -22,7 +22,7 @@ import numpy as np
 
 from sdrt.runtime import compile_cache, devices
 from sdrt.runtime.errors import InputError, ModelError
-from sdrt.runtime.graph_files import version_refusal, vet_graph
+from sdrt.runtime.model.graph_files import version_refusal, vet_graph
 
 log = logging.getLogger(__name__)
 

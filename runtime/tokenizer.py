@@ -2,7 +2,7 @@
 `transformers.CLIPTokenizer`.
 
 The pipeline mirrors the one transformers builds for CLIP (checked id-for-id in
-tests/test_tokenizer.py against transformers 5.x, whose `CLIPTokenizer` is this same Rust
+tests/runtime/test_tokenizer.py against transformers 5.x, whose `CLIPTokenizer` is this same Rust
 pipeline; transformers 4.x's `CLIPTokenizerFast` used the same settings):
 
 - normaliser: NFC, then every run of whitespace → one space, then lower-case;
@@ -366,7 +366,7 @@ def _register_special_tokens(
             )
     # A named special token that added_tokens_decoder also lists takes that entry's flags (so
     # `"eos_token": "<|endoftext|>"` plus a `normalized: true` entry matches "<|ENDOFTEXT|>"), as
-    # transformers resolves it; tests/test_tokenizer.py checks both layouts against it.
+    # transformers resolves it; tests/runtime/test_tokenizer.py checks both layouts against it.
     listed = {token.content for _, token in added}
     named = {t.content: t for t in specials.values() if t.content not in listed}
     tokenizer.add_tokens([token for _, token in added if not token.special])

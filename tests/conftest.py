@@ -271,7 +271,7 @@ def split_embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     from sdrt.export.split_vae_decoder import split_folder
-    from sdrt.runtime.model_folder import EMBEDDED_MODEL
+    from sdrt.runtime.model.folder import EMBEDDED_MODEL
 
     folder = tmp_path_factory.mktemp("split") / "embedded"
     shutil.copytree(EMBEDDED_MODEL, folder)

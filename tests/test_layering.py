@@ -15,7 +15,7 @@ def _imported_after(code: str) -> set[str]:
 
 def test_import_runtime_is_torch_free():
     modules = _imported_after(
-        "import sdrt.runtime, sdrt.runtime.pipeline, sdrt.runtime.cli, sdrt.runtime.samplers"
+        "import sdrt.runtime, sdrt.runtime.pipeline, sdrt.cli.main, sdrt.runtime.samplers"
     )
     assert not modules & set(FORBIDDEN)
 
@@ -23,7 +23,7 @@ def test_import_runtime_is_torch_free():
 def test_generate_command_is_torch_free(tiny_onnx_dir, tmp_path):
     code = (
         "import sys\n"
-        "from sdrt.runtime.cli import main\n"
+        "from sdrt.cli.main import main\n"
         f"sys.argv = ['sdrt', 'generate', 'a red circle', '--model', r'{tiny_onnx_dir}',"
         f" '--steps', '2', '--seed', '1', '-o', r'{tmp_path / 'x.png'}']\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"

@@ -40,8 +40,8 @@ from pathlib import Path
 from sdrt.benchmarks import bench
 from sdrt.runtime.deepcache import gate_record
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import MANIFEST_NAME, Manifest
-from sdrt.runtime.variants import REFERENCE, Variant, resolve_variant
+from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
+from sdrt.runtime.model.variants import REFERENCE, Variant, resolve_variant
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = ("ddim", "euler")  # one UNet call per step on every side (_runner.SCHEDULERS)

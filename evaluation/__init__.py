@@ -1,0 +1,2 @@
+"""Evaluation shared by training, quantization gates and benchmarks: the scenes dataset
+(`scenes`) and the prompt-adherence evaluator (`adherence`)."""

@@ -1,0 +1,261 @@
+"""The low-memory plan: one graph resident at a time, the CFG pair as batch-1 calls, tiled VAE.
+
+`Residency` keeps at most one session open: opening a component's session (text encoder, then
+UNet, then VAE decoder, as a generation uses them) first releases the one before, so the peak is
+one component's weights and working memory instead of all of them (memory/estimate.py estimates both
+plans). A `LazySession` reads its graph's input/output specs once at load, then opens and
+releases the real session as the residency decides. Calls through one residency are serialised:
+several threads may share a low-memory pipeline, but they take turns, and a component another
+thread needs is reopened (low memory trades time for the bound).
+
+`plan_for` decides, from the estimate and a budget (default: MemAvailable), whether a request
+runs with the default plan, switches to the low-memory one, or is refused with a message that
+names the estimate and the budget, instead of being killed by the kernel midway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime import compile_cache
+from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
+from sdrt.runtime.deepcache import graph_paths as deepcache_graphs
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.memory import estimate as memory
+from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
+from sdrt.runtime.model.variants import Variant
+from sdrt.runtime.session import BACKENDS, Session, TensorSpec, open_session
+from sdrt.runtime.vae.exact_tiled import StagedGraphs
+from sdrt.runtime.vae.pooled_norm import tiled_decode_graphs, tiled_decoder
+from sdrt.runtime.vae.tiled import DEFAULT_TILE, TiledVaeEncoder
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "default", "low")
+# UNet rows per call in the low-memory plan: the CFG pair as two calls, since the working memory
+# grows with the batch (SD 1.5's int8 UNet at 512²: 178 MiB at batch 1, 367 MiB at batch 2); the
+# price is time, one call's overhead per extra row.
+LOW_MEMORY_BATCH = 1
+
+
+# glibc malloc's M_MMAP_THRESHOLD (mallopt parameter -3) and the value the low-memory plan sets:
+# by default glibc raises the threshold up to 32 MB each time a mapped block is freed, after which
+# a backend's many short-lived activation buffers come from the heap, fragment it and are not
+# returned; fixed at 64 KiB they are mapped and unmapped, and a VAE window's peak RSS fell from
+# 1,419 MiB to 690 MiB (benchmarks/RESULTS.md, "Low-memory mode").
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def map_large_allocations() -> bool:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD_BYTES); False where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+
+
+class Residency:
+    """At most one open session among its members; opening one releases the other."""
+
+    def __init__(self) -> None:
+        if not map_large_allocations():
+            log.info("could not fix the C allocator's mmap threshold; peaks may be higher")
+        self.lock = threading.RLock()
+        self._open: LazySession | None = None
+
+    def activate(self, member: LazySession) -> Session:
+        """The member's open session, after releasing whichever other member was open."""
+        if self._open is not member:
+            if self._open is not None:
+                self._open.release()
+            self._open = member
+        return member.session()
+
+    def open_session(self, path: Path, backend: str, **options) -> LazySession:
+        """open_session's signature; the session opens with low-memory backend options."""
+        return LazySession(lambda: open_session(path, backend, low_memory=True, **options), self)
+
+    @staticmethod
+    def components(unet: UNet, decoder: VaeDecoder, factor: int,
+                   split_decoder: tuple[Session, Session] | None = None,
+                   stages: StagedGraphs | None = None,
+                   ) -> tuple[UNet, VaeDecoder, Callable[[Session], VaeEncoder]]:
+        """The low-memory plan's UNet (batch-1 calls), tiled decoder (exact over the stage
+        graphs where given: staged_vae.py; else sharing GroupNorm statistics over the split
+        decoder's head and tail sessions where given: split_vae.py), and tiled encoder maker."""
+        # SD 3's transformer (runtime/sd3.py) keeps its CFG pair in one call
+        split = SplitBatchUNet(unet) if isinstance(unet, UNet) else unet
+        return (split, tiled_decoder(decoder, split_decoder, factor=factor, stages=stages),
+                lambda session: TiledVaeEncoder(VaeEncoder(session), factor=factor))
+
+    def release_all(self) -> None:
+        with self.lock:
+            if self._open is not None:
+                self._open.release()
+            self._open = None
+
+
+class LazySession:
+    """A Session whose backend session lives only while its residency lets it."""
+
+    def __init__(self, opener: Callable[[], Session], residency: Residency) -> None:
+        self._opener = opener
+        self._residency = residency
+        self._session: Session | None = None
+        with residency.lock:  # specs once; this session stays open until another one opens
+            session = residency.activate(self)
+            self.inputs: dict[str, TensorSpec] = session.inputs
+            self.outputs: dict[str, TensorSpec] = session.outputs
+
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = self._opener()
+        return self._session
+
+    def release(self) -> None:
+        """Drop the backend session and return its memory."""
+        self._session = None
+        gc.collect()  # backend objects can sit in reference cycles with their bindings
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._residency.lock:
+            return self._residency.activate(self).run(feeds)
+
+
+class SplitBatchUNet(UNet):
+    """UNet that runs its batch `rows` at a time (the CFG pair as batch-1 calls), same result."""
+
+    def __init__(self, unet: UNet, rows: int = LOW_MEMORY_BATCH) -> None:
+        super().__init__(unet.session)
+        self.rows = rows
+
+    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
+                 added: dict[str, np.ndarray] | None = None,
+                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        if len(sample) <= self.rows:
+            return super().__call__(sample, t, context, added, timestep_cond)
+        parts = []
+        for i in range(0, len(sample), self.rows):
+            rows = slice(i, i + self.rows)
+            parts.append(super().__call__(
+                sample[rows], t, context[rows],
+                {name: value[rows] for name, value in (added or {}).items()},
+                None if timestep_cond is None else timestep_cond[rows]))
+        return np.concatenate(parts)  # (B, C, h, w)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen plan and the estimate it was chosen from."""
+
+    low_memory: bool
+    estimate: memory.MemoryEstimate
+    budget: int | None
+    reason: str
+
+    @property
+    def peak(self) -> int:
+        return self.estimate.low_memory_peak if self.low_memory else self.estimate.default_peak
+
+
+def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, images: int,
+                 guided: bool, vae_scale_factor: int, tile: int,
+                 components: tuple[str, ...], deepcache: bool = False) -> memory.MemoryEstimate:
+    """The memory estimate of one generation with `variant`'s graphs from `folder`; with
+    `deepcache`, DeepCache's shallow graph beside them (its full graph is the UNet's weights)."""
+    graphs = {name: variant.graph_path(folder, name) for name in components}
+    if deepcache:
+        graphs[memory.DEEPCACHE_SHALLOW] = deepcache_graphs(folder)[1]
+    compressed = frozenset(name for name in components
+                           if variant.precision in ("int8", "int8-hybrid", "int4")
+                           and variant.components.get(name) is not None
+                           and variant.components[name].file)
+    # OpenVINO reads float16 copies of external-weight graphs at 16-bit executions
+    cached = variant.backend == "openvino" and compile_cache.cache_dir() is not None
+    halved = frozenset(
+        name for name, path in graphs.items() if cached and compile_cache.half_weights(
+            path, variant.execution("unet" if name == memory.DEEPCACHE_SHALLOW else name)))
+    rows = images * (2 if guided else 1)
+    shapes = memory.Shapes(width, height, rows, vae_scale_factor)
+    stages, split = tiled_decode_graphs(folder, graphs["vae_decoder"]) \
+        if "vae_decoder" in graphs else (None, None)
+    low = memory.Shapes(width, height, LOW_MEMORY_BATCH, vae_scale_factor, tile=tile,
+                        split_decoder=split is not None, staged_decoder=stages is not None)
+    return memory.estimate(graphs, variant.backend, shapes=shapes, low_shapes=low,
+                           unet=memory.unet_shape(folder, *sliced_attention(folder)),
+                           compressed=compressed, halved=halved)
+
+
+def sliced_attention(folder: Path) -> tuple[bool, int]:
+    """Whether the folder's UNet attention is sliced by head (`sdrt export --attention sliced`
+    or export/slice_attention.py), and in how many query chunks (manifest extra)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return False, 1
+    extra = Manifest.load(folder).extra
+    return extra.get("attention") == "sliced", int(extra.get("attention_query_chunks", 1))
+
+
+def plan_for(estimate: memory.MemoryEstimate, mode: str, budget: int | None) -> Plan:
+    """Default or low-memory plan for a budget (None: unlimited); InputError when even the
+    low-memory plan's estimate exceeds it, or when `mode` "default" does."""
+    if mode not in MODES:
+        raise InputError(f"memory mode must be one of {', '.join(MODES)}, got {mode!r}")
+    fmt = memory.format_size
+    limit = f"the {fmt(budget)} budget" if budget is not None else "no budget"
+    if mode == "low":
+        plan = Plan(True, estimate, budget, "--low-memory")
+    elif budget is None or estimate.default_peak <= budget:
+        plan = Plan(False, estimate, budget, f"default plan fits {limit}")
+    elif mode == "default":
+        raise InputError(f"this generation needs about {fmt(estimate.default_peak)} but "
+                         f"--max-memory allows {fmt(budget)}; add --low-memory (about "
+                         f"{fmt(estimate.low_memory_peak)}) or raise --max-memory")
+    else:
+        plan = Plan(True, estimate, budget,
+                    f"default plan (about {fmt(estimate.default_peak)}) exceeds {limit}")
+    if budget is not None and plan.peak > budget:
+        raise InputError(f"this generation needs about {fmt(plan.peak)} even in low-memory "
+                         f"mode, more than {limit}; try a smaller size, an int8 precision, or "
+                         f"a UNet exported with --attention sliced")
+    return plan
+
+
+def plan_request(folder: Path, backend: str, precision: str | Variant, request, *, mode: str,
+                 budget: int | None) -> Plan:
+    """The plan for a pipeline.GenerationRequest on `folder`, decided before anything loads."""
+    from sdrt.runtime.model.check import check_on_load
+    from sdrt.runtime.model.folder import read_facts
+    from sdrt.runtime.model.variants import resolve_variant
+    from sdrt.runtime.schedules import SchedulerConfig
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+    check_on_load(folder)  # the same one-line refusals as Pipeline.load, before any estimate
+    variant = resolve_variant(folder, precision, backend)
+    facts = read_facts(folder)
+    req = request.resolve(facts, SchedulerConfig.from_file(folder / "scheduler" /
+                                                           "scheduler_config.json"))
+    texts = ("text_encoder", "text_encoder_2") if facts.family.architecture == "sdxl" else (
+        "text_encoder",)
+    denoiser = "unet"
+    if facts.family.architecture == "sd3":  # three encoders (T5 optional) and an MMDiT
+        texts = tuple(name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                      if (folder / name).is_dir())
+        denoiser = "transformer"
+    found = estimate_for(folder, variant, width=req.width, height=req.height,
+                         images=req.num_images, guided=req.guidance_scale > 1.0,
+                         vae_scale_factor=facts.vae_scale_factor, tile=DEFAULT_TILE,
+                         components=(*texts, denoiser, "vae_decoder"),
+                         deepcache=req.deepcache is not None)
+    return plan_for(found, mode, budget)
