@@ -1,17 +1,12 @@
-"""The graphs of optimum's SD/SDXL ONNX layout: torch wrappers, I/O names, example inputs.
+"""The graphs every architecture shares: torch wrappers, I/O names, dummy inputs, loaders.
 
-I/O names and meanings follow optimum's exporter (research/users.md §3.2, peers.md §1):
-text_encoder `input_ids → last_hidden_state, pooler_output`; unet `sample, timestep (rank-0
-float), encoder_hidden_states → out_sample`; vae_encoder `sample → latent_parameters` (mean ‖
-logvar, the caller samples); vae_decoder `latent_sample → sample` (post_quant_conv included).
-
-SDXL adds text_encoder_2 `input_ids → text_embeds, last_hidden_state` and the UNet inputs
-`text_embeds` (B, projection_dim) and `time_ids` (B, 6); an LCM UNet (time_cond_proj_dim) adds
-`timestep_cond` (B, time_cond_proj_dim), the guidance-scale embedding. optimum exports every
-`hidden_states.N` of both encoders; SDXL reads only the penultimate one (`hidden_states[-2]`,
-index num_hidden_layers − 1), so sdrt exports that one alone under optimum's name: 33 outputs
-of OpenCLIP bigG would only add graph outputs nobody reads. The SDXL refiner has no text_encoder
-and its `time_ids` are (B, 5): size, crop and aesthetic score (optimum's refiner export).
+I/O names and meanings follow optimum's ONNX exporter: text_encoder `input_ids →
+last_hidden_state, pooler_output`; unet `sample, timestep (rank-0 float), encoder_hidden_states
+[, conditions] → out_sample`; vae_encoder `sample → latent_parameters` (mean ‖ logvar, the caller
+samples); vae_decoder `latent_sample → sample` (post_quant_conv included). Which graphs a model
+has, and the conditions its UNet takes, are its architecture's (sdrt.export.architectures); an
+LCM UNet (time_cond_proj_dim) takes `timestep_cond` (B, time_cond_proj_dim) last, the
+guidance-scale embedding, as optimum orders it. Dummy sizes come from sdrt.export.shapes.
 """
 
 from __future__ import annotations
@@ -26,9 +21,10 @@ from typing import Any
 
 import torch
 
+from sdrt.export.shapes import Side, Sizes, text_lengths
 from sdrt.export.source import SourceModel
 from sdrt.runtime.components import GUIDANCE_INPUT
-from sdrt.runtime.conditioning import HIDDEN_STATES, penultimate_output
+from sdrt.runtime.conditioning import HIDDEN_STATES
 from sdrt.runtime.errors import ModelError, first_line
 
 logger = logging.getLogger("sdrt.export")
@@ -36,10 +32,11 @@ Inputs = dict[str, torch.Tensor]
 # Old checkpoints carry non-persistent buffers (CLIP's position_ids) that newer code rebuilds.
 _IGNORED_UNEXPECTED = ("position_ids",)
 
-
 SD_TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
-SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
-REFINER_AESTHETIC_SCORE = 6.0  # diffusers' default aesthetic_score, for the example time ids
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+_UNET_TIMESTEPS = (999.0, (981.0, 1.0))  # trace, checks: both ends of the schedule
+# A UNet graph's extra inputs for (source, batch, latent side, generator), by name.
+ConditionInputs = Callable[[SourceModel, int, Side, torch.Generator], Inputs]
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -61,22 +58,23 @@ class TextEncoderGraph(torch.nn.Module):
 
 class UNetGraph(torch.nn.Module):
     """UNet2DConditionModel → out_sample (the noise/v prediction), fed the graph's extra inputs
-    by name: SDXL's text_embeds and time_ids, LCM's timestep_cond."""
+    by name: those in `added` go to diffusers' added_cond_kwargs (SDXL's), `timestep_cond` to
+    timestep_cond (LCM's)."""
 
-    def __init__(self, model: torch.nn.Module, conditions: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: torch.nn.Module, conditions: tuple[str, ...] = (),
+                 added: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.conditions = conditions
+        self.added = added
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.conditions, conditions, strict=True))
-        added = {key: named[key] for key in SDXL_UNET_INPUTS if key in named} or None
+        added = {key: named[key] for key in self.added if key in named} or None
         return self.model(sample, timestep, encoder_hidden_states,
                           timestep_cond=named.get(GUIDANCE_INPUT), added_cond_kwargs=added,
                           return_dict=False)[0]
-
-
 class VaeEncoderGraph(torch.nn.Module):
     """AutoencoderKL.encode → latent_parameters (the diagonal Gaussian's mean ‖ logvar)."""
 
@@ -113,8 +111,16 @@ class GraphDef:
     wrap: Callable[[torch.nn.Module], torch.nn.Module]  # the loaded model → the traced module
 
 
-def _gen() -> torch.Generator:
+
+def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)  # fixed: checks must be reproducible
+
+
+def with_inputs(graph: GraphDef, trace: Callable[[SourceModel], Inputs],
+                check: Callable[[SourceModel], list[Inputs]]) -> GraphDef:
+    """`graph` with other dummy inputs (the same names, axes and wrapper)."""
+    return GraphDef(graph.name, graph.inputs, graph.outputs, graph.dynamic_axes, trace, check,
+                    graph.wrap)
 
 
 def _text_ids(config: dict[str, Any], batch: int, length: int, gen: torch.Generator) -> Inputs:
@@ -131,130 +137,85 @@ def _text_ids(config: dict[str, Any], batch: int, length: int, gen: torch.Genera
     return {"input_ids": ids}  # (B, L) int64
 
 
-def _max_length(config: dict[str, Any]) -> int:
-    return int(config.get("max_position_embeddings", 77))
-
-
-def _odd_latent(src: SourceModel) -> tuple[int, int]:
-    # Tracing at latent sides that are not multiples of the UNet's downsampling factor makes
-    # diffusers take its general upsample path (interpolate to the skip connection's size), so
-    # one graph serves every size, e.g. 520 px → latent 65 on SD 1.5 (as diffusers torch does).
-    factor = src.unet_up_factor
-    return 2 * factor + 1, 2 * factor + 3
-
-
-def _unet_inputs(src: SourceModel, batch: int, hw: tuple[int, int], t: float,
-                 gen: torch.Generator) -> Inputs:
-    channels, dim = src.unet["in_channels"], src.unet["cross_attention_dim"]
-    feeds = {
-        "sample": torch.randn(batch, channels, *hw, generator=gen),  # (B, 4, h, w)
-        "timestep": torch.tensor(t, dtype=torch.float32),  # rank 0, as optimum exports it
-        "encoder_hidden_states": torch.randn(
-            batch, _max_length(src.text_encoder or src.text_encoder_2), dim, generator=gen),
-    }
-    if src.text_encoder_2 is not None:
-        pixels = [side * src.vae_scale_factor for side in hw]
-        feeds["text_embeds"] = torch.randn(batch, src.text_encoder_2["projection_dim"],
-                                           generator=gen)  # (B, P)
-        # (B, 6): original size, crop top-left, target size, as diffusers' _get_add_time_ids;
-        # the refiner's (B, 5) end with an aesthetic score instead of the target size.
-        last = [REFINER_AESTHETIC_SCORE] if src.text_encoder is None else pixels
-        feeds["time_ids"] = torch.tensor([[*pixels, 0.0, 0.0, *last]] * batch)
-    if src.unet.get("time_cond_proj_dim") is not None:
-        feeds[GUIDANCE_INPUT] = torch.randn(batch, src.unet["time_cond_proj_dim"],
-                                            generator=gen)  # (B, time_cond_proj_dim)
-    return feeds
-
-
-def _latents(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Generator) -> Inputs:
-    return {"latent_sample": torch.randn(batch, src.latent_channels, *hw, generator=gen)}
-
-
-def _pixels(src: SourceModel, batch: int, hw: tuple[int, int], gen: torch.Generator) -> Inputs:
-    side = tuple(n * src.vae_scale_factor for n in hw)
-    channels = src.vae.get("in_channels", 3)
-    return {"sample": torch.rand(batch, channels, *side, generator=gen) * 2 - 1}  # [-1, 1]
-
-
-# Check sizes (latent): a square batch of 2, and batch 1 at odd sides (25×39 latent; 50×78 px on
-# the tiny model, 200×312 px on SD 1.5), so dynamic axes and the general upsample path are both
-# exercised; small enough that checking a full SD 1.5 UNet takes seconds, not minutes.
-CHECK_LATENTS = ((2, (32, 32)), (1, (25, 39)))
-
-def _text_graph(name: str, config_of: Callable[[SourceModel], dict[str, Any]],
-                outputs: tuple[str, ...]) -> GraphDef:
-    def ids(src: SourceModel, batch: int, length: int) -> Inputs:
-        return _text_ids(config_of(src), batch, length, _gen())
-
-    def full(src: SourceModel) -> int:
-        return _max_length(config_of(src))
+def text_graph(name: str, outputs: tuple[str, ...] = SD_TEXT_OUTPUTS) -> GraphDef:
+    """A CLIP text encoder's graph (the source's config of the same name) → `outputs`, traced
+    at its full length, checked at full length (batch 2) and a short prompt (batch 1)."""
+    def ids(src: SourceModel, batch: int, full: bool) -> Inputs:
+        config = getattr(src, name)
+        lengths = text_lengths(config)
+        return _text_ids(config, batch, lengths[0] if full else lengths[1], generator())
 
     axes = {out: {0: "batch_size"} if out in ("pooler_output", "text_embeds")
             else {0: "batch_size", 1: "sequence_length"} for out in outputs}
     return GraphDef(
         name, ("input_ids",), outputs,
         {"input_ids": {0: "batch_size", 1: "sequence_length"}, **axes},
-        lambda s: ids(s, 2, full(s)),
-        lambda s: [ids(s, 2, full(s)), ids(s, 1, min(16, full(s)))],
+        lambda s: ids(s, 2, True), lambda s: [ids(s, 2, True), ids(s, 1, False)],
         lambda model: TextEncoderGraph(model, outputs))
 
 
-def _unet_graph(extra: tuple[str, ...] = ()) -> GraphDef:
+def guidance_inputs(src: SourceModel) -> tuple[str, ...]:
+    """(`timestep_cond`,) for a UNet that takes the guidance scale as an input (LCM), else ()."""
+    return (GUIDANCE_INPUT,) if src.unet.get("time_cond_proj_dim") is not None else ()
+
+
+def unet_graph(sizes: Sizes, conditions: tuple[str, ...] = (),
+               added: tuple[str, ...] = (),
+               condition_inputs: ConditionInputs | None = None) -> GraphDef:
+    """The UNet's graph: SD's three inputs, then `conditions` by name (`added` ones, made by
+    `condition_inputs`, go to added_cond_kwargs; `timestep_cond` is LCM's)."""
+    def feeds(s: SourceModel, batch: int, hw: Side, t: float) -> Inputs:
+        gen = generator()
+        text = s.text_encoder or s.text_encoder_2  # the SDXL refiner has the second alone
+        inputs = {
+            "sample": torch.randn(batch, s.unet["in_channels"], *hw, generator=gen),  # (B, C, h, w)
+            "timestep": torch.tensor(t, dtype=torch.float32),  # rank 0, as optimum exports it
+            "encoder_hidden_states": torch.randn(batch, text_lengths(text)[0],
+                                                 s.unet["cross_attention_dim"], generator=gen),
+        }
+        if condition_inputs is not None:
+            inputs.update(condition_inputs(s, batch, hw, gen))
+        if GUIDANCE_INPUT in conditions:
+            inputs[GUIDANCE_INPUT] = torch.randn(batch, s.unet["time_cond_proj_dim"],
+                                                 generator=gen)  # (B, time_cond_proj_dim)
+        return inputs
+
+    trace_t, check_t = _UNET_TIMESTEPS
+    spatial = {0: "batch_size", 2: "height", 3: "width"}
     return GraphDef(
-        "unet", ("sample", "timestep", "encoder_hidden_states", *extra), ("out_sample",),
-        {"sample": {0: "batch_size", 2: "height", 3: "width"},
-         "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-         **{name: {0: "batch_size"} for name in extra},
-         "out_sample": {0: "batch_size", 2: "height", 3: "width"}},
-        lambda s: _unet_inputs(s, 2, _odd_latent(s), 999.0, _gen()),
-        lambda s: [_unet_inputs(s, b, hw, t, _gen())
-                   for (b, hw), t in zip(CHECK_LATENTS, (981.0, 1.0), strict=True)],
-        lambda model: UNetGraph(model, extra))
+        "unet", (*UNET_INPUTS, *conditions), ("out_sample",),
+        {"sample": spatial, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+         **{name: {0: "batch_size"} for name in conditions}, "out_sample": spatial},
+        lambda s: feeds(s, 2, sizes.trace, trace_t),
+        lambda s: [feeds(s, b, hw, t) for (b, hw), t in zip(sizes.checks, check_t, strict=True)],
+        lambda model: UNetGraph(model, conditions, added))
 
 
-GRAPHS: dict[str, GraphDef] = {
-    "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder, SD_TEXT_OUTPUTS),
-    "unet": _unet_graph(),
-    "vae_encoder": GraphDef(
-        "vae_encoder", ("sample",), ("latent_parameters",),
-        {"sample": {0: "batch_size", 2: "height", 3: "width"},
-         "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}},
-        lambda s: _pixels(s, 2, _odd_latent(s), _gen()),
-        lambda s: [_pixels(s, b, hw, _gen()) for b, hw in CHECK_LATENTS],
-        VaeEncoderGraph),
-    "vae_decoder": GraphDef(
-        "vae_decoder", ("latent_sample",), ("sample",),
-        {"latent_sample": {0: "batch_size", 2: "height_latent", 3: "width_latent"},
-         "sample": {0: "batch_size", 2: "height", 3: "width"}},
-        lambda s: _latents(s, 2, _odd_latent(s), _gen()),
-        lambda s: [_latents(s, b, hw, _gen()) for b, hw in CHECK_LATENTS],
-        VaeDecoderGraph),
-}
+def vae_graphs(src: SourceModel, sizes: Sizes) -> dict[str, GraphDef]:
+    """AutoencoderKL's encoder and decoder graphs, at the denoiser's latent sizes."""
+    def latents(s: SourceModel, batch: int, hw: Side) -> Inputs:
+        return {"latent_sample": torch.randn(batch, s.latent_channels, *hw,
+                                             generator=generator())}
 
+    def pixels(s: SourceModel, batch: int, hw: Side) -> Inputs:
+        side = tuple(n * s.vae_scale_factor for n in hw)
+        channels = s.vae.get("in_channels", 3)
+        return {"sample": torch.rand(batch, channels, *side,
+                                     generator=generator()) * 2 - 1}  # [-1, 1]
 
-def graphs_for(src: SourceModel) -> dict[str, GraphDef]:
-    """The graphs to export for `src`: SD's four, or SDXL's five with the added conditions (the
-    refiner's four: no first text encoder); a UNet with time_cond_proj_dim (LCM) takes
-    `timestep_cond` last, as optimum orders it."""
-    if src.transformer is not None:  # SD 3: sdrt.export.sd3
-        from sdrt.export.sd3 import sd3_graphs
-
-        return sd3_graphs(src)
-    guidance = (GUIDANCE_INPUT,) if src.unet.get("time_cond_proj_dim") is not None else ()
-    if src.text_encoder_2 is None:
-        return {**GRAPHS, "unet": _unet_graph(guidance)} if guidance else GRAPHS
-    second = _text_graph("text_encoder_2", lambda s: s.text_encoder_2,
-                         ("text_embeds", "last_hidden_state",
-                          penultimate_output(src.text_encoder_2)))
-    if src.text_encoder is None:  # the SDXL refiner: the second encoder alone
-        rest = {name: graph for name, graph in GRAPHS.items() if name != "text_encoder"}
-        return {"text_encoder_2": second, **rest, "unet": _unet_graph(SDXL_UNET_INPUTS)}
+    pixel_axes = {0: "batch_size", 2: "height", 3: "width"}
+    latent_axes = {0: "batch_size", 2: "height_latent", 3: "width_latent"}
     return {
-        **GRAPHS,
-        "text_encoder": _text_graph("text_encoder", lambda s: s.text_encoder,
-                                    (*SD_TEXT_OUTPUTS, penultimate_output(src.text_encoder))),
-        "text_encoder_2": second,
-        "unet": _unet_graph((*SDXL_UNET_INPUTS, *guidance)),
+        "vae_encoder": GraphDef(
+            "vae_encoder", ("sample",), ("latent_parameters",),
+            {"sample": pixel_axes, "latent_parameters": latent_axes},
+            lambda s: pixels(s, 2, sizes.trace),
+            lambda s: [pixels(s, b, hw) for b, hw in sizes.checks], VaeEncoderGraph),
+        "vae_decoder": GraphDef(
+            "vae_decoder", ("latent_sample",), ("sample",),
+            {"latent_sample": latent_axes, "sample": pixel_axes},
+            lambda s: latents(s, 2, sizes.trace),
+            lambda s: [latents(s, b, hw) for b, hw in sizes.checks], VaeDecoderGraph),
     }
 
 
@@ -262,28 +223,29 @@ def load_text_encoder(folder: Path) -> torch.nn.Module:
     """CLIPTextModel in float32, failing on any missing, unexpected or mismatched weight."""
     from transformers import CLIPTextModel
 
-    return _load(CLIPTextModel, folder, "text_encoder")
+    return load(CLIPTextModel, folder, folder.name)
 
 
-def load_text_encoder_2(folder: Path) -> torch.nn.Module:
-    """SDXL's CLIPTextModelWithProjection in float32, failing on any mismatched weight."""
+def load_clip_with_projection(folder: Path) -> torch.nn.Module:
+    """CLIPTextModelWithProjection (SDXL's and SD 3's encoders) in float32, failing on any
+    mismatched weight."""
     from transformers import CLIPTextModelWithProjection
 
-    return _load(CLIPTextModelWithProjection, folder, "text_encoder_2")
+    return load(CLIPTextModelWithProjection, folder, folder.name)
 
 
 def load_unet(folder: Path) -> torch.nn.Module:
     """UNet2DConditionModel in float32, failing on any missing, unexpected or mismatched weight."""
     from diffusers import UNet2DConditionModel
 
-    return _load(UNet2DConditionModel, folder, "unet")
+    return load(UNet2DConditionModel, folder, "unet")
 
 
 def load_vae(folder: Path) -> torch.nn.Module:
     """AutoencoderKL in float32, failing on any missing, unexpected or mismatched weight."""
     from diffusers import AutoencoderKL
 
-    return _load(AutoencoderKL, folder, "vae")
+    return load(AutoencoderKL, folder, "vae")
 
 
 def load_tiny_vae(folder: Path) -> torch.nn.Module:
@@ -291,10 +253,12 @@ def load_tiny_vae(folder: Path) -> torch.nn.Module:
     weight."""
     from diffusers import AutoencoderTiny
 
-    return _load(AutoencoderTiny, folder, "tiny VAE")
+    return load(AutoencoderTiny, folder, "tiny VAE")
 
 
-def _load(cls: Any, folder: Path, name: str) -> torch.nn.Module:
+def load(cls: Any, folder: Path, name: str) -> torch.nn.Module:
+    """`cls.from_pretrained(folder)` in float32, eval mode, no gradients; ModelError where a
+    weight is missing, unexpected or mismatched."""
     kwargs: dict[str, Any] = {"torch_dtype": torch.float32, "output_loading_info": True}
     if cls.__module__.startswith("diffusers"):
         # diffusers' memory-saving load needs accelerate; say so up front instead of letting it
@@ -324,7 +288,8 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def check_loading_info(info: dict[str, Any], name: str) -> None:
-    """Fail loudly where a library would silently re-initialise weights (DESIGN.md pitfall)."""
+    """Fail loudly where a library would silently re-initialise weights (a missing weight is
+    otherwise filled with random values and the export would look fine)."""
     problems = {
         "missing": sorted(info.get("missing_keys") or ()),
         "unexpected": sorted(key for key in info.get("unexpected_keys") or ()

@@ -31,6 +31,9 @@ from sdrt.runtime.model.manifest import sha256_file
 logger = logging.getLogger("sdrt.export")
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what a LoRA may change
+# key layout → (diffusers' loader mixin that reads it, the components its keys may name)
+LORA_KEYS = {"sd": ("StableDiffusionLoraLoaderMixin", LORA_COMPONENTS[:2]),
+             "sdxl": ("StableDiffusionXLLoraLoaderMixin", LORA_COMPONENTS)}
 _ANY_LORA_KEY = re.compile(r"lora([._](down|up)|_[AB])\.weight$")  # kohya, diffusers, peft
 _DOWN_KEY = re.compile(r"lora([._]down|_A)\.weight$")  # one per LoRA layer, after renaming
 
@@ -45,7 +48,7 @@ class Lora:
     state: Mapping[str, torch.Tensor]
     alphas: Mapping[str, float] | None  # kohya's per-layer alpha; None: alpha = rank
     layers: Mapping[str, int]  # component → how many of its layers the file changes
-    sdxl: bool
+    keys: str  # the key layout diffusers reads it with: a LORA_KEYS entry
 
     def manifest_entry(self) -> dict[str, Any]:
         """What manifest.json records of a fused LoRA."""
@@ -62,16 +65,17 @@ def pair_scales(paths: Sequence[Path], scales: Sequence[float]) -> list[tuple[Pa
 
 
 def read_loras(loras: Sequence[tuple[Path, float]], *, unet_config: Mapping[str, Any],
-               sdxl: bool) -> list[Lora]:
+               keys: str) -> list[Lora]:
     """Read and check each (file, scale) before anything is exported; one-line errors."""
     if loras and importlib.util.find_spec("peft") is None:
         raise ModuleNotFoundError("fusing a LoRA needs peft", name="peft")
-    return [read_lora(Path(path), scale, unet_config=unet_config, sdxl=sdxl)
+    return [read_lora(Path(path), scale, unet_config=unet_config, keys=keys)
             for path, scale in loras]
 
 
-def read_lora(path: Path, scale: float, *, unet_config: Mapping[str, Any], sdxl: bool) -> Lora:
-    """One LoRA file: a safetensors file whose LoRA keys all name a part of this model."""
+def read_lora(path: Path, scale: float, *, unet_config: Mapping[str, Any], keys: str) -> Lora:
+    """One LoRA file: a safetensors file whose LoRA keys all name a part of this model (`keys`:
+    the architecture's key layout, "sd" or "sdxl")."""
     if path.suffix.lower() != ".safetensors":
         raise InputError(f"LoRA '{path.name}' is not a .safetensors file (pickle LoRAs can run "
                          "code when loaded and are not read)")
@@ -83,8 +87,8 @@ def read_lora(path: Path, scale: float, *, unet_config: Mapping[str, Any], sdxl:
     if not any(_ANY_LORA_KEY.search(key) for key in raw):
         raise ExportError(f"LoRA '{path.name}' holds no LoRA weights (no lora_down/lora_up or "
                           "lora_A/lora_B keys)")
-    state, alphas = _renamed(path, raw, unet_config, sdxl)
-    parts = LORA_COMPONENTS if sdxl else LORA_COMPONENTS[:2]
+    state, alphas = _renamed(path, raw, unet_config, keys)
+    parts = LORA_KEYS[keys][1]
     stray = sorted(key for key in state if not key.startswith(tuple(f"{p}." for p in parts)))
     if stray:
         raise ExportError(f"LoRA '{path.name}' has weights for no part of this model, e.g. "
@@ -93,7 +97,7 @@ def read_lora(path: Path, scale: float, *, unet_config: Mapping[str, Any], sdxl:
               for part in parts}
     logger.info("LoRA %s: %s layers", path.name,
                 ", ".join(f"{count} {part}" for part, count in layers.items() if count))
-    return Lora(path, scale, sha256_file(path), state, alphas, layers, sdxl)
+    return Lora(path, scale, sha256_file(path), state, alphas, layers, keys)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -108,12 +112,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _renamed(path: Path, raw: dict[str, torch.Tensor], unet_config: Mapping[str, Any],
-             sdxl: bool) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+             keys: str) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
     """diffusers' reading of the keys (kohya → diffusers names, SDXL's SGM block numbers)."""
     from diffusers.configuration_utils import FrozenDict
 
     with _lora_errors(path, "its keys"):
-        state, alphas = _loader(sdxl).lora_state_dict(raw, unet_config=FrozenDict(unet_config))
+        state, alphas = _loader(keys).lora_state_dict(raw, unet_config=FrozenDict(unet_config))
     return state, alphas
 
 
@@ -144,7 +148,7 @@ def fuse_loras(model: torch.nn.Module, component: str, loras: Sequence[Lora]) ->
 
 
 def _load_into(model: torch.nn.Module, component: str, lora: Lora, adapter: str) -> None:
-    loader = _loader(lora.sdxl)
+    loader = _loader(lora.keys)
     # copies: diffusers may pop keys from what it is given, and every component reads them
     state, alphas = dict(lora.state), None if lora.alphas is None else dict(lora.alphas)
     with _lora_errors(lora.path, f"its {component} layers"):
@@ -161,10 +165,10 @@ def _lora_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
-def _loader(sdxl: bool) -> Any:
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+def _loader(keys: str) -> Any:
+    import diffusers.loaders
 
-    return StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
+    return getattr(diffusers.loaders, LORA_KEYS[keys][0])
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""Export a diffusers SD 1.x/2.x/XL folder to optimum's ONNX layout plus sdrt's manifest.json.
+"""Export a diffusers SD pipeline folder to optimum's ONNX layout plus sdrt's manifest.json.
 
-Output (research/users.md §3.2): model_index.json, text_encoder/ unet/ vae_encoder/
-vae_decoder/ (each model.onnx [+ model.onnx_data] and config.json), tokenizer/, scheduler/,
-manifest.json; SDXL adds text_encoder_2/ and tokenizer_2/. LoRA files given to the export are
+Output (optimum's ONNX layout): model_index.json, one folder per graph (model.onnx
+[+ model.onnx_data] and config.json), the tokenizer and scheduler folders, manifest.json. Which
+graphs, folders and manifest numbers is the model's architecture's strategy
+(sdrt.export.architectures; SD 1.x: text_encoder/ unet/ vae_encoder/ vae_decoder/ tokenizer/
+scheduler/), run here the same way for every architecture. LoRA files given to the export are
 fused into the weights first and named in the manifest's `loras`. The folder is written under a
 hidden sibling name and renamed into place only when complete, so an interrupted export never
 leaves a loadable OUT_DIR behind. One component's weights are in memory at a time, and only once:
@@ -28,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdrt.export import components as comp
+from sdrt.export.architectures import Architecture, architecture_of
 from sdrt.export.chunked_attention import ATTENTION_MODES, HeadChunkedAttention
+from sdrt.export.components import GraphDef, Inputs
 from sdrt.export.lora import LORA_COMPONENTS, Lora, fuse_loras, read_loras
 from sdrt.export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
@@ -37,11 +40,11 @@ from sdrt.export.onnx_files import (
     export_graph,
     graph_io,
 )
-from sdrt.export.sd3 import Step, export_plan
 from sdrt.export.source import SourceModel, read_source, source_info
 from sdrt.export.tiny_vae import write_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ExportError, InputError
+from sdrt.runtime.model.families import get_family
 from sdrt.runtime.model.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
 from sdrt.runtime.samplers import resolve_sampler
 from sdrt.runtime.vae.tiny import is_tiny_vae_folder
@@ -90,13 +93,15 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
             src, work, opset=opset, check=check, threshold=external_data_threshold,
             origin=origin, versions=_versions()))
     source = read_source(src, family)
-    if source.transformer is not None and (loras or attention != "full"):
-        raise InputError("--lora and --attention sliced apply to UNet models, not to SD 3")
+    arch = architecture_of(source)
+    if (loras and arch.lora_keys is None) or (attention != "full" and not arch.sliced_attention):
+        raise InputError("--lora and --attention sliced apply to UNet models, not to "
+                         f"{get_family(source.family).title}")
     fused = read_loras([(Path(path), scale) for path, scale in loras], unet_config=source.unet,
-                       sdxl=source.text_encoder_2 is not None)
+                       keys=arch.lora_keys) if arch.lora_keys else []
     return _export_folder(src, out, force, lambda work: _write_folder(
-        source, work, opset=opset, check=check, origin=origin, threshold=external_data_threshold,
-        loras=fused, defaults=defaults, attention=attention))
+        source, arch, work, opset=opset, check=check, origin=origin,
+        threshold=external_data_threshold, loras=fused, defaults=defaults, attention=attention))
 
 
 def _export_folder(src: Path, out: Path, force: bool, write: Callable[[Path], None]) -> Path:
@@ -169,59 +174,45 @@ def _commit(work: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_folder(source: SourceModel, work: Path, *, opset: int, check: bool,
-                  origin: Mapping[str, Any] | None, threshold: int, loras: list[Lora],
-                  defaults: dict[str, Any], attention: str = "full") -> None:
+def _write_folder(source: SourceModel, arch: Architecture, work: Path, *, opset: int,
+                  check: bool, origin: Mapping[str, Any] | None, threshold: int,
+                  loras: list[Lora], defaults: dict[str, Any], attention: str = "full") -> None:
     _write_index(source, work)
-    copied, steps = export_plan(source) if source.transformer is not None \
-        else _unet_plan(source)
-    for name in copied:
+    for name in arch.copied(source):
         shutil.copytree(source.folder / name, work / name)
     specs: dict[str, ComponentSpec] = {}
-    for folder, loader, graphs in steps:
-        model = loader(source.folder / folder)
-        if loras and folder in LORA_COMPONENTS:
-            fuse_loras(model, folder, loras)
-        if folder == "unet" and attention == "sliced":
+    for step in arch.steps(source):
+        model = step.load(source.folder / step.folder)
+        if loras and step.folder in LORA_COMPONENTS:
+            fuse_loras(model, step.folder, loras)
+        if step.folder == arch.denoiser and attention == "sliced":
             model.set_attn_processor(HeadChunkedAttention())
-        checks = {name: _export_component(model, name, source, work, opset=opset, check=check,
-                                          threshold=threshold) for name in graphs}
-        _write_config(model, work / graphs[0], *(work / name for name in graphs[1:]))
+        checks = {name: _export_component(model, name, source, work, arch=arch, opset=opset,
+                                          check=check, threshold=threshold)
+                  for name in step.graphs}
+        _write_config(model, *(work / name for name in step.graphs))
         del model
         gc.collect()  # free the torch weights before ONNX Runtime loads the graphs to check
         for name, pending in checks.items():
             specs[name] = _finish_component(work / name, pending)
-    _manifest(source, specs, work, opset=opset, origin=origin, loras=loras,
+    _manifest(source, arch, specs, work, opset=opset, origin=origin, loras=loras,
               defaults=defaults, attention=attention).save(work)
-
-
-def _unet_plan(source: SourceModel) -> tuple[tuple[str, ...], list[Step]]:
-    """SD/SDXL: (folders copied as they are, (source folder, loader, graphs) in order)."""
-    sdxl = source.text_encoder_2 is not None
-    first = source.text_encoder is not None  # the SDXL refiner has text_encoder_2 alone
-    copied = (*(("tokenizer",) if first else ()), "scheduler", *(("tokenizer_2",) if sdxl else ()))
-    return copied, [
-        *([("text_encoder", comp.load_text_encoder, ["text_encoder"])] if first else []),
-        *([("text_encoder_2", comp.load_text_encoder_2, ["text_encoder_2"])] if sdxl else []),
-        ("unet", comp.load_unet, ["unet"]),
-        ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
-    ]
 
 
 @dataclass
 class _Pending:
     """An exported graph awaiting its ONNX Runtime check (torch's outputs already computed)."""
 
-    graph: comp.GraphDef
-    cases: list[comp.Inputs]
+    graph: GraphDef
+    cases: list[Inputs]
     expected: list[tuple[np.ndarray, ...]] | None  # None: --no-check
 
 
 def _export_component(model: torch.nn.Module, name: str, source: SourceModel, work: Path, *,
-                      opset: int, check: bool, threshold: int) -> _Pending:
+                      arch: Architecture, opset: int, check: bool, threshold: int) -> _Pending:
     """Export one graph into `work/name/` and compute torch's outputs for its check."""
     started = time.perf_counter()
-    graph = comp.graphs_for(source)[name]
+    graph = arch.graphs(source)[name]
     module = graph.wrap(model).eval()
     export_graph(module, graph, graph.trace_inputs(source), work / name / ONNX_WEIGHTS_NAME,
                  opset=opset, external_data_threshold=threshold)
@@ -269,8 +260,8 @@ def _write_index(source: SourceModel, work: Path) -> None:
     (work / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
 
 
-def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, *, opset: int,
-              origin: Mapping[str, Any] | None, loras: list[Lora],
+def _manifest(source: SourceModel, arch: Architecture, specs: dict[str, ComponentSpec],
+              work: Path, *, opset: int, origin: Mapping[str, Any] | None, loras: list[Lora],
               defaults: dict[str, Any], attention: str = "full") -> Manifest:
     extra: dict[str, Any] = {"exporter": EXPORTER}
     if attention != "full":  # memory/estimate.py reads it: the UNet's attention peak is bounded
@@ -279,10 +270,7 @@ def _manifest(source: SourceModel, specs: dict[str, ComponentSpec], work: Path, 
         extra["loras"] = [lora.manifest_entry() for lora in loras]
     return Manifest(
         family=source.family, source=source_info(source, origin), components=specs,
-        scaling_factor=source.scaling_factor, latent_channels=source.latent_channels,
-        vae_scale_factor=source.vae_scale_factor, sample_size=source.sample_size,
-        prediction_type=source.prediction_type, opset=opset, versions=_versions(),
-        shift_factor=float(source.vae.get("shift_factor") or 0.0),
+        **arch.manifest_fields(source), opset=opset, versions=_versions(),
         files=scan_files(work), variants=[], defaults=defaults, extra=extra,
     )
 

@@ -1,6 +1,6 @@
 """Convert an A1111/civitai single-file SD checkpoint (LDM key layout) into a diffusers folder.
 
-Keys (research/users.md §3.4): the UNet under `model.diffusion_model.`, the VAE under
+Keys (LDM/CompVis layout): the UNet under `model.diffusion_model.`, the VAE under
 `first_stage_model.`, the text encoder under `cond_stage_model.transformer.` (OpenAI CLIP, SD 1.x)
 or `cond_stage_model.model.` (OpenCLIP, SD 2.x). SDXL files (Stability's `sgm` layout) keep the
 UNet (with its `label_emb` for the added size/crop conditioning) and VAE there and hold two text
@@ -130,7 +130,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
 
 
 def _open_pickle(path: Path) -> Checkpoint:
-    """torch.load with weights_only=True (users.md §4): an allow-list unpickler, no code runs."""
+    """torch.load with weights_only=True: an allow-list unpickler, so no code in the file runs."""
     try:
         try:  # mmap: tensors stay on disk until read (torch ≥ 1.6 zip files only)
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,8 +1,9 @@
 """Read and check a diffusers Stable Diffusion pipeline folder (model_index.json layout).
 
 Only configs are read here, no weights: a bad folder is refused before torch loads anything.
-Class names from model_index.json are checked against allow-lists and never imported
-(research/users.md §3.1).
+Class names from model_index.json are checked against allow-lists and never imported. UNet
+pipelines (SD 1.x/2.x, SDXL, the SDXL refiner) are read here, their family told by their configs;
+a pipeline of another layout is read by its architecture's module (sdrt.export.architectures).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.model.families import check_override, detect_family
-from sdrt.runtime.model.folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR, is_sd3_index
+from sdrt.runtime.model.folder import SCHEDULER_CLASS, SD1_SCALING_FACTOR
 
 # pipeline class → whether it has SDXL's second text encoder.
 PIPELINES = {"StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False,
@@ -36,7 +37,6 @@ SDXL_COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
     "tokenizer_2": COMPONENTS["tokenizer"],
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-FLOW_PREDICTION = "flow_prediction"  # SD 3's velocity (diffusers' name for it)
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json",
                 "text_encoder/config.json", "scheduler/scheduler_config.json")
 _HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)")
@@ -55,7 +55,7 @@ class SourceModel:
     family: str
     config_sha256: str
     text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
-    transformer: dict[str, Any] | None = None  # SD 3's MMDiT (then `unet` is empty)
+    transformer: dict[str, Any] | None = None  # SD 3's MMDiT, the denoiser (`unet` is empty)
     text_encoder_3: dict[str, Any] | None = None  # SD 3's optional T5 encoder
 
     @property
@@ -68,23 +68,8 @@ class SourceModel:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
-    def unet_up_factor(self) -> int:
-        """How many times the UNet halves its input: latent sides not divisible need care."""
-        return 2 ** (len(self.unet["block_out_channels"]) - 1)
-
-    @property
-    def sample_size(self) -> int:
-        return int((self.transformer or self.unet)["sample_size"])
-
-    @property
     def scaling_factor(self) -> float:
         return float(self.vae.get("scaling_factor", SD1_SCALING_FACTOR))
-
-    @property
-    def prediction_type(self) -> str:
-        if self.transformer is not None:
-            return FLOW_PREDICTION
-        return str(self.scheduler.get("prediction_type", "epsilon"))
 
 
 def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
@@ -93,36 +78,39 @@ def read_source(folder: str | Path, family: str | None = None) -> SourceModel:
     The family is detected from the configs (runtime/model/families.py); `family` overrides it with
     another family of the same architecture (e.g. SD-Turbo weights shipped with a plain config).
     """
+    # the architectures import this module (SourceModel and the checks below)
+    from sdrt.export.architectures import source_reader
+
     root = Path(folder)
     if not root.is_dir():
         raise ModelError(f"model folder '{root}' does not exist or is not a folder")
-    index = _read_json(root, "model_index.json")
-    if is_sd3_index(index):  # an MMDiT, not a UNet: sdrt.export.sd3
-        from sdrt.export.sd3 import read_sd3_source
-
-        return read_sd3_source(root, index, family)
+    index = read_json(root, "model_index.json")
+    reader = source_reader(index)
+    if reader is not None:
+        return reader(root, index, family)
     wanted = {**COMPONENTS, **(SDXL_COMPONENTS if "text_encoder_2" in index else {})}
     if "text_encoder_2" in index and index.get("text_encoder") in (None, [None, None]):
         wanted = {name: parts for name, parts in wanted.items()  # the SDXL refiner
                   if name not in ("text_encoder", "tokenizer")}
-    _check_present(root, wanted)
-    configs = {name: _read_json(root, rel) for name, rel in (
+    check_present(root, wanted)
+    configs = {name: read_json(root, rel) for name, rel in (
         ("unet", "unet/config.json"), ("vae", "vae/config.json"),
         ("scheduler", "scheduler/scheduler_config.json"))}
-    configs["text_encoder"] = _read_json(root, "text_encoder/config.json") \
+    configs["text_encoder"] = read_json(root, "text_encoder/config.json") \
         if "text_encoder" in wanted else None
     if "text_encoder_2" in wanted:
-        configs["text_encoder_2"] = _read_json(root, "text_encoder_2/config.json")
+        configs["text_encoder_2"] = read_json(root, "text_encoder_2/config.json")
     # Families first: a folder sdrt cannot run gets the reason, not "unknown pipeline".
     detected = detect_family(index, **configs)
     _check_index(index, wanted)
     for tokenizer in (name for name in wanted if name.startswith("tokenizer")):
-        _check_tokenizer(root, tokenizer)
+        check_tokenizer(root, tokenizer)
     source = SourceModel(folder=root, model_index=index, config_sha256=_config_hash(root),
                          family=detected if family is None else check_override(detected, family),
                          **configs)
-    if source.prediction_type not in PREDICTION_TYPES:
-        raise ModelError(f"scheduler prediction_type {source.prediction_type!r} is not one of "
+    prediction = source.scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"scheduler prediction_type {prediction!r} is not one of "
                          f"{', '.join(PREDICTION_TYPES)}")
     return source
 
@@ -143,7 +131,8 @@ def source_info(source: SourceModel, origin: Mapping[str, Any] | None = None) ->
     return info
 
 
-def _check_present(root: Path, components: Mapping[str, Any]) -> None:
+def check_present(root: Path, components: Mapping[str, Any]) -> None:
+    """Each component's folder, and scheduler/, must be in `root`."""
     for component in (*components, "scheduler"):
         if not (root / component).is_dir():
             raise ModelError(f"model folder '{root.name}' is incomplete: '{component}/' is missing")
@@ -177,7 +166,8 @@ def _check_index(index: dict[str, Any], components: Mapping[str, tuple[str, froz
         raise ModelError(f"model_index.json scheduler is {entry!r}, expected a diffusers scheduler")
 
 
-def _check_tokenizer(root: Path, name: str) -> None:
+def check_tokenizer(root: Path, name: str) -> None:
+    """A tokenizer folder holds vocab.json + merges.txt (BPE) or tokenizer.json."""
     folder = root / name
     has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     if not (has_bpe or (folder / "tokenizer.json").is_file()):
@@ -185,7 +175,8 @@ def _check_tokenizer(root: Path, name: str) -> None:
                          "vocab.json + merges.txt nor tokenizer.json")
 
 
-def _read_json(root: Path, rel: str) -> dict[str, Any]:
+def read_json(root: Path, rel: str) -> dict[str, Any]:
+    """The JSON object at `root/rel`; ModelError naming the file if missing or not an object."""
     path = root / rel
     try:
         data = json.loads(path.read_text("utf-8"))

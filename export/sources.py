@@ -5,7 +5,8 @@
   configs shipped in models/configs/ (sdrt.export.single_file). Pickle files (`.ckpt`, `.pt`,
   `.pth`, `.bin`) only with `allow_pickle`, then read with torch.load(weights_only=True).
 - `org/name[@revision]`: huggingface_hub's snapshot of the files a diffusers SD pipeline needs,
-  in its cache (research/users.md §3.7); `HF_HUB_OFFLINE` and local paths never touch the network.
+  in its cache (huggingface_hub's `snapshot_download`); `HF_HUB_OFFLINE` and local paths never
+  touch the network.
   SDXL repositories add text_encoder_2/ and tokenizer_2/, required where model_index.json
   names them.
 - A tiny autoencoder (AutoencoderTiny: config.json and weights at the top, as madebyollin/taesd),
@@ -127,7 +128,7 @@ def _converted(path: Path, *, allow_pickle: bool, config: str | None,
     with tempfile.TemporaryDirectory(prefix=".sdrt-convert-", dir=scratch) as tmp:
         folder = Path(tmp) / path.stem
         name = convert_checkpoint(checkpoint, folder, config=config)
-        # A1111's "Model hash" is the first 10 hex digits of this sha256 (users.md §3.4).
+        # A1111's "Model hash" is the first 10 hex digits of this sha256 (A1111's `sd_models.py`).
         yield folder, {"file": path.name, "sha256": sha256_file(path), "config": name}
 
 
@@ -156,7 +157,7 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | Path | None,
         hint = "" if allow_pickle else "; if it has .bin (pickle) weights, pass --allow-pickle"
         raise ModelError(f"'{repo}' at {folder.name} has no weights for {_named(lacking)}{hint}")
     # Cached snapshots are folders of symlinks into blobs/: loaders follow them, and the
-    # export copies file contents, never links (DESIGN.md pitfalls).
+    # export copies file contents, never links (a link out of the folder would not travel with it).
     logger.info("%s: snapshot %s in %s", repo, folder.name, cache)
     return check_folder(folder, allow_pickle=allow_pickle), {"hub_id": repo,
                                                              "revision": folder.name}

@@ -19,13 +19,7 @@ from typing import Any
 
 import torch
 
-from sdrt.export.components import (
-    CHECK_LATENTS,
-    GraphDef,
-    Inputs,
-    VaeDecoderGraph,
-    load_tiny_vae,
-)
+from sdrt.export.components import GraphDef, Inputs, VaeDecoderGraph, load_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.model.manifest import ComponentSpec, scan_files, sha256_file
@@ -35,6 +29,7 @@ logger = logging.getLogger("sdrt.export")
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _TRACE_LATENT = (9, 11)  # any side works (nearest ×2 upsampling, stride-2 convs): odd ones
+_CHECKS = ((2, (32, 32)), (1, (25, 39)))  # a batch at a square side, one image at odd sides
 
 
 @dataclass(frozen=True)
@@ -97,12 +92,12 @@ def tiny_graphs() -> dict[str, GraphDef]:
             DECODER, ("latent_sample",), ("sample",),
             {"latent_sample": latent_axes, "sample": pixel_axes},
             lambda s: _latents(s, 2, _TRACE_LATENT),
-            lambda s: [_latents(s, b, hw) for b, hw in CHECK_LATENTS], VaeDecoderGraph),
+            lambda s: [_latents(s, b, hw) for b, hw in _CHECKS], VaeDecoderGraph),
         ENCODER: GraphDef(
             ENCODER, ("sample",), ("latent_sample",),
             {"sample": pixel_axes, "latent_sample": latent_axes},
             lambda s: _pixels(s, 2, _TRACE_LATENT),
-            lambda s: [_pixels(s, b, hw) for b, hw in CHECK_LATENTS], TinyEncoderGraph),
+            lambda s: [_pixels(s, b, hw) for b, hw in _CHECKS], TinyEncoderGraph),
     }
 
 

@@ -1,8 +1,8 @@
 """Test helper: write a diffusers SD folder as an A1111/civitai single-file checkpoint.
 
-The reverse of what sdrt reads (LDM/CompVis key layout, research/users.md §3.4). diffusers only
-converts LDM → diffusers (`single_file_utils`), and using its mapping backwards would test it
-against itself, so this mapping is written out here from the LDM module layout:
+The reverse of what sdrt reads (LDM/CompVis key layout, as A1111 and civitai files hold it).
+diffusers only converts LDM → diffusers (`single_file_utils`), and using its mapping backwards
+would test it against itself, so this mapping is written out here from the LDM module layout:
 
 - UNet (`model.diffusion_model.`): `time_embed.0/2`, SDXL's added size/crop/pooled-text
   embedding `label_emb.0.0/2` (diffusers' `add_embedding.linear_1/2`); `input_blocks.k` holds

@@ -185,7 +185,7 @@ def test_ort_matches_torch(tiny_onnx_dir, torch_graphs, component, size) -> None
 def test_openvino_matches_torch(tiny_onnx_dir, torch_graphs, component, size) -> None:
     ov = pytest.importorskip("openvino")
     core = ov.Core()
-    # OpenVINO picks bf16 by itself on AMX CPUs; f32 must be asked for (DESIGN.md pitfalls).
+    # OpenVINO picks bf16 by itself on AMX CPUs; f32 must be asked for (INFERENCE_PRECISION_HINT).
     compiled = core.compile_model(core.read_model(tiny_onnx_dir / component / "model.onnx"),
                                   "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     feeds = _feeds(component, *size)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.cli.test_cli import assert_one_line_error, run
 
 KILLS = 3

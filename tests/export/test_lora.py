@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import MAX_PIXEL_DIFF, PROMPT, as_array, load_reference, reference_images
-from tests.cli.test_cli import assert_one_line_error, run
 
 from sdrt.runtime.model.manifest import Manifest, sha256_file
 from sdrt.runtime.pipeline import Pipeline
+from tests.cli.test_cli import assert_one_line_error, run
+from tests.conftest import MAX_PIXEL_DIFF, PROMPT, as_array, load_reference, reference_images
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft", reason="LoRA fusing needs peft (pip install 'sdrt[export]')")

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from sdrt.runtime.memory import estimate as memory
-from sdrt.runtime.memory.low_memory import plan_request, sliced_attention
+from sdrt.runtime.memory.low_memory import sliced_attention
+from sdrt.runtime.memory.plan import plan_request
 from sdrt.runtime.model.folder import EMBEDDED_MODEL
 from sdrt.runtime.pipeline import GenerationRequest
 from sdrt.runtime.session import open_session

@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from tests.export.ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, write_ldm_checkpoint
-from tests.cli.test_cli import run
-from tests.export.test_sources import _assert_same_graph, assert_refused_in_one_line
 
 from sdrt.runtime.model.manifest import Manifest, sha256_file
+from tests.cli.test_cli import run
+from tests.export.ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, write_ldm_checkpoint
+from tests.export.test_sources import _assert_same_graph, assert_refused_in_one_line
 
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 SDXL_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors",
@@ -189,10 +189,10 @@ def test_full_size_sdxl_shapes_choose_the_base_config(caplog) -> None:
     """SDXL base 1.0's layout at full size, as shapes only (meta tensors: no weights in memory)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tests.export.ldm_checkpoint import ldm_state
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdrt.export.single_file import SHIPPED_CONFIGS, Checkpoint, choose_config
+    from tests.export.ldm_checkpoint import ldm_state
 
     folder = SHIPPED_CONFIGS / "sdxl"
     with torch.device("meta"):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.export.ldm_checkpoint import write_ldm_checkpoint
-from tests.cli.test_cli import assert_one_line_error, run
 
 from sdrt.runtime.errors import ExportError, InputError, ModelError
 from sdrt.runtime.model.manifest import Manifest, sha256_file
+from tests.cli.test_cli import assert_one_line_error, run
+from tests.export.ldm_checkpoint import write_ldm_checkpoint
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -106,7 +106,7 @@ def _assert_same_weights(folder: Path, reference: Path) -> None:
 
 
 def _fake_hub_cache(cache: Path, source: Path, repo: str = REPO) -> Path:
-    """huggingface_hub's cache layout (users.md §3.7): snapshot files are links into blobs/."""
+    """huggingface_hub's cache layout (models--ORG--NAME/): snapshot files are links into blobs/."""
     storage = cache / f"models--{repo.replace('/', '--')}"
     snapshot = storage / "snapshots" / COMMIT
     (storage / "blobs").mkdir(parents=True)
@@ -191,10 +191,10 @@ def test_full_size_checkpoint_shapes_find_their_config(arch, fits) -> None:
     """SD 1.5 and 2.1 layouts at full size, as shapes only (meta tensors: no weights in memory)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tests.export.ldm_checkpoint import ldm_state
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdrt.export.single_file import SHIPPED_CONFIGS, Checkpoint, choose_config
+    from tests.export.ldm_checkpoint import ldm_state
 
     folder = SHIPPED_CONFIGS / arch
     with torch.device("meta"):

@@ -11,26 +11,37 @@ and vae_decoder as SD's (SD 3's VAE has no quant convs; its shift_factor goes to
 sdrt's transformer graph takes one input more than optimum's: `skip_layers` (num_layers,) float,
 1 where a joint block is skipped, so skip-layer guidance (diffusers' `skip_guidance_layers`)
 runs from the same graph; each block's outputs are chosen per layer, and a mask of zeros gives
-the plain forward pass. The runtime also reads optimum's graphs, without that input.
+the plain forward pass. The runtime also reads optimum's graphs, without that input. Latent
+sizes stay within the transformer's pos_embed_max_size (sdrt.export.shapes).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdrt.export import components as comp
+from sdrt.export.architectures.base import VAE_STEP, Architecture, Step
+from sdrt.export.components import (
+    GraphDef,
+    Inputs,
+    TextEncoderGraph,
+    generator,
+    load,
+    load_clip_with_projection,
+    text_graph,
+    vae_graphs,
+)
+from sdrt.export.shapes import Side, Sizes, text_lengths, transformer_sizes
 from sdrt.export.source import (
     COMPONENTS,
     SourceModel,
-    _check_present,
-    _check_tokenizer,
-    _read_json,
     check_component_classes,
+    check_present,
+    check_tokenizer,
+    read_json,
 )
 from sdrt.runtime.conditioning import penultimate_output
 from sdrt.runtime.errors import ModelError
@@ -54,6 +65,9 @@ CONFIG_FILES = ("model_index.json", "transformer/config.json", "vae/config.json"
                 "text_encoder/config.json", "text_encoder_2/config.json",
                 "scheduler/scheduler_config.json")
 TRANSFORMER_OUTPUT = "out_hidden_states"
+FLOW_PREDICTION = "flow_prediction"  # SD 3's velocity (diffusers' name for it)
+_CLIP_OUTPUTS = ("text_embeds", "last_hidden_state")  # then the penultimate state
+_TIMESTEPS = (500.0, (1000.0, 28.5))  # trace, checks: both ends of the flow's schedule
 
 
 def read_sd3_source(root: Path, index: dict[str, Any], family: str | None) -> SourceModel:
@@ -61,17 +75,17 @@ def read_sd3_source(root: Path, index: dict[str, Any], family: str | None) -> So
     T5 is optional: model_index.json names text_encoder_3 null (diffusers runs without it)."""
     t5 = index.get("text_encoder_3") not in (None, [None, None])
     wanted = {**SD3_COMPONENTS, **(T5_COMPONENTS if t5 else {})}
-    _check_present(root, wanted)
-    configs = {name: _read_json(root, f"{name}/config.json")
+    check_present(root, wanted)
+    configs = {name: read_json(root, f"{name}/config.json")
                for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
-    scheduler = _read_json(root, "scheduler/scheduler_config.json")
-    t5_config = _read_json(root, "text_encoder_3/config.json") if t5 else None
+    scheduler = read_json(root, "scheduler/scheduler_config.json")
+    t5_config = read_json(root, "text_encoder_3/config.json") if t5 else None
     detected = detect_sd3_family(configs["transformer"], configs["vae"],
                                  configs["text_encoder"], configs["text_encoder_2"], t5_config,
                                  scheduler)
     check_component_classes(index, wanted)
     for tokenizer in ("tokenizer", "tokenizer_2"):
-        _check_tokenizer(root, tokenizer)
+        check_tokenizer(root, tokenizer)
     if t5 and not (root / "tokenizer_3" / "tokenizer.json").is_file():
         raise ModelError(f"model folder '{root.name}' is incomplete: tokenizer_3/tokenizer.json "
                          "(T5's fast tokenizer) is missing")
@@ -84,7 +98,7 @@ def read_sd3_source(root: Path, index: dict[str, Any], family: str | None) -> So
 
 
 def config_hash(root: Path, t5: bool) -> str:
-    """sha256 over SD 3's config files (names and bytes), as source._config_hash does for SD."""
+    """sha256 over SD 3's config files (names and bytes), as sdrt.export.source does for SD."""
     digest = hashlib.sha256()
     for rel in (*CONFIG_FILES, *(("text_encoder_3/config.json",) if t5 else ())):
         digest.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
@@ -144,21 +158,17 @@ class TransformerGraph(torch.nn.Module):
 
 # ---------------------------------------------------------------- graph definitions
 
-# Check sizes (latent sides, multiples of the patch size 2): a batch of 2 at the trace size's
-# neighbour and one image at unequal odd patch counts (13 × 19 patches), so the dynamic axes and
-# the cropped position grid are both exercised; (text length) 77 CLIP + 256 T5 and a shorter one.
-CHECK_LATENTS = ((2, (32, 32)), (1, (26, 38)))
-TRACE_LATENT = (24, 20)
-CHECK_TEXT = (77 + T5_MAX_LENGTH, 100)
+
+def _context_lengths(src: SourceModel) -> tuple[int, int]:
+    """(full, short) joint context lengths: CLIP's tokens then T5's 256 (zeros without T5, as
+    the runtime feeds them), and a shorter one."""
+    clip = text_lengths(src.text_encoder)[0]
+    return clip + T5_MAX_LENGTH, min(100, clip + T5_MAX_LENGTH)
 
 
-def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)  # fixed: checks must be reproducible
-
-
-def _transformer_inputs(src: SourceModel, batch: int, hw: tuple[int, int], length: int,
-                        t: float, skipped: tuple[int, ...]) -> comp.Inputs:
-    config, gen = src.transformer, _gen()
+def _transformer_inputs(src: SourceModel, batch: int, hw: Side, length: int,
+                        t: float, skipped: tuple[int, ...]) -> Inputs:
+    config, gen = src.transformer, generator()
     skip = torch.zeros(int(config["num_layers"]))
     skip[list(skipped)] = 1.0
     return {
@@ -171,25 +181,32 @@ def _transformer_inputs(src: SourceModel, batch: int, hw: tuple[int, int], lengt
     }
 
 
-def _transformer_graph() -> comp.GraphDef:
+def _transformer_graph(sizes: Sizes) -> GraphDef:
+    """Traced at a short context; checked at the full one (batch 2, no skips) and at an odd
+    patch grid with the last joint block skipped (batch 1)."""
+    def checks(s: SourceModel) -> list[Inputs]:
+        (big, square), (one, odd) = sizes.checks
+        full, short = _context_lengths(s)
+        last = int(s.transformer["num_layers"]) - 1
+        return [_transformer_inputs(s, big, square, full, check_t[0], ()),
+                _transformer_inputs(s, one, odd, short, check_t[1], (last,))]
+
+    trace_t, check_t = _TIMESTEPS
     inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
               SKIP_LAYERS)
     spatial = {0: "batch_size", 2: "height", 3: "width"}
-    return comp.GraphDef(
+    return GraphDef(
         "transformer", inputs, (TRANSFORMER_OUTPUT,),
         {"hidden_states": spatial, "timestep": {0: "batch_size"},
          "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
          "pooled_projections": {0: "batch_size"}, TRANSFORMER_OUTPUT: spatial},
-        lambda s: _transformer_inputs(s, 2, TRACE_LATENT, CHECK_TEXT[1], 500.0, ()),
-        lambda s: [_transformer_inputs(s, 2, CHECK_LATENTS[0][1], CHECK_TEXT[0], 1000.0, ()),
-                   _transformer_inputs(s, 1, CHECK_LATENTS[1][1], CHECK_TEXT[1], 28.5,
-                                       (int(s.transformer["num_layers"]) - 1,))],
-        TransformerGraph)
+        lambda s: _transformer_inputs(s, 2, sizes.trace, _context_lengths(s)[1], trace_t, ()),
+        checks, TransformerGraph)
 
 
-def _t5_ids(config: dict[str, Any], batch: int, length: int) -> comp.Inputs:
+def _t5_ids(config: dict[str, Any], batch: int, length: int) -> Inputs:
     """T5-like ids: random pieces, `</s>` (id 1), then `<pad>` (id 0) padding."""
-    ids = torch.randint(3, int(config["vocab_size"]), (batch, length), generator=_gen())
+    ids = torch.randint(3, int(config["vocab_size"]), (batch, length), generator=generator())
     for row in range(batch):
         end = min(length // 3 + row * 5, length - 1)
         ids[row, end] = 1
@@ -197,88 +214,58 @@ def _t5_ids(config: dict[str, Any], batch: int, length: int) -> comp.Inputs:
     return {"input_ids": ids}  # (B, L) int64
 
 
-def _t5_graph() -> comp.GraphDef:
-    return comp.GraphDef(
+def _t5_graph() -> GraphDef:
+    """T5 at the runtime's 256 tokens (it has relative positions: no length limit) and 16."""
+    return GraphDef(
         "text_encoder_3", ("input_ids",), ("last_hidden_state",),
         {"input_ids": {0: "batch_size", 1: "sequence_length"},
          "last_hidden_state": {0: "batch_size", 1: "sequence_length"}},
         lambda s: _t5_ids(s.text_encoder_3, 2, T5_MAX_LENGTH),
         lambda s: [_t5_ids(s.text_encoder_3, 2, T5_MAX_LENGTH), _t5_ids(s.text_encoder_3, 1, 16)],
-        lambda model: comp.TextEncoderGraph(model, ("last_hidden_state",)))
-
-
-def _vae_graphs(src: SourceModel) -> dict[str, comp.GraphDef]:
-    """SD's VAE graphs at the transformer's latent sizes (any side the VAE takes)."""
-    def latents(batch: int, hw: tuple[int, int]) -> comp.Inputs:
-        return {"latent_sample": torch.randn(batch, src.latent_channels, *hw, generator=_gen())}
-
-    def pixels(batch: int, hw: tuple[int, int]) -> comp.Inputs:
-        side = tuple(n * src.vae_scale_factor for n in hw)
-        return {"sample": torch.rand(batch, 3, *side, generator=_gen()) * 2 - 1}  # [-1, 1]
-
-    base = comp.GRAPHS
-    return {
-        "vae_encoder": _with_inputs(base["vae_encoder"], lambda s: pixels(2, TRACE_LATENT),
-                                    lambda s: [pixels(b, hw) for b, hw in CHECK_LATENTS]),
-        "vae_decoder": _with_inputs(base["vae_decoder"], lambda s: latents(2, TRACE_LATENT),
-                                    lambda s: [latents(b, hw) for b, hw in CHECK_LATENTS]),
-    }
-
-
-def _with_inputs(graph: comp.GraphDef, trace: Callable, check: Callable) -> comp.GraphDef:
-    return comp.GraphDef(graph.name, graph.inputs, graph.outputs, graph.dynamic_axes, trace,
-                         check, graph.wrap)
-
-
-def sd3_graphs(src: SourceModel) -> dict[str, comp.GraphDef]:
-    """SD 3's graphs: two CLIP encoders with projection, T5 when present, MMDiT, VAE."""
-    def clip(name: str) -> comp.GraphDef:
-        config = getattr(src, name)
-        return comp._text_graph(name, lambda s: getattr(s, name),
-                               ("text_embeds", "last_hidden_state",
-                                penultimate_output(config)))
-
-    t5 = {"text_encoder_3": _t5_graph()} if src.text_encoder_3 is not None else {}
-    return {"text_encoder": clip("text_encoder"), "text_encoder_2": clip("text_encoder_2"), **t5,
-            "transformer": _transformer_graph(), **_vae_graphs(src)}
+        lambda model: TextEncoderGraph(model, ("last_hidden_state",)))
 
 
 # ---------------------------------------------------------------- loading
-
-
-def load_clip(folder: Path) -> torch.nn.Module:
-    """A CLIPTextModelWithProjection in float32, failing on any mismatched weight."""
-    from transformers import CLIPTextModelWithProjection
-
-    return comp._load(CLIPTextModelWithProjection, folder, folder.name)
 
 
 def load_t5(folder: Path) -> torch.nn.Module:
     """SD 3's T5EncoderModel in float32, failing on any mismatched weight."""
     from transformers import T5EncoderModel
 
-    return comp._load(T5EncoderModel, folder, folder.name)
+    return load(T5EncoderModel, folder, folder.name)
 
 
 def load_transformer(folder: Path) -> torch.nn.Module:
     """SD3Transformer2DModel in float32, failing on any mismatched weight."""
     from diffusers import SD3Transformer2DModel
 
-    return comp._load(SD3Transformer2DModel, folder, folder.name)
+    return load(SD3Transformer2DModel, folder, folder.name)
 
 
-Step = tuple[str, Callable[[Path], torch.nn.Module], list[str]]
+class StableDiffusion3(Architecture):
+    """SD 3: two CLIP encoders with projection, T5 when the folder has it, the MMDiT, the VAE."""
 
+    names = ("sd3",)
+    denoiser = "transformer"
 
-def export_plan(src: SourceModel) -> tuple[tuple[str, ...], list[Step]]:
-    """(folders copied as they are, (source folder, loader, graphs) in export order)."""
-    t5 = src.text_encoder_3 is not None
-    copied = ("tokenizer", "tokenizer_2", *(("tokenizer_3",) if t5 else ()), "scheduler")
-    steps: list[Step] = [
-        ("text_encoder", load_clip, ["text_encoder"]),
-        ("text_encoder_2", load_clip, ["text_encoder_2"]),
-        *([("text_encoder_3", load_t5, ["text_encoder_3"])] if t5 else []),
-        ("transformer", load_transformer, ["transformer"]),
-        ("vae", comp.load_vae, ["vae_encoder", "vae_decoder"]),
-    ]
-    return copied, steps
+    def copied(self, src: SourceModel) -> tuple[str, ...]:
+        t5 = src.text_encoder_3 is not None
+        return ("tokenizer", "tokenizer_2", *(("tokenizer_3",) if t5 else ()), "scheduler")
+
+    def steps(self, src: SourceModel) -> tuple[Step, ...]:
+        t5 = src.text_encoder_3 is not None
+        return (Step("text_encoder", load_clip_with_projection, ("text_encoder",)),
+                Step("text_encoder_2", load_clip_with_projection, ("text_encoder_2",)),
+                *((Step("text_encoder_3", load_t5, ("text_encoder_3",)),) if t5 else ()),
+                Step("transformer", load_transformer, ("transformer",)), VAE_STEP)
+
+    def graphs(self, src: SourceModel) -> dict[str, GraphDef]:
+        sizes = transformer_sizes(src.transformer)
+        clip = {name: text_graph(name, (*_CLIP_OUTPUTS, penultimate_output(getattr(src, name))))
+                for name in ("text_encoder", "text_encoder_2")}
+        t5 = {"text_encoder_3": _t5_graph()} if src.text_encoder_3 is not None else {}
+        return {**clip, **t5, "transformer": _transformer_graph(sizes),
+                **vae_graphs(src, sizes)}
+
+    def prediction_type(self, src: SourceModel) -> str:
+        return FLOW_PREDICTION
