@@ -32,7 +32,8 @@ import numpy as np
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.memory import estimate as memory
-from sdrt.runtime.memory.low_memory import map_large_allocations, plan_request
+from sdrt.runtime.memory.low_memory import map_large_allocations
+from sdrt.runtime.memory.plan import plan_request
 from sdrt.runtime.pipeline import GenerationRequest
 from sdrt.runtime.vae.pooled_norm import SHARED_PASSES
 

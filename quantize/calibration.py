@@ -3,7 +3,8 @@
 Static int8 quantization (Jacob et al. 2018) fixes each activation's range ahead of time, so the
 ranges must come from the inputs the graph really sees: the UNet's latents at every noise level,
 its timesteps and text conditioning over a prompt set. They are recorded by wrapping the
-component's Session (DESIGN.md: capture is a decorator around a Session, not part of the loop).
+component's Session (capture is a decorator around a Session, so the sampler loop stays as it
+runs in production).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def record_inputs(folder: Path, backend: str, components: tuple[str, ...], promp
     pipe = Pipeline.load(folder, backend)
     recorders = {name: RecordingSession(getattr(pipe, name).session) for name in components}
     if "unet" in recorders:
-        pipe = dataclasses.replace(pipe, unet=UNet(recorders["unet"]))
+        pipe = dataclasses.replace(pipe, denoiser=UNet(recorders["unet"]))
     if "vae_decoder" in recorders:
         pipe = dataclasses.replace(pipe, vae_decoder=VaeDecoder(recorders["vae_decoder"]))
     for i, prompt in enumerate(prompts):

@@ -4,7 +4,8 @@ fp32 and the variant run on the same backend with the same prompts, seeds and st
 compares the final latents and the decoded 8-bit images by PSNR (peak signal-to-noise ratio:
 10·log10(peak² / mean squared error)), and, for models trained on sdrt's simple scenes, prompt
 adherence read from the pixels by `sdrt.evaluation.adherence.evaluate` over held-out captions.
-NaN/Inf anywhere and all-black images fail whatever the figures (DESIGN.md, precision policy).
+NaN/Inf anywhere and all-black images fail whatever the figures (fp16 VAEs are
+known to give NaN or black images).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from sdrt.runtime.errors import GenerationError, QuantizeError
 from sdrt.runtime.memory.estimate import available_memory
-from sdrt.runtime.memory.low_memory import plan_request
+from sdrt.runtime.memory.plan import plan_request
 from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 

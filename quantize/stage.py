@@ -33,8 +33,9 @@ SUPPORTED = {
     "int8-hybrid": ("openvino",),
     "int4": ("openvino",),
 }
-# Graphs a variant may replace. The VAE decoder only when named (DESIGN.md: it stays fp32 unless
-# a gate proves otherwise); the VAE encoder never, since the text-to-image gate cannot test it.
+# Graphs a variant may replace. The VAE decoder only when named (it stays fp32 unless a gate proves
+# otherwise: fp16 VAEs are known to give NaN or black images); the VAE encoder never, since the
+# text-to-image gate cannot test it.
 # SD 3's MMDiT (`transformer`) and optional T5 (`text_encoder_3`) as the UNet and CLIP.
 QUANTIZABLE = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer",
                "vae_decoder")

@@ -52,7 +52,7 @@ def run_gate(model: Path, vae: Path, *, backend: str = "ort", precision: str = "
     captions = held_out_captions(n, caption_seed)
     full = Pipeline.load(model, backend, precision=precision)
     tiny = Pipeline.load(model, backend, precision=precision, vae=vae)
-    tiny = replace(tiny, unet=full.unet, conditioner=full.conditioner)  # one set of graphs
+    tiny = replace(tiny, denoiser=full.denoiser, conditioner=full.conditioner)  # one set of graphs
     reference, candidate = gate_images(full, captions), gate_images(tiny, captions)
     figures = {
         "image_psnr_db": round(psnr(reference, candidate, 255.0), 2),

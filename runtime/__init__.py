@@ -1,7 +1,7 @@
 """sdrt runtime: Stable Diffusion from exported graphs with NumPy and ONNX Runtime or OpenVINO.
 
 Imports nothing heavier than numpy here; torch, diffusers and transformers are never imported
-by this package (see DESIGN.md, "layer rule").
+by this package (the layer rule: pyproject.toml's [tool.sdrt.layers], tests/test_layering.py).
 """
 
 from sdrt.runtime.errors import InputError, ModelError, SdrtError

@@ -3,7 +3,9 @@ over the UNet → VAE decoder, starting from noise or from a picture's latents (
 
 Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Salimans, 2022), or
 for LCM UNets the guidance scale as an input (Luo et al., 2023), run from exported graphs;
-image-to-image is SDEdit (Meng et al., 2022). `Pipeline.load` does all file I/O (the VAE encoder
+image-to-image is SDEdit (Meng et al., 2022). What differs between architectures (SD 1.x/2.x,
+SDXL, the SDXL refiner, SD 3's MMDiT) is each one's strategy (runtime/architectures/).
+`Pipeline.load` does all file I/O on a folder opened once (model/opened.py; the VAE encoder
 opens on first use); `Pipeline.run` reads as numbered steps and keeps all per-call state local,
 so several threads may generate at once.
 """
@@ -19,11 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdrt.runtime import guidance
 from sdrt.runtime import img2img as i2i
-from sdrt.runtime.compile_ahead import compile_ahead
-from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
-from sdrt.runtime.conditioning import Conditioning, TextConditioner, load_conditioner
+from sdrt.runtime.architectures import architecture_for
+from sdrt.runtime.architectures.base import (
+    Architecture,
+    DenoiserGraph,
+    check_request,
+)
+from sdrt.runtime.components import VaeDecoder, VaeEncoder
+from sdrt.runtime.conditioning import TextConditioner
 from sdrt.runtime.deepcache import PARAMETER as DEEPCACHE_KEY
 from sdrt.runtime.deepcache import LazyDeepCache, graph_paths
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
@@ -31,25 +37,15 @@ from sdrt.runtime.images import ImageSource, paste_back
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
 from sdrt.runtime.memory.low_memory import Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
-from sdrt.runtime.model.check import check_on_load
-from sdrt.runtime.model.folder import (
-    EMBEDDED_MODEL,
-    ModelFacts,
-    read_facts,
-)
-from sdrt.runtime.model.variants import Variant, resolve_variant
+from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts
+from sdrt.runtime.model.opened import OpenedModel
+from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
 from sdrt.runtime.rng import GENERATORS, NoiseGenerator, make_generator, randn_rows
-from sdrt.runtime.samplers import default_sampler, display_name, resolve_sampler, sample
-from sdrt.runtime.schedules import SchedulerConfig
-from sdrt.runtime.sd3 import (
-    SLG_SCALE,
-    SkipLayerGuidance,
-    Transformer,
-    load_sd3_conditioner,
-    velocity_fn,
-)
-from sdrt.runtime.session import BACKENDS, open_session
+from sdrt.runtime.samplers import default_sampler, display_name, resolve_pair, sample
+from sdrt.runtime.schedules import SchedulerConfig, schedule_infotext
+from sdrt.runtime.sd3 import SLG_SCALE
+from sdrt.runtime.session import open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae.pooled_norm import SPLIT_COMPONENTS, tiled_decode_graphs
 from sdrt.runtime.vae.tiny import TinyVae, open_tiny_vae
@@ -71,6 +67,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     sampler: str | None = None
+    schedule: str | None = None  # runtime/schedules.py SCHEDULES name or A1111 label; None: auto
     seed: int | None = None
     width: int | None = None
     height: int | None = None
@@ -84,13 +81,14 @@ class GenerationRequest:
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
         """Fill defaults from the model and its family, then check each field (errors name it)."""
         family = facts.family
-        sampler = self.sampler or family.sampler
+        sampler, schedule = resolve_pair(self.sampler or family.sampler
+                                         or default_sampler(scheduler), self.schedule)
         filled = replace(
             self,
             steps=family.steps if self.steps is None else self.steps,
             guidance_scale=family.guidance_scale if self.guidance_scale is None
             else self.guidance_scale,
-            sampler=resolve_sampler(sampler) if sampler else default_sampler(scheduler),
+            sampler=sampler, schedule=schedule,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
             width=facts.default_size if self.width is None else self.width,
             height=facts.default_size if self.height is None else self.height,
@@ -149,49 +147,55 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A loaded SD 1.x/2.x/XL model folder, ready to generate; safe to share between threads."""
+    """A loaded model folder, ready to generate; safe to share between threads."""
 
     folder: Path
     backend: str
     facts: ModelFacts
     scheduler: SchedulerConfig
-    conditioner: TextConditioner  # the family's prompts → UNet conditioning
-    unet: UNet
+    conditioner: TextConditioner  # the architecture's prompts → denoiser conditioning
+    denoiser: DenoiserGraph  # the UNet, or SD 3's MMDiT transformer
     vae_decoder: VaeDecoder
+    deepcache: LazyDeepCache  # `deepcache=N` requests only; opened on first use
     precision: str = "fp32"  # the variant that runs (sdrt.runtime.model.variants)
     vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
     tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
-    deepcache: LazyDeepCache | None = None  # `deepcache=N` requests only; opened on first use
 
     @property
     def tokenizer(self) -> ClipTokenizer:
         """The (first) text encoder's tokenizer."""
         return self.conditioner.tokenizer
 
+    @property
+    def architecture(self) -> Architecture:
+        """The strategy of the model's architecture (runtime/architectures/)."""
+        return architecture_for(self.facts.family)
+
+    @property
+    def unet(self) -> DenoiserGraph:
+        """The denoiser under its older name (benchmarks and tools read it)."""
+        return self.denoiser
+
     @classmethod
-    def load(cls, folder: str | Path = EMBEDDED_MODEL, backend: str = "ort", *,
-             threads: int | None = None, precision: str | Variant = "fp32",
+    def load(cls, folder: str | Path | OpenedModel = EMBEDDED_MODEL, backend: str | None = None,
+             *, threads: int | None = None, precision: str | Variant | None = None,
              low_memory: bool = False, device: str = "cpu",
              vram_limit: int | None = None, vae: str | Path | None = None,
              deepcache: bool = False) -> Pipeline:
-        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`);
-        by default sdrt's embedded shapes model. `precision` names a variant manifest.json lists
-        for this backend (quantize's gate passes a Variant it has not listed yet). `low_memory`
-        keeps one graph resident at a time, runs the CFG pair as batch-1 calls and the VAE in
-        tiles (memory/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
+        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`; default
+        "ort"), by default sdrt's embedded shapes model, or load one already opened (an
+        OpenedModel, which brings its backend and precision). `precision` names a variant
+        manifest.json lists for this backend (default fp32; quantize's gate passes a Variant it
+        has not listed yet). `low_memory` keeps one graph resident at a time, runs the denoiser
+        as its architecture says (a UNet's CFG pair as batch-1 calls) and the VAE in tiles
+        (memory/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
         `vae` is an exported tiny autoencoder folder (runtime/vae/tiny.py) that replaces the
         model's VAE decoder, and its encoder where the folder has one. `deepcache` runs the UNet
         from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
         `deepcache=N` requests add only the small shallow graph's memory."""
-        folder = Path(folder)
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-        check_on_load(folder)  # model_index.json, paths, file heads and sizes (model/check.py)
-        variant = resolve_variant(folder, precision, backend)
-        facts = read_facts(folder)
-        scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
-        scheduler.validate()
-
+        model = _opened(folder, backend, precision)
+        folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
+        backend = model.backend
         residency = Residency() if low_memory else None
         opener = residency.open_session if residency else open_session
 
@@ -208,22 +212,13 @@ class Pipeline:
         def decoder_graph(path: Path):  # a tiny VAE's, or a stage of the VAE decoder's
             return graph(path, "vae_decoder")
 
-        refusal = ("DeepCache does not combine with low-memory mode" if low_memory else
-                   f"the {variant.precision} variant has a UNet graph of its own; DeepCache "
-                   f"graphs are cut from the fp32 one (use fp32, or bf16 on OpenVINO)"
-                   if variant.components.get("unet") and variant.components["unet"].file
-                   else None)
+        refusal = model.deepcache_refusal("--low-memory" if low_memory else None)
         if deepcache and refusal:
             raise InputError(refusal)
         full = unet_graph(graph_paths(folder)[0]) if deepcache else None
-
-        if facts.family.architecture == "sd3":  # an MMDiT and its joint text conditioning
-            unet = Transformer(session("transformer"))
-            conditioner = load_sd3_conditioner(folder, session, unet.context_width)
-        else:
-            unet = UNet(full if full is not None else session("unet"))
-            conditioner = load_conditioner(folder, facts.family.architecture, session)
-        _check_unet_channels(unet, facts)
+        denoiser = arch.open_denoiser(full if full is not None else session(arch.denoiser_graph))
+        conditioner = arch.load_conditioner(folder, session, denoiser)
+        _check_channels(denoiser, facts)
         tiny = None if vae is None else open_tiny_vae(
             vae, decoder_graph, latent_channels=facts.latent_channels,
             vae_scale_factor=facts.vae_scale_factor)
@@ -231,18 +226,17 @@ class Pipeline:
         encoder = VaeEncoder
         encoder_session = tiny.open_encoder if tiny and tiny.open_encoder else \
             lambda: session("vae_encoder")
-        if residency:  # batch-1 UNet calls, tiled VAE (over stage or split graphs, if any)
+        if residency:  # the architecture's denoiser calls, tiled VAE (over stage or split graphs)
             stages, split = tiled_decode_graphs(folder, variant.graph_path(folder,
                                                                            "vae_decoder"))
-            unet, decoder, encoder = residency.components(
-                unet, decoder, facts.vae_scale_factor,
+            denoiser = arch.low_memory(denoiser)
+            decoder, encoder = residency.vae(
+                decoder, facts.vae_scale_factor,
                 split and tuple(session(name) for name in SPLIT_COMPONENTS),
                 stages and stages.open(decoder_graph))
-        lazy_deepcache = LazyDeepCache(folder, unet_graph, refusal, full)
-        return cls(folder, backend, facts, scheduler, conditioner, unet, decoder,
-                   precision=variant.precision,
-                   vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
-                   deepcache=lazy_deepcache)
+        return cls(folder, backend, facts, model.scheduler, conditioner, denoiser, decoder,
+                   LazyDeepCache(folder, unet_graph, refusal, full), precision=variant.precision,
+                   vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
@@ -319,30 +313,30 @@ class Pipeline:
                      callback: StepCallback | None = None) -> list[GeneratedImage]:
         """`run` from step 3 on, for a resolved request and the caller's generators (outpainting
         continues their streams from window to window)."""
+        check_request(self.architecture, req, init)  # what the architecture cannot run
         shown = init  # what the metadata reports; an inpainting UNet may get a stand-in below
         init = self._fit_unet(req, init)
         if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
-            return [GeneratedImage(init.image.copy(), self._info(req, i, shown))
+            return [GeneratedImage(init.image.copy(), self.info(req, i, shown))
                     for i in range(req.num_images)]
         # 3. Starting point: noise, or a picture's latents; a mask for inpainting. OpenVINO
         #    compiles the UNet and decoder for this size meanwhile (runtime/compile_ahead.py).
-        if isinstance(self.unet, UNet):
-            compile_ahead(self.unet, self.vae_decoder,
-                          unet_batch=req.num_images * (2 if self._guided(req) else 1),
-                          latent=(self.facts.latent_channels,
-                                  req.height // self.facts.vae_scale_factor,
-                                  req.width // self.facts.vae_scale_factor),
-                          context_length=self.tokenizer.max_length)
+        self.architecture.compile_ahead(
+            self.denoiser, self.vae_decoder,
+            batch=req.num_images * (2 if self._guided(req) else 1),
+            latent=(self.facts.latent_channels, req.height // self.facts.vae_scale_factor,
+                    req.width // self.facts.vae_scale_factor),
+            context_length=self.tokenizer.max_length)
         start = self._start(req, generators, init)
-        # 4–5. Text conditioning and the sampler loop over the guided UNet.
+        # 4–5. Text conditioning and the sampler loop over the guided denoiser.
         latents = self.denoise(req, generators, start, callback)
         # 6. Decode, one image at a time to bound peak memory; inpainting puts the original's
         #    pixels back outside the feathered mask.
-        pixels = [self._decode(latents[i : i + 1]) for i in range(req.num_images)]
+        pixels = [self.decode(latents[i : i + 1]) for i in range(req.num_images)]
         if init is not None and init.mask is not None and init.paste_back:
             pixels = [paste_back(image, init.image, init.mask) for image in pixels]
         # 7. Attach what made each image.
-        return [GeneratedImage(image, self._info(req, i, shown))
+        return [GeneratedImage(image, self.info(req, i, shown))
                 for i, image in enumerate(pixels)]
 
     def denoise(self, req: GenerationRequest, generators: list[NoiseGenerator], start: Start,
@@ -350,35 +344,28 @@ class Pipeline:
                 end_step: int | None = None) -> np.ndarray:
         """Steps 4–5 of `run` from `start`: the latents diffusers hands to the VAE, or with
         `end_step` those after that many model calls, still noisy (diffusers' denoising_end)."""
+        check_request(self.architecture, req)  # the refiner's runs come here without `run`
         guided = self._guided(req)
         # 4. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
-        #    with the UNet's added conditions (SDXL) row-aligned.
+        #    with the denoiser's added conditions (SDXL's, SD 3's pooled) row-aligned.
         cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
                                 width=req.width, height=req.height).repeat(req.num_images)
-        # 5. Sampler loop over the guided UNet.
-        if req.skip_layers and not isinstance(self.unet, Transformer):
-            raise InputError("skip-layer guidance is for SD 3 models (an MMDiT transformer)")
-        unet = self.unet
-        if req.deepcache is not None:  # one cache per generation (runtime/deepcache.py)
-            if self.deepcache is None or isinstance(self.unet, Transformer):
-                raise InputError("DeepCache is for UNet models loaded with Pipeline.load")
-            unet = self.deepcache().unet(req.deepcache)
-        model = self._model_fn(cond, req.guidance_scale, guided, start.image_channels, unet) \
-            if not isinstance(self.unet, Transformer) else velocity_fn(
-                self.unet, cond, req.guidance_scale, guided, req.steps,
-                SkipLayerGuidance(req.skip_layers, req.skip_layer_scale) if req.skip_layers
-                else None)
+        # 5. Sampler loop over the guided denoiser; DeepCache keeps one cache per generation.
+        denoiser = self.denoiser if req.deepcache is None \
+            else self.deepcache().unet(req.deepcache)
+        model = self.architecture.model_fn(denoiser, cond, req, guided=guided,
+                                           image_channels=start.image_channels)
         return sample(model,
                       start.noise, config=self.scheduler, sampler=req.sampler,
                       steps=req.steps, step_noise=lambda shape: randn_rows(generators, shape),
                       callback=callback, start_step=start.start_step,
                       init_latents=start.init_latents, keep=start.keep, end_step=end_step,
-                      add_noise=start.add_noise)
+                      add_noise=start.add_noise, schedule=req.schedule)
 
     def _guided(self, req: GenerationRequest) -> bool:
         """diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
         scale as an input (LCM's guidance embedding) instead of classifier-free guidance."""
-        return req.guidance_scale > 1.0 and self.unet.guidance_dim is None
+        return req.guidance_scale > 1.0 and self.denoiser.guidance_dim is None
 
     def _fit_unet(self, req: GenerationRequest, init: ImageInput | None) -> ImageInput | None:
         """The input checked against the request; an inpainting UNet gets A1111's stand-ins: a
@@ -408,25 +395,6 @@ class Pipeline:
         return i2i.inpaint_start(encoder, init, generators, shape, req.steps,
                                  self.facts.family.inpainting)
 
-    def _model_fn(self, conditioning: Conditioning, scale: float, guided: bool,
-                  image_channels: np.ndarray | None = None, unet: UNet | None = None):
-        unet, context, added = unet or self.unet, conditioning.context, conditioning.added
-        embedded = None
-        if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
-            embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
-                                 len(context), axis=0)
-
-        def model(x_in: np.ndarray, t: float) -> np.ndarray:
-            if image_channels is not None:  # inpainting UNet: latents ‖ mask ‖ masked latents
-                x_in = np.concatenate([x_in, image_channels], axis=1)  # (B, 9, h, w)
-            if not guided:
-                return unet(x_in, t, context, added, embedded)
-            out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
-            uncond, cond = np.split(out, 2)
-            return guidance.cfg_combine(uncond, cond, scale)
-
-        return model
-
     def _vae_latents(self, *, encoder: bool = False) -> tuple[float, float]:
         """(scaling_factor, shift_factor) between UNet latents and the VAE's: a tiny VAE's own
         (1 and 0: TAESD reads the UNet's latents as they are) for its decoder, and for its
@@ -436,7 +404,9 @@ class Pipeline:
             return tiny.scaling_factor, tiny.shift_factor
         return self.facts.scaling_factor, self.facts.shift_factor
 
-    def _decode(self, latents: np.ndarray) -> Image.Image:
+    def decode(self, latents: np.ndarray) -> Image.Image:
+        """One image's latents (1, C, h, w) → the picture, through this pipeline's VAE decoder
+        (or tiny VAE); GenerationError for NaN/Inf pixels."""
         # SD 3's VAE also shifts its latents (shift_factor 0 elsewhere)
         scaling, shift = self._vae_latents()
         decoded = self.vae_decoder(latents / np.float32(scaling)
@@ -448,8 +418,10 @@ class Pipeline:
         pixels = np.clip(decoded[0] / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # (H, W, 3)
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
 
-    def _info(self, req: GenerationRequest, index: int,
-              init: ImageInput | None = None) -> GenerationInfo:
+    def info(self, req: GenerationRequest, index: int,
+             init: ImageInput | None = None) -> GenerationInfo:
+        """What made image `index` of a resolved request (from `init`, if any): the A1111
+        parameters' source."""
         extra = {"Backend": self.backend, "Precision": self.precision}
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
         if init is not None and init.mask is not None:
@@ -457,6 +429,7 @@ class Pipeline:
         if self.tiny_vae is not None:  # A1111's keys for a VAE other than the model's
             extra["VAE hash"] = self.tiny_vae.manifest.autov2_hash
             extra["VAE"] = self.tiny_vae.manifest.name
+        extra.update(schedule_infotext(req.schedule))  # A1111's "Schedule type"
         if req.deepcache is not None:
             extra[DEEPCACHE_KEY] = req.deepcache
         if req.skip_layers:  # SD 3's skip-layer guidance (quoted: the layers hold commas)
@@ -479,10 +452,24 @@ def _with_parameters(results: list[GeneratedImage]) -> list[Image.Image]:
     return [result.image for result in results]
 
 
-def _check_unet_channels(unet: UNet, facts: ModelFacts) -> None:
-    """The UNet graph's input channels must be what the model family says (4, or 9 to inpaint)."""
+def _check_channels(denoiser: DenoiserGraph, facts: ModelFacts) -> None:
+    """The denoiser graph's input channels must be what the model family says (the latent
+    channels, or 2 × them + 1 to inpaint)."""
     latent = facts.latent_channels
     want = 2 * latent + 1 if facts.family.inpainting else latent
-    if isinstance(unet.in_channels, int) and unet.in_channels != want:
-        raise ModelError(f"unet: the graph takes {unet.in_channels} input channels, but the "
+    if isinstance(denoiser.in_channels, int) and denoiser.in_channels != want:
+        raise ModelError(f"unet: the graph takes {denoiser.in_channels} input channels, but the "
                          f"{facts.family.title} family's UNet takes {want}")
+
+
+def _opened(folder: str | Path | OpenedModel, backend: str | None,
+            precision: str | Variant | None) -> OpenedModel:
+    """`folder` opened with the backend and precision (default ort, fp32); an OpenedModel as it
+    is, when the ones given (if any) are its own."""
+    if not isinstance(folder, OpenedModel):
+        return OpenedModel.open(folder, backend or "ort", precision or "fp32")
+    asked = precision.precision if isinstance(precision, Variant) else precision
+    if backend not in (None, folder.backend) or asked not in (None, folder.precision):
+        raise InputError(f"the model was opened for {folder.backend} {folder.precision}, not "
+                         f"{backend or folder.backend} {asked or folder.precision}")
+    return folder

@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sdrt.runtime.architectures.base import check_request
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.img2img import Start, text_start
 from sdrt.runtime.rng import make_generator
-from sdrt.runtime.samplers import SAMPLERS, num_model_calls
+from sdrt.runtime.samplers import make_schedule, num_model_calls
 from sdrt.runtime.schedules import SchedulerConfig, alphas_cumprod
 
 if TYPE_CHECKING:
     from sdrt.runtime.pipeline import GeneratedImage, GenerationRequest, Pipeline, StepCallback
 
 DEFAULT_REFINER_START = 0.8  # diffusers' docs and A1111 switch to the refiner at 80 %
-REFINER_ARCHITECTURES = ("sdxl-refiner", "sdxl")  # any SDXL UNet may refine, as in A1111
 LATENT_SPACE = ("latent_channels", "vae_scale_factor", "scaling_factor")
 
 
@@ -48,12 +48,12 @@ def check_refiner_start(value: float) -> float:
 
 def check_pair(base: Pipeline, refiner: Pipeline) -> None:
     """The base must be SDXL, the refiner an SDXL refiner (or SDXL) UNet on the same latents
-    and training noise schedule; InputError naming what differs."""
-    if base.facts.family.architecture != "sdxl" or base.facts.family.inpainting:
+    and training noise schedule (each architecture says whether it hands latents on or takes
+    them: runtime/architectures/); InputError naming what differs."""
+    if "refiner_base" not in base.architecture.features or base.facts.family.inpainting:
         raise InputError(f"the base model must be SDXL to hand its latents to a refiner, "
                          f"'{base.facts.name}' is {base.facts.family.title}")
-    if refiner.facts.family.architecture not in REFINER_ARCHITECTURES \
-            or refiner.facts.family.inpainting:
+    if "refiner" not in refiner.architecture.features or refiner.facts.family.inpainting:
         raise InputError(f"the refiner must be an SDXL refiner (or SDXL) model, "
                          f"'{refiner.facts.name}' is {refiner.facts.family.title}")
     for name in LATENT_SPACE:
@@ -68,12 +68,13 @@ def check_pair(base: Pipeline, refiner: Pipeline) -> None:
                          "is not the base's")
 
 
-def switch_step(config: SchedulerConfig, sampler: str, steps: int, fraction: float) -> int:
+def switch_step(config: SchedulerConfig, sampler: str, steps: int, fraction: float,
+                schedule: str | None = None) -> int:
     """How many model calls of a run come before the switch: those at timesteps ≥
     round(T − fraction·T) (diffusers' denoising_end; denoising_start runs the others)."""
     total = config.num_train_timesteps
     cutoff = int(round(total - fraction * total))
-    timesteps = SAMPLERS[sampler].schedule(config, steps, 0).timesteps  # descending
+    timesteps = make_schedule(config, sampler, steps, schedule=schedule).timesteps  # descending
     return sum(t >= cutoff for t in timesteps)
 
 
@@ -86,9 +87,11 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
     fraction = check_refiner_start(refiner_start)
     check_pair(base, refiner)
     req = request.resolve(base.facts, base.scheduler)
+    check_request(base.architecture, req)  # before the base runs, not once it has
+    check_request(refiner.architecture, req)
     calls = num_model_calls(req.sampler, req.steps)
-    handed = switch_step(base.scheduler, req.sampler, req.steps, fraction)
-    resumed = switch_step(refiner.scheduler, req.sampler, req.steps, fraction)
+    handed = switch_step(base.scheduler, req.sampler, req.steps, fraction, req.schedule)
+    resumed = switch_step(refiner.scheduler, req.sampler, req.steps, fraction, req.schedule)
     if handed == 0 or resumed == calls:
         who = "base" if handed == 0 else "refiner"
         raise InputError(f"refiner start {fraction:g} leaves the {who} no step of {req.steps}: "
@@ -107,9 +110,9 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
         else f"{refiner.facts.name} [{refiner.facts.unet_sha256[:10]}]"
     results = []
     for i in range(req.num_images):
-        info = base._info(req, i)
+        info = base.info(req, i)
         extra = {**info.extra, "Refiner": name, "Refiner switch at": fraction}
-        results.append(GeneratedImage(refiner._decode(latents[i : i + 1]),
+        results.append(GeneratedImage(refiner.decode(latents[i : i + 1]),
                                       replace(info, extra=extra)))
     return results
 

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from sdrt.runtime.components import TextEncoder
 from sdrt.runtime.components import _require as require_io
 from sdrt.runtime.conditioning import Conditioning, penultimate_output
-from sdrt.runtime.conditioning import _tokenize as tokenize_clip
+from sdrt.runtime.conditioning import tokenize as tokenize_clip
 from sdrt.runtime.errors import InputError, ModelError, first_line
 from sdrt.runtime.guidance import ModelFn, cfg_combine
 from sdrt.runtime.model.folder import read_json

@@ -6,11 +6,13 @@ one component's weights and working memory instead of all of them (memory/estima
 plans). A `LazySession` reads its graph's input/output specs once at load, then opens and
 releases the real session as the residency decides. Calls through one residency are serialised:
 several threads may share a low-memory pipeline, but they take turns, and a component another
-thread needs is reopened (low memory trades time for the bound).
+thread needs is reopened (low memory trades time for the bound). How the denoiser runs its CFG
+pair is its architecture's call (runtime/architectures/: batch-1 calls for a UNet).
 
 `plan_for` decides, from the estimate and a budget (default: MemAvailable), whether a request
 runs with the default plan, switches to the low-memory one, or is refused with a message that
-names the estimate and the budget, instead of being killed by the kernel midway.
+names the estimate and the budget, instead of being killed by the kernel midway (memory/plan.py
+plans a request on an opened model folder).
 """
 
 from __future__ import annotations
@@ -27,16 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime import compile_cache
-from sdrt.runtime.components import UNet, VaeDecoder, VaeEncoder
+from sdrt.runtime.components import VaeDecoder, VaeEncoder
 from sdrt.runtime.deepcache import graph_paths as deepcache_graphs
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.memory import estimate as memory
 from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.model.variants import Variant
-from sdrt.runtime.session import BACKENDS, Session, TensorSpec, open_session
+from sdrt.runtime.session import Session, TensorSpec, open_session
 from sdrt.runtime.vae.exact_tiled import StagedGraphs
 from sdrt.runtime.vae.pooled_norm import tiled_decode_graphs, tiled_decoder
-from sdrt.runtime.vae.tiled import DEFAULT_TILE, TiledVaeEncoder
+from sdrt.runtime.vae.tiled import TiledVaeEncoder
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +89,15 @@ class Residency:
         return LazySession(lambda: open_session(path, backend, low_memory=True, **options), self)
 
     @staticmethod
-    def components(unet: UNet, decoder: VaeDecoder, factor: int,
-                   split_decoder: tuple[Session, Session] | None = None,
-                   stages: StagedGraphs | None = None,
-                   ) -> tuple[UNet, VaeDecoder, Callable[[Session], VaeEncoder]]:
-        """The low-memory plan's UNet (batch-1 calls), tiled decoder (exact over the stage
-        graphs where given: staged_vae.py; else sharing GroupNorm statistics over the split
-        decoder's head and tail sessions where given: split_vae.py), and tiled encoder maker."""
-        # SD 3's transformer (runtime/sd3.py) keeps its CFG pair in one call
-        split = SplitBatchUNet(unet) if isinstance(unet, UNet) else unet
-        return (split, tiled_decoder(decoder, split_decoder, factor=factor, stages=stages),
+    def vae(decoder: VaeDecoder, factor: int,
+            split_decoder: tuple[Session, Session] | None = None,
+            stages: StagedGraphs | None = None,
+            ) -> tuple[VaeDecoder, Callable[[Session], VaeEncoder]]:
+        """The low-memory plan's tiled decoder (exact over the stage graphs where given:
+        vae/exact_tiled.py; else sharing GroupNorm statistics over the split decoder's head and
+        tail sessions where given: vae/pooled_norm.py), and tiled encoder maker. How the
+        denoiser splits its CFG batch is its architecture's (runtime/architectures/)."""
+        return (tiled_decoder(decoder, split_decoder, factor=factor, stages=stages),
                 lambda session: TiledVaeEncoder(VaeEncoder(session), factor=factor))
 
     def release_all(self) -> None:
@@ -131,28 +132,6 @@ class LazySession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._residency.lock:
             return self._residency.activate(self).run(feeds)
-
-
-class SplitBatchUNet(UNet):
-    """UNet that runs its batch `rows` at a time (the CFG pair as batch-1 calls), same result."""
-
-    def __init__(self, unet: UNet, rows: int = LOW_MEMORY_BATCH) -> None:
-        super().__init__(unet.session)
-        self.rows = rows
-
-    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
-                 added: dict[str, np.ndarray] | None = None,
-                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
-        if len(sample) <= self.rows:
-            return super().__call__(sample, t, context, added, timestep_cond)
-        parts = []
-        for i in range(0, len(sample), self.rows):
-            rows = slice(i, i + self.rows)
-            parts.append(super().__call__(
-                sample[rows], t, context[rows],
-                {name: value[rows] for name, value in (added or {}).items()},
-                None if timestep_cond is None else timestep_cond[rows]))
-        return np.concatenate(parts)  # (B, C, h, w)
 
 
 @dataclass(frozen=True)
@@ -229,33 +208,3 @@ def plan_for(estimate: memory.MemoryEstimate, mode: str, budget: int | None) -> 
                          f"mode, more than {limit}; try a smaller size, an int8 precision, or "
                          f"a UNet exported with --attention sliced")
     return plan
-
-
-def plan_request(folder: Path, backend: str, precision: str | Variant, request, *, mode: str,
-                 budget: int | None) -> Plan:
-    """The plan for a pipeline.GenerationRequest on `folder`, decided before anything loads."""
-    from sdrt.runtime.model.check import check_on_load
-    from sdrt.runtime.model.folder import read_facts
-    from sdrt.runtime.model.variants import resolve_variant
-    from sdrt.runtime.schedules import SchedulerConfig
-
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    check_on_load(folder)  # the same one-line refusals as Pipeline.load, before any estimate
-    variant = resolve_variant(folder, precision, backend)
-    facts = read_facts(folder)
-    req = request.resolve(facts, SchedulerConfig.from_file(folder / "scheduler" /
-                                                           "scheduler_config.json"))
-    texts = ("text_encoder", "text_encoder_2") if facts.family.architecture == "sdxl" else (
-        "text_encoder",)
-    denoiser = "unet"
-    if facts.family.architecture == "sd3":  # three encoders (T5 optional) and an MMDiT
-        texts = tuple(name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                      if (folder / name).is_dir())
-        denoiser = "transformer"
-    found = estimate_for(folder, variant, width=req.width, height=req.height,
-                         images=req.num_images, guided=req.guidance_scale > 1.0,
-                         vae_scale_factor=facts.vae_scale_factor, tile=DEFAULT_TILE,
-                         components=(*texts, denoiser, "vae_decoder"),
-                         deepcache=req.deepcache is not None)
-    return plan_for(found, mode, budget)

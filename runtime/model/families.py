@@ -1,7 +1,7 @@
 """Model families: how sdrt recognises each one from its configs, and what it runs it with.
 
 Recognition reads configs (and so the weight shapes they fix), never folder or file names
-(DESIGN.md), in this order:
+(a renamed folder must not change how a model runs), in this order:
 
 1. Architecture: SDXL has a second text encoder (`text_encoder_2` in model_index.json) and a UNet
    with addition_embed_type "text_time" (pooled text embeddings plus size/crop

@@ -2,7 +2,7 @@
 
 The numbers and the model family come from `manifest.json` when sdrt exported the folder, else
 from the component `config.json` files that optimum and optimum-intel write (diffusers layout,
-research/users.md §3.1–3.3), else, for diffusers' legacy ONNX layout, which has no component
+one config per component folder), else, for diffusers' legacy ONNX layout, which has no component
 configs, from SD 1.x's constants as diffusers' `OnnxStableDiffusionPipeline` hard-codes them.
 model_index.json's class names are checked against allow-lists, never imported.
 """

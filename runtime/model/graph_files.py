@@ -1,4 +1,4 @@
-"""Vetting one graph file before a backend opens it (DESIGN.md, safety defaults).
+"""Vetting one graph file before a backend opens it, so a bad or hostile file fails on one line.
 
 What a download or a hostile folder can put where a graph belongs, and what is checked, cheaply,
 on every load (`vet_graph`, called by `session.open_session`):

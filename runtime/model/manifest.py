@@ -3,7 +3,8 @@
 The manifest carries every number the runtime would otherwise hard-code (VAE `scaling_factor`,
 latent channels, VAE scale factor, UNet `sample_size`, prediction type), each graph's I/O
 (name → shape with `None` for dynamic axes, dtype), and the size and sha256 of every file, so a
-truncated or swapped file is caught before a graph is loaded. Stdlib only: the runtime reads it.
+truncated or swapped file is caught before a graph is loaded. Stdlib only (the runtime reads it),
+but for asking a family's architecture (runtime/architectures/) which components it needs.
 
 Keys (format_version 1): format, format_version, family (a name in sdrt.runtime.model.families),
 source {path, hub_id?, revision?, config_sha256}, prediction_type, sample_size, latent_channels,
@@ -44,9 +45,7 @@ FORMAT = "sdrt-manifest"
 FORMAT_VERSION = 1
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")  # flow: SD 3
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae_decoder")  # the SDXL refiner: one encoder
-SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")  # T5 optional
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # SD's; each family's: _required
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KNOWN_KEYS = frozenset({
     "format", "format_version", "family", "source", "components", "scaling_factor",
@@ -258,9 +257,7 @@ class Manifest:
                 "'defaults.sampler' must be a sampler name")
 
     def _validate_components(self) -> None:
-        required = {"sdxl-refiner": REFINER_COMPONENTS, "sd3": SD3_COMPONENTS}.get(
-            self.family, REQUIRED_COMPONENTS)
-        missing = [name for name in required if name not in self.components]
+        missing = [name for name in _required(self.family) if name not in self.components]
         _expect(not missing, f"component '{missing[0]}' is missing" if missing else "")
         for name, spec in self.components.items():
             where = f"components.{name}"
@@ -292,6 +289,18 @@ class Manifest:
             problem = file_problem(root, rel, entry, hashes=hashes)
             if problem:
                 raise ModelError(problem)
+
+
+def _required(family: str) -> tuple[str, ...]:
+    """The components a manifest of `family` must list: its architecture's graphs
+    (runtime/architectures/), SD's for a family this sdrt does not know (read_facts refuses
+    that by name)."""
+    # imported here: the strategies read model folders, and model/folder.py imports this module
+    from sdrt.runtime.architectures import ARCHITECTURES
+    from sdrt.runtime.model.families import FAMILIES
+
+    strategy = ARCHITECTURES.get(FAMILIES[family].architecture) if family in FAMILIES else None
+    return strategy.required if strategy is not None else REQUIRED_COMPONENTS
 
 
 def file_problem(root: Path, rel: str, entry: FileEntry, *, hashes: bool = True) -> str | None:
@@ -346,7 +355,8 @@ def _check_tensor(spec: TensorSpec, where: str) -> None:
 
 
 def _check_relative(path: str, where: str) -> None:
-    # Every path a model file names must stay inside the model folder (DESIGN.md, safety).
+    # Every path a model file names must stay inside the model folder: a hostile manifest must not
+    # make the runtime read or hash files elsewhere.
     parts = PurePosixPath(path).parts
     _expect(path != "" and "\\" not in path and not PurePosixPath(path).is_absolute()
             and ".." not in parts and ":" not in path,

@@ -150,7 +150,7 @@ class JobQueue:
         if cached and (cached[0] == job.step or now - cached[1] < PREVIEW_MIN_SECONDS):
             return cached[2]
         try:
-            image = self.pipe._decode(latents)  # the pipeline's own VAE step, one image
+            image = self.pipe.decode(latents)  # the pipeline's own VAE step, one image
         except GenerationError:  # early latents may not decode to finite pixels
             return cached[2] if cached else None
         job.preview = (job.step, now, encode_png(image))

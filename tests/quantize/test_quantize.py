@@ -14,7 +14,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tests.cli.test_cli import assert_one_line_error
 
 from sdrt.benchmarks.unet_step import measure, table, with_ratios
 from sdrt.cli.main import main
@@ -27,6 +26,7 @@ from sdrt.runtime.errors import InputError, ModelError, QuantizeError
 from sdrt.runtime.model.manifest import Manifest, sha256_file
 from sdrt.runtime.model.variants import Variant, select_variant
 from sdrt.runtime.pipeline import Pipeline
+from tests.cli.test_cli import assert_one_line_error
 
 STEPS = 2  # enough to exercise the sampler loop; the figures mean nothing on random weights
 MADE = [(precision, backend) for precision, backends in SUPPORTED.items()
@@ -43,12 +43,17 @@ def fresh_copy(source, dest):
     return dest
 
 
-def needs(backend: str) -> None:
+def needs(backend: str, precision: str | None = None) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")
         pytest.importorskip("nncf")
     else:
         pytest.importorskip("onnx")
+    if precision == "bf16":  # refused on such CPUs (test_bf16_is_refused_without_native_bf16)
+        from sdrt.quantize.openvino import bf16_supported
+
+        if not bf16_supported():
+            pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def quantized(tiny_onnx_dir, tmp_path_factory):
     entries = {}
     for precision, backend in MADE:
         try:
-            needs(backend)
+            needs(backend, precision)
         except pytest.skip.Exception:
             continue
         options = QuantizeOptions(precision, backend, steps=STEPS)
@@ -68,7 +73,7 @@ def quantized(tiny_onnx_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(("precision", "backend"), MADE)
 def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
-    needs(backend)
+    needs(backend, precision)
     folder, entries = quantized
     entry = entries[precision, backend]
     manifest = Manifest.load(folder)
@@ -95,9 +100,21 @@ def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
     manifest.verify_files(folder)
 
 
+def test_bf16_is_refused_without_native_bf16(tiny_onnx_dir, tmp_path, monkeypatch):
+    """On a CPU without bf16 dot products (no AVX-512 BF16, no AMX) bf16 would run as fp32:
+    refused in one line, nothing listed."""
+    needs("openvino")
+    monkeypatch.setattr("sdrt.quantize.openvino.bf16_supported", lambda: False)
+    folder = fresh_copy(tiny_onnx_dir, tmp_path / "tiny")
+    with pytest.raises(QuantizeError, match="no native bf16") as info:
+        quantize_model(folder, QuantizeOptions("bf16", "openvino", steps=STEPS))
+    assert "\n" not in str(info.value)
+    assert not any(v["precision"] == "bf16" for v in Manifest.load(folder).variants)
+
+
 @pytest.mark.parametrize(("precision", "backend"), MADE)
 def test_pipeline_loads_the_variant_on_its_backend(quantized, precision, backend, monkeypatch):
-    needs(backend)
+    needs(backend, precision)
     folder, entries = quantized
     opened = {}
     real_open = pipeline_module.open_session

@@ -46,7 +46,8 @@ def test_ahead_compile_gives_the_same_image(tiny_onnx_dir, monkeypatch):
     pytest.importorskip("openvino")
     ahead = Pipeline.load(tiny_onnx_dir, backend="openvino").generate("a blue square", steps=2,
                                                                        seed=3)
-    monkeypatch.setattr("sdrt.runtime.pipeline.compile_ahead", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sdrt.runtime.architectures.unet.compile_ahead",
+                        lambda *args, **kwargs: None)
     on_call = Pipeline.load(tiny_onnx_dir, backend="openvino").generate("a blue square",
                                                                          steps=2, seed=3)
     assert np.array_equal(np.asarray(ahead[0]), np.asarray(on_call[0]))

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from tests.conftest import PARITY_SIZES
 
 from sdrt.runtime import session as session_module
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from sdrt.runtime.session import MAX_COMPILED_SHAPES, OpenVinoSession
+from tests.conftest import PARITY_SIZES
 
 THREADS, PER_THREAD = 4, 10
 SAMPLERS = ("euler_a", "dpmpp_2m", "ddim")

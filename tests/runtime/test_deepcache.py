@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import MAX_PIXEL_DIFF, PROMPT, as_array, load_reference, reference_images
 
 from sdrt.export.deepcache import make_deepcache
 from sdrt.runtime.deepcache import DEEPCACHE_DIR, FEATURE, gate_record
 from sdrt.runtime.errors import ExportError, InputError, ModelError
 from sdrt.runtime.model.manifest import Manifest
 from sdrt.runtime.pipeline import Pipeline
+from tests.conftest import MAX_PIXEL_DIFF, PROMPT, as_array, load_reference, reference_images
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "embedded"
 # The full graph is the UNet plus one Identity output, and the shallow graph the same nodes on
@@ -196,7 +196,7 @@ def test_cli_errors_are_one_line(cached_dir: Path, tmp_path: Path) -> None:
 
 def test_a_budget_that_forces_low_memory_refuses_deepcache_before_loading(
         cached_dir: Path, tmp_path: Path) -> None:
-    from sdrt.runtime.memory.low_memory import plan_request
+    from sdrt.runtime.memory.plan import plan_request
     from sdrt.runtime.pipeline import GenerationRequest
 
     plan = plan_request(cached_dir, "ort", "fp32", GenerationRequest(PROMPT, deepcache=3),

@@ -8,6 +8,9 @@ generators in the same order, so the only differences are graph-vs-eager float32
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from sdrt.runtime.pipeline import Pipeline
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -17,9 +20,6 @@ from tests.conftest import (
     load_reference,
     use_sampler,
 )
-from PIL import Image
-
-from sdrt.runtime.pipeline import Pipeline
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

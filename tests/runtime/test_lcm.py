@@ -11,6 +11,16 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from sdrt.runtime.errors import InputError, ModelError
+from sdrt.runtime.guidance import guidance_embedding
+from sdrt.runtime.model.families import check_override, detect_family
+from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
+from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+from sdrt.runtime.samplers import default_sampler, display_name, sample
+from sdrt.runtime.schedules import SchedulerConfig, lcm_schedule, sigma_table
+from tests.cli.test_cli import assert_one_line_error, run
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     PARITY_SIZES,
@@ -20,18 +30,8 @@ from tests.conftest import (
     load_reference,
     reference_images,
 )
-from PIL import Image
-from tests.cli.test_cli import assert_one_line_error, run
 from tests.runtime.model.test_families import configs_of
 from tests.runtime.test_samplers import MU, S, noise, rng_noise
-
-from sdrt.runtime.errors import InputError, ModelError
-from sdrt.runtime.guidance import guidance_embedding
-from sdrt.runtime.model.families import check_override, detect_family
-from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
-from sdrt.runtime.pipeline import GenerationRequest, Pipeline
-from sdrt.runtime.samplers import default_sampler, display_name, sample
-from sdrt.runtime.schedules import SchedulerConfig, lcm_schedule, sigma_table
 
 LCM_DREAMSHAPER = SchedulerConfig(  # SimianLuo/LCM_Dreamshaper_v7's scheduler_config.json
     class_name="LCMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from tests.conftest import count_unet_calls
 
 from sdrt.runtime.errors import GenerationError, InputError
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+from tests.conftest import count_unet_calls
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ same scheduler, so the only differences are graph-vs-eager float32 arithmetic.
 
 import numpy as np
 import pytest
+
+from sdrt.runtime.pipeline import Pipeline
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -17,8 +19,6 @@ from tests.conftest import (
     load_reference,
     reference_images,
 )
-
-from sdrt.runtime.pipeline import Pipeline
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")

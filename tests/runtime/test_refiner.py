@@ -8,6 +8,17 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from sdrt.cli.main import main
+from sdrt.runtime.errors import InputError, ModelError
+from sdrt.runtime.metadata import parse_parameters
+from sdrt.runtime.model.check import check_model
+from sdrt.runtime.model.families import detect_family
+from sdrt.runtime.model.manifest import Manifest
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.refiner import check_refiner_start, switch_step
+from sdrt.runtime.schedules import SchedulerConfig
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -19,18 +30,7 @@ from tests.conftest import (
     load_reference,
     use_sampler,
 )
-from PIL import Image
 from tests.runtime.model.test_families import CONFIGS, configs_of
-
-from sdrt.cli.main import main
-from sdrt.runtime.errors import InputError, ModelError
-from sdrt.runtime.metadata import parse_parameters
-from sdrt.runtime.model.check import check_model
-from sdrt.runtime.model.families import detect_family
-from sdrt.runtime.model.manifest import Manifest
-from sdrt.runtime.pipeline import Pipeline
-from sdrt.runtime.refiner import check_refiner_start, switch_step
-from sdrt.runtime.schedules import SchedulerConfig
 
 SEED, GUIDANCE = 11, 6.0
 

@@ -1,4 +1,4 @@
-"""Safety rules of the runtime, read from its source (DESIGN.md, safety defaults; users.md §4):
+"""Safety rules of the runtime, read from its source (pickle files can run code when loaded):
 nothing is ever unpickled, and no code is imported or looked up by a name a file could supply.
 
 An AST scan of every module under runtime/, in the style of test_layering: no pickle-family
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 
 import pytest
+
 from tests.conftest import ROOT
 
 RUNTIME = ROOT / "runtime"

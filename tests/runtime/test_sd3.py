@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.conftest import MAX_PIXEL_DIFF, NEGATIVE, PROMPT, _build, _export, as_array
 
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.flow_match import flow_match_schedule
@@ -13,6 +12,7 @@ from sdrt.runtime.model.manifest import Manifest
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.samplers import default_sampler, sample
 from sdrt.runtime.schedules import SchedulerConfig
+from tests.conftest import MAX_PIXEL_DIFF, NEGATIVE, PROMPT, _build, _export, as_array
 
 SD3_SCHEDULER = SchedulerConfig(class_name="FlowMatchEulerDiscreteScheduler", shift=3.0)
 SHAPE = (2, 16, 8, 8)

@@ -6,6 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.model.families import detect_family
+from sdrt.runtime.model.manifest import Manifest
+from sdrt.runtime.pipeline import Pipeline
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -17,11 +22,6 @@ from tests.conftest import (
     reference_images,
 )
 from tests.runtime.model.test_families import configs_of
-
-from sdrt.runtime.errors import ModelError
-from sdrt.runtime.model.families import detect_family
-from sdrt.runtime.model.manifest import Manifest
-from sdrt.runtime.pipeline import Pipeline
 
 # ---------------------------------------------------------------- detection (no torch needed)
 

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from sdrt.cli.main import main
 from sdrt.runtime import devices
+from sdrt.runtime.architectures.unet import SplitBatchUNet
 from sdrt.runtime.components import UNet
 from sdrt.runtime.errors import InputError
-from sdrt.runtime.memory.low_memory import LazySession, Residency, SplitBatchUNet
+from sdrt.runtime.memory.low_memory import LazySession, Residency
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.session import TensorSpec
 from sdrt.runtime.vae.exact_tiled import StagedVaeDecoder

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tests.conftest import ROOT
 
 from sdrt.cli.main import main
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.memory import estimate as memory
-from sdrt.runtime.memory.low_memory import plan_for, plan_request
+from sdrt.runtime.memory.low_memory import plan_for
+from sdrt.runtime.memory.plan import plan_request
 from sdrt.runtime.model.folder import EMBEDDED_MODEL
 from sdrt.runtime.model.manifest import Manifest, scan_files
 from sdrt.runtime.pipeline import GenerationRequest
+from tests.conftest import ROOT
 
 SD15_UNET = {"attention_head_dim": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3
              + ["DownBlock2D"]}

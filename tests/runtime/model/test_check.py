@@ -16,13 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests.conftest import ROOT
-from tests.cli.test_cli import assert_one_line_error, run
 
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.model.check import check_model
 from sdrt.runtime.model.manifest import Manifest, scan_files
 from sdrt.runtime.pipeline import Pipeline
+from tests.cli.test_cli import assert_one_line_error, run
+from tests.conftest import ROOT
 
 onnx = pytest.importorskip("onnx")
 

@@ -8,6 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.model.families import FAMILIES, check_override, detect_family
+from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
+from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+from tests.cli.test_cli import assert_one_line_error, run
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -17,13 +24,6 @@ from tests.conftest import (
     load_reference,
     reference_images,
 )
-from PIL import Image
-from tests.cli.test_cli import assert_one_line_error, run
-
-from sdrt.runtime.errors import ModelError
-from sdrt.runtime.model.families import FAMILIES, check_override, detect_family
-from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
-from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 
 CONFIGS = ROOT / "models" / "configs"
 # `!` is SD 2.x's pad token (id 0): in a prompt each one is its own token, as transformers has it.

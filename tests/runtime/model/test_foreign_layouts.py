@@ -1,4 +1,4 @@
-"""Folders written by other tools load unmodified (research/peers.md §9, users.md §3.2–3.3).
+"""Folders written by other tools load unmodified: optimum ONNX, optimum-intel IR, legacy ONNX.
 
 The fixtures under tests/fixtures/foreign/ were made from one tiny random SD 1.x folder (`source/`)
 by optimum-cli's ONNX and OpenVINO exports and by a writer of diffusers' legacy ONNX layout; see
@@ -15,6 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from sdrt.cli.main import main
+from sdrt.runtime.components import VaeEncoder
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.model.folder import graph_file
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.session import open_session
 from tests.conftest import (
     MAX_PIXEL_DIFF,
     NEGATIVE,
@@ -24,13 +31,6 @@ from tests.conftest import (
     load_reference,
     reference_images,
 )
-
-from sdrt.cli.main import main
-from sdrt.runtime.components import VaeEncoder
-from sdrt.runtime.errors import ModelError
-from sdrt.runtime.model.folder import graph_file
-from sdrt.runtime.pipeline import Pipeline
-from sdrt.runtime.session import open_session
 
 FOREIGN = ROOT / "tests" / "fixtures" / "foreign"
 # layout → the backends that read it (ONNX Runtime cannot read OpenVINO IR).

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tests.conftest import ROOT, _build, _export
 from PIL import Image
 
 from sdrt.cli.main import main
@@ -22,6 +21,7 @@ from sdrt.runtime.model.manifest import sha256_file
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.session import open_session
 from sdrt.runtime.vae.tiny import TinyVaeManifest
+from tests.conftest import ROOT, _build, _export
 
 # ONNX Runtime against torch on the same float32 convolutions: the export check's VAE tolerance
 # (optimum's 3e-4), as the outputs are pixel-scale sums over many conv taps.

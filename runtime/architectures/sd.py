@@ -1,0 +1,36 @@
+"""SD 1.x and SD 2.x (Rombach et al., 2022), and the families that run their graphs (inpainting,
+LCM, LCM-LoRA, Turbo): one CLIP encoder's last hidden state is the UNet's cross-attention
+context, with no added conditions (diffusers' StableDiffusionPipeline.encode_prompt)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.runtime.architectures.base import GraphOpener
+from sdrt.runtime.architectures.unet import UNetArchitecture
+from sdrt.runtime.components import TextEncoder
+from sdrt.runtime.conditioning import Conditioning, tokenize
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+
+@dataclass(frozen=True)
+class ClipConditioner:
+    """The encoder's last hidden state, no added conditions; uncond-then-cond when guided."""
+
+    tokenizer: ClipTokenizer
+    encoder: TextEncoder
+
+    def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
+                 height: int) -> Conditioning:
+        texts = [negative, prompt] if guided else [prompt]
+        return Conditioning(self.encoder(tokenize(self.tokenizer, texts)), {})  # (N, 77, D)
+
+
+def load_clip_conditioner(folder: Path, open_graph: GraphOpener) -> ClipConditioner:
+    return ClipConditioner(ClipTokenizer.from_dir(folder / "tokenizer"),
+                           TextEncoder(open_graph("text_encoder")))
+
+
+SD1 = UNetArchitecture("sd1", "SD 1.x", ("text_encoder",), load_clip_conditioner)
+SD2 = UNetArchitecture("sd2", "SD 2.x", ("text_encoder",), load_clip_conditioner)

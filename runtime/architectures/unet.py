@@ -1,0 +1,113 @@
+"""What every UNet architecture (SD 1.x/2.x, SDXL, the SDXL refiner) shares: the UNet component,
+its guided model function, low-memory mode's batch-1 calls and OpenVINO's compile-ahead.
+
+The model function is classifier-free guidance (Ho & Salimans, 2022) over the uncond-then-cond
+rows, or for an LCM UNet the guidance scale as an input (Luo et al., 2023); an inpainting UNet
+also takes the mask and masked-image latents as channels. What the raw output means (epsilon or
+v) is the scheduler config's prediction type, which guidance.Denoiser reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sdrt.runtime import guidance
+from sdrt.runtime.compile_ahead import compile_ahead
+from sdrt.runtime.components import UNet, VaeDecoder
+from sdrt.runtime.conditioning import Conditioning, TextConditioner
+from sdrt.runtime.guidance import ModelFn
+from sdrt.runtime.memory.low_memory import LOW_MEMORY_BATCH
+from sdrt.runtime.session import Session
+
+if TYPE_CHECKING:
+    from sdrt.runtime.architectures.base import GraphOpener
+    from sdrt.runtime.pipeline import GenerationRequest
+
+UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache"})
+
+
+@dataclass(frozen=True)
+class UNetArchitecture:
+    """A UNet architecture's strategy (base.Architecture): its text encoders and conditioner
+    loader are what sets one apart from another."""
+
+    name: str
+    title: str
+    text_encoders: tuple[str, ...]
+    conditioner: Callable[[Path, GraphOpener], TextConditioner]
+    features: frozenset[str] = UNET_FEATURES
+    denoiser_graph: str = "unet"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return (*self.text_encoders, self.denoiser_graph, "vae_decoder")
+
+    def graphs(self, folder: Path) -> tuple[str, ...]:
+        return self.required
+
+    def open_denoiser(self, session: Session) -> UNet:
+        return UNet(session)
+
+    def load_conditioner(self, folder: Path, open_graph: GraphOpener,
+                         denoiser: UNet) -> TextConditioner:
+        return self.conditioner(folder, open_graph)
+
+    def model_fn(self, denoiser: UNet, cond: Conditioning, req: GenerationRequest, *,
+                 guided: bool, image_channels: np.ndarray | None = None) -> ModelFn:
+        return guided_unet(denoiser, cond, req.guidance_scale, guided, image_channels)
+
+    def low_memory(self, denoiser: UNet) -> UNet:
+        return SplitBatchUNet(denoiser)
+
+    def compile_ahead(self, denoiser: UNet, decoder: VaeDecoder, *, batch: int,
+                      latent: tuple[int, int, int], context_length: int) -> None:
+        compile_ahead(denoiser, decoder, unet_batch=batch, latent=latent,
+                      context_length=context_length)
+
+
+def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bool,
+                image_channels: np.ndarray | None = None) -> ModelFn:
+    """(x, t) → the UNet's raw output under classifier-free guidance (module docstring)."""
+    context, added = conditioning.context, conditioning.added
+    embedded = None
+    if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
+        embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
+                             len(context), axis=0)
+
+    def model(x_in: np.ndarray, t: float) -> np.ndarray:
+        if image_channels is not None:  # inpainting UNet: latents ‖ mask ‖ masked latents
+            x_in = np.concatenate([x_in, image_channels], axis=1)  # (B, 9, h, w)
+        if not guided:
+            return unet(x_in, t, context, added, embedded)
+        out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
+        uncond, cond = np.split(out, 2)
+        return guidance.cfg_combine(uncond, cond, scale)
+
+    return model
+
+
+class SplitBatchUNet(UNet):
+    """UNet that runs its batch `rows` at a time (the CFG pair as batch-1 calls), same result."""
+
+    def __init__(self, unet: UNet, rows: int = LOW_MEMORY_BATCH) -> None:
+        super().__init__(unet.session)
+        self.rows = rows
+
+    def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
+                 added: dict[str, np.ndarray] | None = None,
+                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        if len(sample) <= self.rows:
+            return super().__call__(sample, t, context, added, timestep_cond)
+        parts = []
+        for i in range(0, len(sample), self.rows):
+            rows = slice(i, i + self.rows)
+            parts.append(super().__call__(
+                sample[rows], t, context[rows],
+                {name: value[rows] for name, value in (added or {}).items()},
+                None if timestep_cond is None else timestep_cond[rows]))
+        return np.concatenate(parts)  # (B, C, h, w)
