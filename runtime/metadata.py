@@ -1,7 +1,7 @@
 """Generation metadata: AUTOMATIC1111's "parameters" infotext (`processing.create_infotext`,
 `infotext_utils.parse_generation_parameters`) and PNGs that carry it.
 
-Text layout (research/users.md §3.5)::
+Text layout (A1111's `processing.create_infotext`)::
 
     {prompt}
     Negative prompt: {negative_prompt}      <- only when the negative prompt is non-empty

@@ -5,14 +5,19 @@ x = x0 + sigma * eps and sits in `SAMPLERS`, so the pipeline never branches on t
 sampler calls `x = callback(i, x, denoised)` after each model call, goes on from the x it gets
 back (inpainting replaces the latents outside the mask there) and returns `denoised` at once
 when it gets None. `sample()` turns x into diffusers' own latents for callers.
+
+The schedule (`schedules.SCHEDULES`: automatic, karras, …) is chosen apart from the sampler, as
+k-diffusion and A1111's "Schedule type" do; a name that ends in one ("dpmpp_2m_karras",
+A1111's "DPM++ 2M Karras") stands for that pair.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -25,16 +30,20 @@ from sdrt.runtime.flow_match import (
 )
 from sdrt.runtime.guidance import Denoiser, ModelFn
 from sdrt.runtime.schedules import (
+    AUTOMATIC,
+    SCHEDULES,
     ConsistencySchedule,
     Schedule,
     SchedulerConfig,
     ddim_schedule,
-    dpm_karras_schedule,
+    dpm_ladder_schedule,
     dpm_schedule,
+    euler_ladder_schedule,
     euler_schedule,
     lcm_schedule,
     pndm_schedule,
     rescale_vp,
+    resolve_schedule,
 )
 
 log = logging.getLogger(__name__)
@@ -151,53 +160,116 @@ SamplerFn = Callable[..., np.ndarray]  # the shared signature of the functions a
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler: its loop, the diffusers-compatible schedule it runs on, and its names."""
+    """A sampler: its loop, the diffusers-compatible tables it runs on, and its names."""
 
     run: SamplerFn
-    schedule: Callable[[SchedulerConfig, int, int], Schedule]
+    schedule: Callable[[SchedulerConfig, int, int], Schedule]  # its own ("automatic")
     display: str  # A1111's name, written into the PNG metadata
     diffusers_class: str
+    # Its tables on another schedule's sigma ladder, (config, sigmas, start); None where the
+    # sampler keeps its own timesteps (diffusers' DDIM, PNDM and LCM offer no other sigmas,
+    # A1111 runs DDIM and PLMS on their own; SD 3's flow sigmas are not a VE ladder).
+    ladder: Callable[[SchedulerConfig, np.ndarray, int], Schedule] | None = None
     flow: bool = False  # rectified flow (SD 3): velocity output, sigma in [0, 1]
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
+SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType({
     "ddim": SamplerSpec(sample_euler, ddim_schedule, "DDIM", "DDIMScheduler"),
     "pndm": SamplerSpec(sample_plms, pndm_schedule, "PLMS", "PNDMScheduler"),
-    "euler": SamplerSpec(sample_euler, euler_schedule, "Euler", "EulerDiscreteScheduler"),
+    "euler": SamplerSpec(sample_euler, euler_schedule, "Euler", "EulerDiscreteScheduler",
+                         euler_ladder_schedule),
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "Euler a",
-                           "EulerAncestralDiscreteScheduler"),
+                           "EulerAncestralDiscreteScheduler", euler_ladder_schedule),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPM++ 2M",
-                            "DPMSolverMultistepScheduler"),
-    "dpmpp_2m_karras": SamplerSpec(sample_dpmpp_2m, dpm_karras_schedule, "DPM++ 2M Karras",
-                                   "DPMSolverMultistepScheduler"),
+                            "DPMSolverMultistepScheduler", dpm_ladder_schedule),
     "lcm": SamplerSpec(sample_lcm, lcm_schedule, "LCM", "LCMScheduler"),
     "flow_euler": SamplerSpec(sample_flow_euler, flow_match_schedule, "Flow Euler",
                               "FlowMatchEulerDiscreteScheduler", flow=True),
-}
-_ALIASES = {
-    **{name: name for name in SAMPLERS},
-    **{spec.display.lower(): name for name, spec in SAMPLERS.items()},
-    **{spec.diffusers_class.lower(): name for name, spec in SAMPLERS.items()
-       if name != "dpmpp_2m_karras"},
-    "plms": "pndm",
-}
+})
+# Names that bound a schedule to a sampler before the two were chosen apart (sdrt's own, and
+# A1111's before 1.9), listed with the sampler names; any "<sampler> <schedule>" works as well.
+PAIR_NAMES: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "dpmpp_2m_karras": ("dpmpp_2m", "karras"),
+})
+
+
+def _names() -> dict[str, tuple[str, str]]:
+    """Every accepted spelling, lower case → (sampler, schedule): the canonical, A1111 and
+    diffusers class names, each also followed by a schedule's name or label (A1111's
+    `get_sampler_and_scheduler` splits such names)."""
+    alone = {name: name for name in SAMPLERS} | {"plms": "pndm"}
+    for name, spec in SAMPLERS.items():
+        alone |= {spec.display.lower(): name, spec.diffusers_class.lower(): name}
+    names = {alias: (name, AUTOMATIC) for alias, name in alone.items()}
+    for schedule, row in SCHEDULES.items():
+        if row.ladder is not None:
+            for alias, name in alone.items():
+                names |= {f"{alias}{sep}{suffix}": (name, schedule) for sep in " _"
+                          for suffix in (schedule, row.label.lower())}
+    return names | dict(PAIR_NAMES)
+
+
+_NAMES: Mapping[str, tuple[str, str]] = MappingProxyType(_names())
+
+
+def sampler_names() -> list[str]:
+    """The sampler names to offer: each sampler, followed by its `PAIR_NAMES`."""
+    return [named for name in SAMPLERS
+            for named in (name, *(pair for pair, (base, _) in PAIR_NAMES.items()
+                                  if base == name))]
+
+
+def resolve_pair(sampler: str, schedule: str | None = None) -> tuple[str, str]:
+    """(sampler, schedule) keys for a sampler name (canonical, A1111 or diffusers class, any
+    case, perhaps ending in a schedule) and a schedule name or A1111 label; an automatic or
+    absent schedule leaves the one the name gives."""
+    pair = _NAMES.get(str(sampler).strip().lower())
+    if pair is None:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of: "
+                         f"{', '.join(sampler_names())}")
+    name, named = pair
+    chosen = resolve_schedule(schedule)
+    if AUTOMATIC not in (chosen, named) and chosen != named:
+        raise InputError(f"sampler {sampler!r} names schedule '{named}', not '{chosen}'")
+    chosen = named if chosen == AUTOMATIC else chosen
+    if chosen != AUTOMATIC and SAMPLERS[name].ladder is None:
+        takers = [n for n, spec in SAMPLERS.items() if spec.ladder is not None]
+        raise InputError(f"sampler '{name}' runs on its own timesteps only (schedule "
+                         f"automatic); schedule '{chosen}' takes: {', '.join(takers)}")
+    return name, chosen
+
+
+def schedules_for(sampler: str) -> list[str]:
+    """The `SCHEDULES` a sampler runs on: every one, or automatic alone (its own timesteps)."""
+    takes_any = SAMPLERS[resolve_pair(sampler)[0]].ladder is not None
+    return [name for name, row in SCHEDULES.items() if takes_any or row.ladder is None]
 
 
 def resolve_sampler(name: str) -> str:
-    """Canonical sampler name for a canonical, A1111 or diffusers class name (any case)."""
-    canonical = _ALIASES.get(str(name).strip().lower())
-    if canonical is None:
-        raise InputError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return canonical
+    """Canonical name for a sampler name (canonical, A1111 or diffusers class, any case):
+    the sampler's, or "<sampler>_<schedule>" where the name binds a schedule."""
+    sampler, schedule = resolve_pair(name)
+    return sampler if schedule == AUTOMATIC else f"{sampler}_{schedule}"
+
+
+def make_schedule(config: SchedulerConfig, sampler: str, steps: int, start: int = 0,
+                  schedule: str | None = None) -> Schedule:
+    """A run's tables: the sampler's own, or its tables on the schedule's sigma ladder."""
+    name, schedule = resolve_pair(sampler, schedule)
+    spec, ladder = SAMPLERS[name], SCHEDULES[schedule].ladder
+    if ladder is None:
+        return spec.schedule(config, steps, start)
+    return spec.ladder(config, ladder(config, steps), start)
 
 
 def default_sampler(config: SchedulerConfig) -> str:
     """The sampler of the model folder's own scheduler class; DEFAULT_SAMPLER for other classes.
 
-    EulerDiscreteScheduler maps to "euler" even with use_karras_sigmas (A1111's Euler has no
-    Karras variant); only DPMSolverMultistepScheduler's flag selects "dpmpp_2m_karras".
+    EulerDiscreteScheduler maps to "euler" even with use_karras_sigmas, as before schedules
+    were chosen apart (schedule "karras" asks for its Karras sigmas); only
+    DPMSolverMultistepScheduler's flag selects "dpmpp_2m_karras" (dpmpp_2m on karras).
     """
-    name = _ALIASES.get(str(config.class_name or "").lower())
+    name, _ = _NAMES.get(str(config.class_name or "").lower(), (None, AUTOMATIC))
     if name is None:
         log.info("no sampler for scheduler class %r; using %s", config.class_name, DEFAULT_SAMPLER)
         return DEFAULT_SAMPLER
@@ -207,13 +279,16 @@ def default_sampler(config: SchedulerConfig) -> str:
 
 
 def display_name(sampler: str) -> str:
-    """A1111's name for a sampler ("Euler a", "PLMS", "DPM++ 2M Karras", ...)."""
-    return SAMPLERS[resolve_sampler(sampler)].display
+    """A1111's name for a sampler ("Euler a", "PLMS", ...), with the schedule's label when the
+    name binds one ("DPM++ 2M Karras", as A1111 named it before 1.9)."""
+    name, schedule = resolve_pair(sampler)
+    shown = SAMPLERS[name].display
+    return shown if schedule == AUTOMATIC else f"{shown} {SCHEDULES[schedule].label}"
 
 
 def num_model_calls(sampler: str, steps: int, start_step: int = 0) -> int:
     """Model calls of a run: `steps`, but PNDM's PLMS makes steps + 1 when steps ≥ 2."""
-    calls = steps + 1 if resolve_sampler(sampler) == "pndm" and steps > 1 else steps
+    calls = steps + 1 if resolve_pair(sampler)[0] == "pndm" and steps > 1 else steps
     return calls - start_step
 
 
@@ -250,7 +325,7 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
            callback: UserCallback | None = None, start_step: int = 0,
            init_latents: np.ndarray | None = None,
            keep: KeepOutside | None = None, end_step: int | None = None,
-           add_noise: bool = True) -> np.ndarray:
+           add_noise: bool = True, schedule: str | None = None) -> np.ndarray:
     """Run a sampler from noise (or, for image-to-image, from init_latents noised to the level of
     step `start_step`) and return float32 latents as diffusers hands them to the VAE; `keep`
     puts an original back outside a mask after every step (4-channel inpainting).
@@ -260,15 +335,16 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
     takes init_latents as such latents, already at step `start_step`'s level (no noise added).
 
     `callback(i, n, latents)` runs after every model call (n = calls of this run); when it
-    returns True the run stops and the current denoised estimate is returned.
+    returns True the run stops and the current denoised estimate is returned. `schedule` (a
+    `SCHEDULES` name or A1111 label) replaces the sampler's own sigmas where it takes others.
     """
     config.validate()
-    name = resolve_sampler(sampler)
+    name, schedule = resolve_pair(sampler, schedule)
     _check_run(config, name, steps, start_step, noise, init_latents, keep)
     _check_flow(config, name, init_latents, keep)
     _check_handover(num_model_calls(name, steps), start_step, end_step, add_noise, init_latents)
     spec = SAMPLERS[name]
-    sched = spec.schedule(config, steps, start_step)
+    sched = make_schedule(config, name, steps, start_step, schedule)
     stopped, handed = False, None
 
     def on_step(i: int, x: np.ndarray, denoised: np.ndarray) -> np.ndarray | None:

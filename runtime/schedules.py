@@ -4,14 +4,19 @@ Vocabulary: `t` training timestep, `sigma` noise level of x = x0 + sigma * eps (
 Karras et al. 2022; diffusers' DDIM/PNDM/DPM latents are x / sqrt(sigma² + 1)), `i` step index.
 The tables copy diffusers' dtype choices (float32 betas and alphas_cumprod, float32 sigma tables,
 float32 Euler timesteps) so that trajectories agree with diffusers' schedulers to ~1e-6.
+
+`SCHEDULES` holds the schedule types a sampler may run on apart from its own timesteps (A1111's
+"Schedule type"): each a ladder of sigmas between the model's sigma_max and sigma_min.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -224,6 +229,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     return (hi + ramp * (lo - hi)) ** KARRAS_RHO
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, evenly spaced in log sigma (k-diffusion's
+    get_sigmas_exponential)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
 def training_timesteps(config: SchedulerConfig, steps: int, spacing: str,
                        round_linspace: bool = True) -> np.ndarray:
     """Descending training timesteps (steps,) float64 for diffusers' `timestep_spacing` rule
@@ -349,37 +360,52 @@ def euler_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Sched
 
     init_noise_sigma is sqrt(sigma_max² + 1) for "leading" spacing but sigma_max otherwise.
     """
-    spacing = config.timestep_spacing or "linspace"
-    ts = training_timesteps(config, steps, spacing, round_linspace=False).astype(np.float32)
+    ts = training_timesteps(config, steps, config.timestep_spacing or "linspace",
+                            round_linspace=False).astype(np.float32)
     table = sigma_table(config)
     sigmas = np.append(np.interp(ts, np.arange(len(table)), table), 0.0).astype(np.float32)
-    sigma_max = float(sigmas[0])
-    init = math.hypot(1.0, sigma_max) if spacing == "leading" else sigma_max
-    return _make(ts, sigmas, sigmas[1:], init, False, start)
+    return _make(ts, sigmas, sigmas[1:], _euler_init_sigma(config, float(sigmas[0])), False,
+                 start)
 
 
-def dpm_schedule(config: SchedulerConfig, steps: int, start: int = 0,
-                 karras: bool = False) -> Schedule:
-    """DPMSolverMultistepScheduler's run: its own n + 1 point spacing, final sigma 0; with
-    `karras`, Karras sigmas and the (rounded) timesteps nearest to them."""
+def euler_ladder_schedule(config: SchedulerConfig, sigmas: np.ndarray,
+                          start: int = 0) -> Schedule:
+    """Euler(-ancestral) tables on another schedule's sigmas: each called at its fractional
+    timestep, as EulerDiscreteScheduler does with use_karras_sigmas / use_exponential_sigmas."""
+    ts = sigma_to_t(sigmas, sigma_table(config)).astype(np.float32)
+    sigmas = np.append(sigmas, 0.0).astype(np.float32)
+    return _make(ts, sigmas, sigmas[1:], _euler_init_sigma(config, float(sigmas[0])), False,
+                 start)
+
+
+def _euler_init_sigma(config: SchedulerConfig, sigma_max: float) -> float:
+    """Euler's init_noise_sigma: sqrt(sigma_max² + 1) for "leading" spacing, else sigma_max."""
+    leading = (config.timestep_spacing or "linspace") == "leading"
+    return math.hypot(1.0, sigma_max) if leading else sigma_max
+
+
+def dpm_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Schedule:
+    """DPMSolverMultistepScheduler's run: its own n + 1 point spacing, final sigma 0."""
     table = sigma_table(config)
     spacing = config.timestep_spacing or "linspace"
-    if karras:
-        sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
-        ts = sigma_to_t(sigmas, table)
-        # diffusers rounds, except for squaredcos_cap_v2 where its int64 cast truncates
-        ts = np.trunc(ts) if config.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
-    else:
-        ts = (training_timesteps(config, steps, spacing) if spacing == "trailing"
-              else training_timesteps(config, steps + 1, spacing)[:-1])
-        sigmas = np.interp(ts, np.arange(len(table)), table)
+    ts = (training_timesteps(config, steps, spacing) if spacing == "trailing"
+          else training_timesteps(config, steps + 1, spacing)[:-1])
+    return _dpm_tables(ts, np.interp(ts, np.arange(len(table)), table), start)
+
+
+def dpm_ladder_schedule(config: SchedulerConfig, sigmas: np.ndarray,
+                        start: int = 0) -> Schedule:
+    """DPMSolverMultistepScheduler's run on another schedule's sigmas (its use_karras_sigmas for
+    Karras's): each sigma called at the nearest training timestep."""
+    ts = sigma_to_t(sigmas, sigma_table(config))
+    # diffusers rounds, except for squaredcos_cap_v2 where its int64 cast truncates
+    ts = np.trunc(ts) if config.beta_schedule == "squaredcos_cap_v2" else np.round(ts)
+    return _dpm_tables(ts, sigmas, start)
+
+
+def _dpm_tables(ts: np.ndarray, sigmas: np.ndarray, start: int) -> Schedule:
     sigmas = np.append(sigmas, 0.0).astype(np.float32)
     return _make(ts, sigmas, sigmas[1:], math.hypot(1.0, float(sigmas[start])), True, start)
-
-
-def dpm_karras_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Schedule:
-    """DPMSolverMultistepScheduler's run with use_karras_sigmas=True."""
-    return dpm_schedule(config, steps, start, karras=True)
 
 
 @dataclass(frozen=True)
@@ -408,3 +434,56 @@ def lcm_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Consist
     base = _make(ts, sigmas, sigmas[1:], math.hypot(1.0, sigmas[start]), True, start)
     return ConsistencySchedule(**vars(base), c_skip=tuple(float(c) for c in c_skip[start:]),
                                c_out=tuple(float(c) for c in c_out[start:]))
+
+
+# ---- schedule types: sigma ladders apart from the sampler (A1111's "Schedule type") -----------
+
+
+def karras_ladder(config: SchedulerConfig, steps: int) -> np.ndarray:
+    """Karras sigmas (rho 7) between the model's sigma_max and sigma_min, as diffusers'
+    use_karras_sigmas=True and A1111's "Karras"."""
+    table = sigma_table(config)
+    return karras_sigmas(float(table[0]), float(table[-1]), steps)
+
+
+def exponential_ladder(config: SchedulerConfig, steps: int) -> np.ndarray:
+    """Log-linear sigmas between the model's sigma_max and sigma_min, as diffusers'
+    use_exponential_sigmas=True and A1111's "Exponential"."""
+    table = sigma_table(config)
+    return exponential_sigmas(float(table[0]), float(table[-1]), steps)
+
+
+@dataclass(frozen=True)
+class ScheduleType:
+    """A row of `SCHEDULES`: A1111's label (the infotext's "Schedule type") and the ladder,
+    (config, steps) -> `steps` descending sigmas, that samplers taking any schedule run on."""
+
+    label: str
+    ladder: Callable[[SchedulerConfig, int], np.ndarray] | None  # None: the sampler's own
+    rho: float | None = None  # A1111's default_rho
+
+
+AUTOMATIC = "automatic"  # each sampler's own timesteps, as its diffusers class sets them
+SCHEDULES: Mapping[str, ScheduleType] = MappingProxyType({
+    AUTOMATIC: ScheduleType("Automatic", None),
+    "karras": ScheduleType("Karras", karras_ladder, KARRAS_RHO),
+    "exponential": ScheduleType("Exponential", exponential_ladder),
+})
+
+
+def resolve_schedule(name: str | None) -> str:
+    """The `SCHEDULES` key for a schedule's name or A1111 label (any case); None: automatic."""
+    if name is None:
+        return AUTOMATIC
+    key = name.strip().lower() if isinstance(name, str) else None
+    for schedule, row in SCHEDULES.items():
+        if key in (schedule, row.label.lower()):
+            return schedule
+    raise InputError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def schedule_infotext(schedule: str) -> dict[str, str]:
+    """A1111's infotext entry for a schedule: "Schedule type" with its label, none for
+    Automatic (A1111's `get_sigmas` adds it for a chosen schedule; its parser reads a missing
+    one as Automatic, so both read back the same)."""
+    return {} if schedule == AUTOMATIC else {"Schedule type": SCHEDULES[schedule].label}

@@ -34,18 +34,20 @@ from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts, check_folder, 
 from sdrt.runtime.model.variants import select_variant
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
 from sdrt.runtime.samplers import display_name
-from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.schedules import SchedulerConfig, schedule_infotext
 from sdrt.runtime.session import BACKENDS
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
 RESULTS_FILE = "results.jsonl"
-# A job's fields; absent or null takes the default (generation settings: the model family's).
+# A job's fields; absent or null takes the default (generation settings: the model family's;
+# schedule: the sampler's own).
 JOB_FIELDS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "size", "steps",
-              "guidance_scale", "sampler", "generator", "model", "backend", "precision")
+              "guidance_scale", "sampler", "generator", "model", "backend", "precision",
+              "schedule")
 STRING_FIELDS = ("id", "prompt", "negative_prompt", "sampler", "generator", "model", "backend",
-                 "precision")
+                 "precision", "schedule")
 # A job id names its PNG: portable file-name characters, no leading dot (hidden files, "..").
 JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # 100 characters + ".png" stays under every filesystem's 255-byte name limit.
@@ -66,11 +68,12 @@ class Job:
     precision: str
     request: GenerationRequest
     expected: Mapping[str, Any]  # metadata its PNG must carry (`verify`)
+    load: tuple[tuple[str, Any], ...] = ()  # Pipeline.load options: low_memory, device, vae, …
 
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> tuple[str, str, str, tuple[tuple[str, Any], ...]]:
         """What a worker caches one pipeline for."""
-        return self.model, self.backend, self.precision
+        return self.model, self.backend, self.precision, self.load
 
     @property
     def file(self) -> str:
@@ -117,12 +120,15 @@ class BatchReport:
 def run_batch(jobs: str | Path | Iterable[Mapping[str, Any]], out: str | Path, *,
               engine: str = "local", workers: int = 1, threads_per_worker: int | None = None,
               ray_address: str | None = None,
-              on_result: Callable[[dict[str, Any]], None] | None = None) -> BatchReport:
+              on_result: Callable[[dict[str, Any]], None] | None = None,
+              defaults: Mapping[str, Any] | None = None,
+              load: Mapping[str, Any] | None = None) -> BatchReport:
     """Run every job of `jobs` (a JSONL file, or dicts with its fields) whose PNG in `out` is
     missing or does not verify; `on_result(record)` sees each results record as it is written.
-    `threads_per_worker` defaults to this machine's cores / `workers`."""
+    `threads_per_worker` defaults to this machine's cores / `workers`. `defaults` fills the job
+    fields a job leaves out; `load` are the Pipeline.load options every worker loads with."""
     runner = make_engine(engine, workers, threads_per_worker, ray_address)
-    checked, invalid = read_jobs(jobs)
+    checked, invalid = read_jobs(jobs, defaults, load)
     out = _output_folder(Path(out))
     with _Results(out, on_result) as results:
         for record in invalid:
@@ -168,9 +174,11 @@ def _output_folder(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------ reading jobs
 
-def read_jobs(source: str | Path | Iterable[Mapping[str, Any]]
+def read_jobs(source: str | Path | Iterable[Mapping[str, Any]],
+              defaults: Mapping[str, Any] | None = None, load: Mapping[str, Any] | None = None
               ) -> tuple[list[Job], list[dict[str, Any]]]:
-    """The checked jobs, and an `invalid` results record (line and message) per bad one."""
+    """The checked jobs, and an `invalid` results record (line and message) per bad one
+    (`defaults`, `load`: as `run_batch` takes them)."""
     models = _Models()
     jobs: list[Job] = []
     invalid: list[dict[str, Any]] = []
@@ -179,7 +187,7 @@ def read_jobs(source: str | Path | Iterable[Mapping[str, Any]]
         try:
             if isinstance(data, SdrtError):
                 raise data
-            job = parse_job(data, line, models)
+            job = parse_job(data, line, models, defaults=defaults, load=load)
             if job.id.casefold() in first_seen:
                 raise InputError(f"id '{job.id}' is taken by line {first_seen[job.id.casefold()]}")
         except (SdrtError, TypeError, ValueError, OverflowError) as exc:  # what odd values raise
@@ -216,13 +224,17 @@ def _decode(raw: bytes) -> object:
         return InputError(f"not valid JSON: {exc.msg} at column {exc.colno}")
 
 
-def parse_job(data: object, line: int, models: _Models) -> Job:
+def parse_job(data: object, line: int, models: _Models, *,
+              defaults: Mapping[str, Any] | None = None,
+              load: Mapping[str, Any] | None = None) -> Job:
     """A job from one decoded line, resolved against its model (errors name the field)."""
     if not isinstance(data, Mapping):
         raise InputError(f"a job must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(JOB_FIELDS))
     if unknown:
         raise InputError(f"unknown field '{unknown[0]}'; fields: {', '.join(JOB_FIELDS)}")
+    data = {**(defaults or {}), **{name: value for name, value in data.items()
+                                   if value is not None}}
     for name in STRING_FIELDS:
         if data.get(name) is not None and not isinstance(data[name], str):
             raise InputError(f"{name} must be a string, got {type(data[name]).__name__}")
@@ -242,11 +254,13 @@ def parse_job(data: object, line: int, models: _Models) -> Job:
     request = GenerationRequest(
         prompt=data["prompt"], negative_prompt=data.get("negative_prompt") or "",
         steps=data.get("steps"), guidance_scale=data.get("guidance_scale"),
-        sampler=data.get("sampler"), seed=data.get("seed"), width=width, height=height,
+        sampler=data.get("sampler"), schedule=data.get("schedule"), seed=data.get("seed"),
+        width=width, height=height,
         generator=data.get("generator") or "torch",
     ).resolve(facts, scheduler)
     expected = _expected(request, facts, backend, precision, seed=data.get("seed") is not None)
-    return Job(job_id, line, str(folder), backend, precision, request, expected)
+    return Job(job_id, line, str(folder), backend, precision, request, expected,
+               tuple(sorted((load or {}).items())))
 
 
 def _size(data: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -275,6 +289,8 @@ def _expected(request: GenerationRequest, facts: ModelFacts, backend: str, preci
         "model_hash": facts.unet_sha256[:AUTOV2_HEX_CHARS] if facts.unet_sha256 else None,
         "denoising_strength": None, "Backend": backend, "Precision": precision,
         "RNG": "CPU" if request.generator == "torch" else "NumPy",  # A1111's names
+        # an automatic schedule writes none: a PNG with one is another job's
+        "Schedule type": schedule_infotext(request.schedule).get("Schedule type"),
     }
     return {**expected, "seed": request.seed} if seed else expected
 
@@ -345,7 +361,7 @@ class Worker:
 
     def __init__(self, threads: int | None) -> None:
         self._threads = threads
-        self._pipelines: OrderedDict[tuple[str, str, str], Pipeline] = OrderedDict()
+        self._pipelines: OrderedDict[tuple, Pipeline] = OrderedDict()
         self._lock = threading.Lock()
 
     def run(self, job: Job) -> JobOutput:
@@ -355,7 +371,7 @@ class Worker:
         return JobOutput(np.asarray(result.image), result.info, load_s,
                          time.perf_counter() - start, _here())
 
-    def _pipeline(self, key: tuple[str, str, str]) -> tuple[Pipeline, float]:
+    def _pipeline(self, key: tuple) -> tuple[Pipeline, float]:
         # One lock for all models: two threads asking for one model must not load it twice,
         # and a batch switches models rarely (jobs are grouped by model).
         with self._lock:
@@ -363,8 +379,9 @@ class Worker:
                 self._pipelines.move_to_end(key)
                 return self._pipelines[key], 0.0
             start = time.perf_counter()
-            model, backend, precision = key
-            pipe = Pipeline.load(model, backend, threads=self._threads, precision=precision)
+            model, backend, precision, load = key
+            pipe = Pipeline.load(model, backend, threads=self._threads, precision=precision,
+                                 **dict(load))
             self._pipelines[key] = pipe
             if len(self._pipelines) > MAX_PIPELINES_PER_WORKER:
                 self._pipelines.popitem(last=False)

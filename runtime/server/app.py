@@ -1,6 +1,6 @@
 """The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img, progress, interrupt, samplers,
-sd-models and sd-vae; `/health`, `/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page
-at `/`.
+schedulers, sd-models and sd-vae; `/health`, `/metrics` (Prometheus text), `/sdrt/v1/config`;
+the kiosk page at `/`.
 
 Every error is JSON `{"error", "detail"}` with a 4xx status (or a bare 500 "internal error",
 the traceback going to the server log only); nothing in a response names a filesystem path.
@@ -33,7 +33,8 @@ from sdrt.runtime.errors import InputError, SdrtError, first_line
 from sdrt.runtime.images import MAX_INPUT_PIXELS, read_image, read_mask
 from sdrt.runtime.metadata import format_parameters
 from sdrt.runtime.pipeline import GeneratedImage, GenerationRequest, Pipeline
-from sdrt.runtime.samplers import SAMPLERS, resolve_sampler
+from sdrt.runtime.samplers import SAMPLERS, schedules_for
+from sdrt.runtime.schedules import SCHEDULES
 from sdrt.runtime.server.codec import decode_image, encode_png
 from sdrt.runtime.server.jobs import Job, JobQueue
 from sdrt.runtime.server.middleware import (
@@ -52,6 +53,7 @@ from sdrt.runtime.server.schemas import (
     ProgressResponse,
     ProgressState,
     SamplerItem,
+    SchedulerItem,
     SDModelItem,
     SDVaeItem,
     ServerConfig,
@@ -171,8 +173,18 @@ def _add_info_routes(api: APIRouter, pipe: Pipeline, settings: ServerSettings,
     @api.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers() -> list[SamplerItem]:
         """The samplers by A1111 name; aliases are sdrt's and diffusers' names."""
-        return [SamplerItem(name=spec.display, aliases=[key, spec.diffusers_class])
+        return [SamplerItem(name=spec.display, aliases=[key, spec.diffusers_class],
+                            options={"schedules": schedules_for(key)})
                 for key, spec in SAMPLERS.items()]
+
+    @api.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def schedulers() -> list[SchedulerItem]:
+        """The schedule types (the `scheduler` of txt2img/img2img), by name and A1111 label."""
+        # need_inner_model is False throughout: each ladder reads only the model's sigma range
+        return [SchedulerItem(name=key, label=row.label,
+                              default_rho=-1.0 if row.rho is None else row.rho,
+                              need_inner_model=False)
+                for key, row in SCHEDULES.items()]
 
     @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models() -> list[SDModelItem]:
@@ -280,7 +292,9 @@ def _request(pipe: Pipeline, settings: ServerSettings, body: Txt2ImgRequest,
         raise InputError(f"batch_size and n_iter must be at least 1, got {body.batch_size} "
                          f"and {body.n_iter}")
     options = {"negative_prompt": body.negative_prompt or "", "steps": body.steps,
-               "guidance_scale": body.cfg_scale, "sampler": _sampler(body),
+               "guidance_scale": body.cfg_scale,
+               "sampler": body.sampler_name or body.sampler_index or None,
+               "schedule": body.scheduler or None,
                "seed": None if body.seed == -1 else body.seed,
                "num_images": body.batch_size * body.n_iter}
     prompt = body.prompt or ""
@@ -297,19 +311,6 @@ def _request(pipe: Pipeline, settings: ServerSettings, body: Txt2ImgRequest,
         raise InputError(f"batch_size × n_iter must be at most {settings.max_batch} on this "
                          f"server, got {request.num_images}")
     return request
-
-
-def _sampler(body: Txt2ImgRequest) -> str | None:
-    """A1111's sampler_name (else sampler_index) with its `scheduler` field: Automatic, or
-    Karras for DPM++ 2M (sdrt's one Karras sampler)."""
-    name = body.sampler_name or body.sampler_index or None
-    scheduler = (body.scheduler or "automatic").strip().lower()
-    if scheduler == "automatic":
-        return name
-    if scheduler == "karras" and name and resolve_sampler(name).startswith("dpmpp_2m"):
-        return "dpmpp_2m_karras"
-    raise InputError(f"scheduler {body.scheduler!r} is not supported with sampler {name!r}; "
-                     "use Automatic, or Karras with DPM++ 2M")
 
 
 def _image_input(pipe: Pipeline, settings: ServerSettings, body: Img2ImgRequest):

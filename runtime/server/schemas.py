@@ -1,6 +1,6 @@
 """Request and response bodies of AUTOMATIC1111's API (`modules/api/models.py`):
 `StableDiffusionTxt2ImgProcessingAPI` / `…Img2Img…`, `TextToImageResponse`, `ProgressResponse`,
-`SamplerItem`, `SDModelItem`; plus sdrt's own health, config and error bodies.
+`SamplerItem`, `SchedulerItem`, `SDModelItem`; plus sdrt's own health, config and error bodies.
 
 A1111 clients send the whole processing object, so unknown fields are ignored; fields that would
 change the picture in ways sdrt does not implement (hires fix, face restoration, scripts, …) are
@@ -28,7 +28,9 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, description="-1 picks a random seed; image i uses seed + i")
     sampler_name: str | None = None
     sampler_index: str | None = Field(None, description="used when sampler_name is empty")
-    scheduler: str | None = Field(None, description="Automatic, or Karras with DPM++ 2M")
+    scheduler: str | None = Field(None, description="A1111's schedule type, a name or label "
+                                  "of /sdapi/v1/schedulers (any case); Automatic: the sampler's "
+                                  "own")
     batch_size: int = 1
     n_iter: int = 1
     steps: int | None = None
@@ -102,9 +104,21 @@ class ProgressResponse(BaseModel):
 
 
 class SamplerItem(BaseModel):
+    """A1111's SamplerItem; sdrt's `options` lists the schedules the sampler runs on."""
+
     name: str
     aliases: list[str]
     options: dict[str, Any] = {}
+
+
+class SchedulerItem(BaseModel):
+    """A1111's SchedulerItem (`sd_schedulers.Scheduler`): default_rho -1 where it has none."""
+
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
 
 
 class SDModelItem(BaseModel):

@@ -517,3 +517,29 @@ def test_png_round_trip_is_lossless_for_any_text(
     assert load_info(tmp_path / "h.png") == info
     with Image.open(tmp_path / "h.png") as read:
         assert read.info["parameters"] == format_parameters(info)
+
+
+@pytest.mark.parametrize("sampler, schedule", [
+    ("dpmpp_2m", "karras"), ("euler_a", "exponential"), ("euler", "automatic"), ("pndm", None),
+])
+def test_sampler_and_schedule_type_round_trip(sampler: str, schedule: str | None) -> None:
+    # A1111 (≥ 1.9) writes "Sampler: DPM++ 2M, Schedule type: Karras"; reading both fields back
+    # gives the same pair, and a missing "Schedule type" reads as Automatic, as A1111's parser.
+    from sdrt.runtime.samplers import display_name, resolve_pair
+    from sdrt.runtime.schedules import schedule_infotext
+
+    pair = resolve_pair(sampler, schedule)
+    info = make_info(sampler=display_name(pair[0]), extra=schedule_infotext(pair[1]))
+    parsed = parse_parameters(format_parameters(info))
+    assert resolve_pair(parsed["Sampler"], parsed.get("Schedule type")) == pair
+    assert ("Schedule type" in parsed) == (pair[1] != "automatic")
+
+
+def test_a1111_schedule_in_the_sampler_name_reads_as_the_pair() -> None:
+    from sdrt.runtime.samplers import resolve_pair
+
+    old = parse_parameters("x\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 3")
+    new = parse_parameters("x\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 3")
+    for parsed in (old, new):
+        assert resolve_pair(parsed["Sampler"], parsed.get("Schedule type")) == \
+            ("dpmpp_2m", "karras")

@@ -235,3 +235,58 @@ def test_training_tables_are_diffusers_float32_tables(overrides):
     np.testing.assert_array_equal(alphas_cumprod(ours), reference.alphas_cumprod.numpy())
     # torch's vectorised float32 sqrt is not correctly rounded: allow 2 ulp.
     np.testing.assert_array_max_ulp(sigma_table(ours), reference.sigmas[:-1].numpy()[::-1], 2)
+
+
+# ---- schedule types (A1111's "Schedule type") against diffusers' sigma options ----------------
+
+# (sampler, schedule) → the diffusers scheduler that runs that pair. Euler's diffusers range is
+# the spaced sigmas' own, the model's (as A1111's) only with "linspace" spacing: tested there.
+LADDER_DIFFUSERS = {
+    ("euler", "karras"): ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("euler", "exponential"): ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("dpmpp_2m", "karras"): DIFFUSERS["dpmpp_2m_karras"],
+}
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+@pytest.mark.parametrize("overrides", [
+    {}, {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    {"beta_schedule": "squaredcos_cap_v2"},
+])
+def test_karras_ladder_is_diffusers_convert_to_karras(overrides, steps):
+    from sdrt.runtime.schedules import karras_ladder, sigma_table
+
+    config = {**SD15, **overrides}
+    reference = schedulers.DPMSolverMultistepScheduler.from_config(config,
+                                                                  use_karras_sigmas=True)
+    table = sigma_table(SchedulerConfig.from_dict(config))
+    expected = reference._convert_to_karras(in_sigmas=np.flip(table).astype(np.float64),
+                                            num_inference_steps=steps)
+    ours = karras_ladder(SchedulerConfig.from_dict(config), steps)
+    np.testing.assert_array_equal(ours, expected)
+    reference.set_timesteps(steps)
+    np.testing.assert_allclose(ours, reference.sigmas.numpy()[:-1], rtol=1e-6)  # float32 table
+
+
+@pytest.mark.parametrize("steps", [2, 7, 20])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("pair", list(LADDER_DIFFUSERS))
+def test_sampler_on_a_schedule_matches_diffusers_sigma_option(pair, prediction, steps):
+    sampler, schedule = pair
+    class_name, overrides = LADDER_DIFFUSERS[pair]
+    config = {**SD15, "prediction_type": prediction, "timestep_spacing": "linspace"}
+    reference = getattr(schedulers, class_name).from_config(config, **overrides)
+    reference.set_timesteps(steps)
+    noise = _noise()
+    latents, expected = torch.from_numpy(noise) * reference.init_noise_sigma, []
+    for t in reference.timesteps:
+        out = _torch_model(reference.scale_model_input(latents, t), t)
+        latents = reference.step(out, t, latents).prev_sample
+        expected.append(latents.numpy().copy())
+    got: list[np.ndarray] = []
+    sample(fake_model, noise, config=SchedulerConfig.from_dict(config), sampler=sampler,
+           schedule=schedule, steps=steps, callback=lambda i, n, x: got.append(x.copy()))
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        scale = max(1.0, float(np.abs(b).max()))
+        assert float(np.abs(a - b).max()) <= TRAJECTORY_RTOL * scale, f"step {i}"

@@ -18,12 +18,15 @@ from sdrt.runtime.samplers import (
     SAMPLERS,
     default_sampler,
     display_name,
+    make_schedule,
     num_model_calls,
+    resolve_pair,
     resolve_sampler,
     sample,
     start_step_for_strength,
 )
 from sdrt.runtime.schedules import (
+    AUTOMATIC,
     SchedulerConfig,
     alphas_cumprod,
     betas,
@@ -64,18 +67,19 @@ def gaussian_model(config: SchedulerConfig):
     return model
 
 
-def point_mass_model(target: np.ndarray, name: str, steps: int):
+def point_mass_model(target: np.ndarray, name: str, steps: int, schedule: str | None = None):
     """Exact eps model for data that is always `target` (so every denoised estimate is target).
 
-    It reads sigma from t like a UNet; for Karras sigmas, whose t is rounded, from the schedule.
+    It reads sigma from t like a UNet; for another schedule's sigmas (Karras, …), whose t is
+    rounded or interpolated in log sigma, from the schedule.
     """
     table = sigma_table(SD15)
-    sched = SAMPLERS[name].schedule(SD15, steps, 0)
-    karras = dict(zip(sched.timesteps, sched.sigmas, strict=False))
+    sched = make_schedule(SD15, name, steps, schedule=schedule)
+    laddered = dict(zip(sched.timesteps, sched.sigmas, strict=False))
+    own = resolve_pair(name, schedule)[1] == AUTOMATIC
 
     def model(x_in: np.ndarray, t: float) -> np.ndarray:
-        sigma = (karras[t] if name == "dpmpp_2m_karras"
-                 else float(np.interp(t, np.arange(len(table)), table)))
+        sigma = float(np.interp(t, np.arange(len(table)), table)) if own else laddered[t]
         return ((x_in * math.hypot(1.0, sigma) - target) / sigma).astype(np.float32)
 
     return model
@@ -98,7 +102,7 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(name, prediction)
     config = SchedulerConfig(**{**SD15_TO_ZERO.__dict__, "prediction_type": prediction})
     start = noise()
     out = sample(gaussian_model(config), start, config=config, sampler=name, steps=200)
-    sigma_max = SAMPLERS[name].schedule(config, 200, 0).sigmas[0]
+    sigma_max = make_schedule(config, name, 200).sigmas[0]
     exact = MU + (start * math.hypot(1.0, sigma_max) - MU) * S / math.hypot(S, sigma_max)
     assert np.abs(out - exact).max() < ODE_ATOL
     assert abs(out.std() / S - 1) < STD_RTOL

@@ -458,3 +458,31 @@ def _drive_the_page(server, executable, sync_playwright) -> None:
         finally:
             browser.close()
     assert outside == []  # the page asked nothing of any other host
+
+
+def test_schedulers_are_listed_and_apply_to_txt2img(server):
+    schedulers = httpx.get(server.url + "/sdapi/v1/schedulers", timeout=WAIT_S).json()
+    assert schedulers[:2] == [
+        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
+         "need_inner_model": False},
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+         "need_inner_model": False}]
+    samplers = {s["name"]: s for s in httpx.get(server.url + "/sdapi/v1/samplers",
+                                                timeout=WAIT_S).json()}
+    assert samplers["DPM++ 2M"]["options"]["schedules"] == [s["name"] for s in schedulers]
+    assert samplers["PLMS"]["options"]["schedules"] == ["automatic"]
+    body = {"prompt": "a red circle", "seed": 3, "steps": 3, "width": 64, "height": 64}
+    images = []
+    for fields in ({"sampler_name": "DPM++ 2M", "scheduler": "karras"},
+                   {"sampler_name": "DPM++ 2M Karras", "scheduler": "Automatic"}):
+        response = post(server, "/sdapi/v1/txt2img", {**body, **fields})
+        assert response.status_code == 200, response.text
+        images.append(png(response.json()["images"][0]))
+        parsed = parse_parameters(images[-1].info["parameters"])
+        assert (parsed["Sampler"], parsed["Schedule type"]) == ("DPM++ 2M", "Karras")
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    url = "/sdapi/v1/txt2img"
+    check_error(post(server, url, {**body, "scheduler": "Beta"}), 422,
+                "unknown schedule 'Beta'; choose one of: automatic, karras, exponential")
+    check_error(post(server, url, {**body, "sampler_name": "PLMS", "scheduler": "Karras"}), 422,
+                "schedule 'karras' takes: euler, euler_a, dpmpp_2m")
