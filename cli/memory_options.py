@@ -1,11 +1,10 @@
 """The memory options of `sdrt generate`: --low-memory, --max-memory, --dry-run, --device,
---max-vram; they reach the command as one `MemoryOptions` (runtime/memory/low_memory.py plans)."""
+--max-vram; they reach the command as one `MemoryOptions` (runtime/memory/plan.py plans)."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
@@ -63,24 +62,3 @@ def memory_options(command):
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
-
-
-def plan_generation(model_dir: Path, backend: str, precision: str, request, opts: MemoryOptions):
-    """The plan for one request (low_memory.Plan); InputError when the budget cannot hold it."""
-    from sdrt.runtime.errors import InputError
-    from sdrt.runtime.memory.low_memory import plan_request
-
-    plan = plan_request(model_dir, backend, precision, request,
-                        mode="low" if opts.low_memory else "auto", budget=opts.budget())
-    if plan.low_memory and request.deepcache is not None:  # said before loading, not after
-        raise InputError(f"--deepcache does not combine with low-memory mode ({plan.reason}); "
-                         f"drop --deepcache, or raise --max-memory")
-    return plan
-
-
-def describe(plan) -> str:
-    """The --dry-run text: the estimate table and the plan."""
-    budget = "none" if plan.budget is None else memory.format_size(plan.budget)
-    kind = "low-memory" if plan.low_memory else "default"
-    return (f"{plan.estimate.table()}\nbudget: {budget}; plan: {kind} ({plan.reason}), "
-            f"estimated peak {memory.format_size(plan.peak)}")

@@ -4,9 +4,9 @@ input (sizes, unreadable files, masks) as one-line errors with a non-zero exit."
 import numpy as np
 import pytest
 from PIL import Image
-from tests.cli.test_cli import assert_one_line_error, run
 
 from sdrt.runtime.metadata import parse_parameters
+from tests.cli.test_cli import assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,152 @@
+"""The options the generating commands share, each defined once.
+
+`run_options` (how a model runs: backend, precision, threads, device and memory, VAE, DeepCache,
+noise generator) is accepted by generate, img2img, inpaint, outpaint, serve and batch, which
+receive it as one `run=RunOptions`; `request_options` (what to make: model, prompt settings,
+size, count, output) by the four commands that make images from the command line.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from sdrt.cli.memory_options import MemoryOptions, memory_options
+from sdrt.runtime.errors import InputError
+from sdrt.runtime.model.families import FAMILIES
+from sdrt.runtime.model.folder import EMBEDDED_MODEL
+from sdrt.runtime.model.variants import PRECISIONS
+from sdrt.runtime.samplers import SAMPLERS, sampler_names
+from sdrt.runtime.schedules import AUTOMATIC, SCHEDULES
+
+SIZE_HELP = "Pixels; default: the model's native size (768 for SD 2.x 768-v, else 512)."
+IMAGE_SIZE_HELP = ("Pixels; default: IMAGE's size rounded down to a multiple of 8 (with one of "
+                   "-W/-H the other keeps IMAGE's aspect ratio); IMAGE is resized (Lanczos) to "
+                   "the output size.")
+VAE_HELP = ("A tiny autoencoder folder (TAESD; `sdrt export` of an AutoencoderTiny) that decodes "
+            "(and encodes) in the model's VAE's place: much faster, approximate.")
+MODEL_HELP = ("Exported model folder (see `sdrt export`); default: sdrt's embedded 64×64 shapes "
+              "model (models/embedded/).")
+DEFAULT_GENERATOR = "torch"
+
+
+def family_defaults(field: str) -> str:
+    """Help text listing each model family's default for one generation field."""
+    return ", ".join(f"{family.title} {getattr(family, field):g}" for family in FAMILIES.values())
+
+
+def model_option(help_text: str = MODEL_HELP, default: Path | None = EMBEDDED_MODEL):
+    """--model: the exported model folder a command runs."""
+    return click.option("--model", "model_dir", default=default, type=click.Path(path_type=Path),
+                        help=help_text)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs its model (the `run_options` it was given)."""
+
+    backend: str
+    precision: str
+    threads: int | None
+    generator: str
+    vae: Path | None
+    deepcache: int | None
+    memory: MemoryOptions
+
+    def load_options(self, low_memory: bool) -> dict:
+        """Pipeline.load's keyword arguments, with the plan's choice of low-memory mode."""
+        return {"backend": self.backend, "threads": self.threads, "precision": self.precision,
+                **self.device_options(low_memory)}
+
+    def device_options(self, low_memory: bool) -> dict:
+        """Pipeline.load's options other than backend, precision and threads (what a batch
+        gives every worker, whose jobs name those three)."""
+        return {"low_memory": low_memory, "device": self.memory.device,
+                "vram_limit": self.memory.vram_limit,
+                "vae": None if self.vae is None else str(self.vae)}
+
+    def refuse_deepcache(self, command: str, why: str) -> None:
+        """InputError when --deepcache was given to a command it does not apply to."""
+        if self.deepcache is not None:
+            raise InputError(f"--deepcache does not apply to {command}: {why}")
+
+
+_RUN_OPTIONS = [
+    click.option("--backend", default="ort", show_default=True, help="ort or openvino."),
+    click.option("--precision", default="fp32", show_default=True,
+                 help=f"{', '.join(PRECISIONS)}: a variant `sdrt quantize` listed for this "
+                      "backend."),
+    click.option("--threads", type=int, default=None,
+                 help="Backend threads (default: all cores; batch: per worker, the cores / "
+                      "--workers)."),
+    click.option("--generator", default=DEFAULT_GENERATOR, show_default=True,
+                 help="torch (same starting noise as diffusers on CPU) or numpy."),
+    click.option("--vae", type=click.Path(path_type=Path), default=None, help=VAE_HELP),
+    click.option("--deepcache", type=int, default=None,
+                 help="DeepCache interval N: the full UNet on every N-th call, only its shallow "
+                      "branch on a cached deep feature between (make the graphs with `python -m "
+                      "sdrt.export.deepcache MODEL`); generate, img2img, inpaint, outpaint."),
+]
+
+
+def run_options(command):
+    """Add the run options (and the memory options) to a click command; it receives them as
+    `run=`."""
+
+    @functools.wraps(command)
+    def wrapper(*args, backend, precision, threads, generator, vae, deepcache, memory, **kwargs):
+        return command(*args, run=RunOptions(backend, precision, threads, generator, vae,
+                                             deepcache, memory), **kwargs)
+
+    for option in reversed(_RUN_OPTIONS):
+        wrapper = option(wrapper)
+    return memory_options(wrapper)
+
+
+def request_options(sized: bool | None):
+    """What to make: model, prompt settings, -W/-H (none when `sized` is None; True says in
+    their help how an input image is sized), count and output."""
+    size_help = IMAGE_SIZE_HELP if sized else SIZE_HELP
+    options = [
+        model_option(),
+        click.option("-n", "--negative-prompt", default="",
+                     help="What the image should not show."),
+        click.option("--steps", type=int, default=None,
+                     help="Sampler steps; default: the model family's "
+                          f"({family_defaults('steps')})."),
+        click.option("--guidance-scale", "--cfg-scale", "guidance_scale", type=float,
+                     default=None,
+                     help="Classifier-free guidance (≤ 1 runs the UNet once per step), or an "
+                          "LCM UNet's guidance input (always one call per step); default: the "
+                          f"model family's ({family_defaults('guidance_scale')})."),
+        click.option("--sampler", default=None,
+                     help=f"{', '.join(sampler_names())} (A1111 names too, e.g. \"Euler a\"; "
+                          "a name ending in a schedule, as \"DPM++ 2M Karras\", sets "
+                          "--schedule); default: the model family's, else the model folder's own "
+                          "scheduler."),
+        click.option("--schedule", type=click.Choice(list(SCHEDULES), case_sensitive=False),
+                     default=None,
+                     help=f"Noise schedule (A1111's Schedule type): {AUTOMATIC} is the "
+                          "sampler's own; the others run with "
+                          f"{', '.join(n for n, spec in SAMPLERS.items() if spec.ladder)}. "
+                          f"Default: {AUTOMATIC}, or the one the --sampler name ends in."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed of the first image; image i uses seed+i."),
+        *([click.option("-W", "--width", type=int, default=None, help=size_help),
+           click.option("-H", "--height", type=int, default=None, help=size_help)]
+          if sized is not None else []),
+        click.option("--num-images", default=1, show_default=True, help="Images to make."),
+        click.option("-o", "--output", type=click.Path(path_type=Path),
+                     default=Path("outputs"), show_default=True,
+                     help="A .png file, or a folder to number images in."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
