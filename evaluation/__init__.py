@@ -1,2 +1,3 @@
 """Evaluation shared by training, quantization gates and benchmarks: the scenes dataset
-(`scenes`) and the prompt-adherence evaluator (`adherence`)."""
+(`scenes`), reading a scene from pixels (`pixels`, `detect`), soft generated-looking copies of
+true renderings (`degrade`) and the prompt-adherence evaluator (`adherence`)."""

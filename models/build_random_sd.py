@@ -4,7 +4,7 @@ Real weights cannot be downloaded on the build machines. Each `models/configs/<a
 diffusers folder without weights: tests use the tiny ones, benchmarks the full-size ones, since
 speed and memory do not depend on the values.
 
-- `tiny_sd` (SD 1.x): diffusers' own tiny test components (research/users.md §5.1): UNet
+- `tiny_sd` (SD 1.x): diffusers' own tiny test components (its pipeline tests' sizes): UNet
   block_out_channels (32, 64), a 2-block VAE so vae_scale_factor is 2, a 5-layer CLIP text
   encoder with hidden size 32 but SD's 49,408-token vocabulary.
 - `tiny_sd2` (SD 2.x 768-v): the same sizes with SD 2.x's features: v-prediction DDIM, linear
@@ -191,7 +191,7 @@ def save_text_encoder(model, folder: Path) -> None:
     """Save a CLIPTextModel(WithProjection) with SD's key layout (`text_model.` prefix kept).
 
     transformers 5.x saves it without the prefix, and other versions then silently
-    re-initialise every weight of such a folder (DESIGN.md, pitfalls), so write keys ourselves.
+    re-initialise every weight of such a folder, so write keys ourselves.
     SDXL's CLIPTextModelWithProjection keeps `text_projection.weight` at the top level.
     """
     from safetensors.torch import save_file

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from train_embedded import (
+
+from sdrt.models.training_kit import (
     Log,
     batches,
     foreground_weight,

@@ -13,17 +13,10 @@ import pytest
 from PIL import Image
 
 from sdrt.evaluation import adherence
-from sdrt.evaluation.adherence import (
-    ATTRIBUTES,
-    analyse,
-    connected_components,
-    degrade,
-    evaluate,
-    gaussian_blur,
-    nearest_colour,
-    score,
-    srgb_to_lab,
-)
+from sdrt.evaluation.adherence import ATTRIBUTES, evaluate, score
+from sdrt.evaluation.degrade import degrade, gaussian_blur
+from sdrt.evaluation.detect import analyse
+from sdrt.evaluation.pixels import connected_components, nearest_colour, srgb_to_lab
 from sdrt.evaluation.scenes import (
     COLOURS,
     KINDS,

@@ -5,7 +5,6 @@ issue's adherence targets on held-out captions."""
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tests.conftest import MAX_PIXEL_DIFF, ROOT, as_array, load_reference, reference_images
 from PIL import Image
 
 from sdrt.cli.main import main
@@ -14,6 +13,7 @@ from sdrt.evaluation.scenes import held_out_captions
 from sdrt.runtime.model.folder import EMBEDDED_MODEL
 from sdrt.runtime.model.manifest import Manifest
 from sdrt.runtime.pipeline import Pipeline
+from tests.conftest import MAX_PIXEL_DIFF, ROOT, as_array, load_reference, reference_images
 
 EMBEDDED_WEIGHTS = ROOT / "models" / "embedded" / "diffusers"
 SIZE_BUDGET = 40_000_000  # bytes: all of models/embedded, the issue's 40 MB

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sdrt.evaluation import scenes as shapes
-from sdrt.evaluation.adherence import srgb_to_lab
+from sdrt.evaluation.pixels import srgb_to_lab
 from sdrt.evaluation.scenes import (
     BACKGROUND_COLOURS,
     COLOURS,
