@@ -1,6 +1,6 @@
 """`sdrt bench`: time each stage of one model folder on one backend and precision.
 
-Scenarios (DESIGN.md, Benchmarks): the text encoder(s) on one prompt with CFG's empty prompt,
+Scenarios (one row each): the text encoder(s) on one prompt with CFG's empty prompt,
 one UNet call at batch 1 (guidance off) and batch 2 (one guided step), the VAE decoder and the
 VAE encoder on one image, and end to end (one `generate` at the asked steps). Each scenario runs
 in a fresh process, so its peak RSS is its own; there the first run (model load plus the first

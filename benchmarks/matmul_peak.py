@@ -1,7 +1,7 @@
 """The most this CPU does through OpenVINO: one large square matrix product in fp32, bf16 and int8,
 each with the kernel OpenVINO picked, as GFLOP/s (2·N³ per product). Dividing a pipeline's
 operation count by these figures bounds its time from below on this machine, whatever the
-runtime (benchmarks/RESULTS.md, "SD-Turbo architecture"; FLOP counts in shared/research/peers.md).
+runtime (benchmarks/RESULTS.md, "SD-Turbo architecture", with the FLOP counts it divides).
 
 int8 is u8 activations × i8 weights (FakeQuantize on both, as NNCF writes them), which OpenVINO
 runs on VNNI or AMX tiles where the CPU has them; bf16 runs on AVX-512 BF16 or AMX.

@@ -1,4 +1,4 @@
-"""sdrt against its peers on the same weights, in one run (DESIGN.md, Benchmarks).
+"""sdrt against its peers on the same weights, in one run, so ratios hold on a noisy machine.
 
 Every configuration makes one image end to end (prompt to decoded image) with the same size,
 steps, guidance, sampler, prompt and seed, in a fresh process so that its peak RSS is its own:

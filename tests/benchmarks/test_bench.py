@@ -5,9 +5,9 @@ import json
 
 import pytest
 from PIL import Image
-from tests.cli.test_cli import assert_one_line_error, run
 
 from sdrt.benchmarks.bench import SCENARIOS, machine_facts
+from tests.cli.test_cli import assert_one_line_error, run
 
 
 def test_bench_reports_every_scenario_with_json_and_chart(tiny_onnx_dir, tmp_path):

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.conftest import ROOT
 from PIL import Image
 
 from sdrt.benchmarks.peers import compare
+from tests.conftest import ROOT
 
 FOREIGN = ROOT / "tests" / "fixtures" / "foreign"
 SIZE = 64  # the fixture's 4-block VAE makes this an 8×8 latent
