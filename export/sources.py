@@ -7,8 +7,9 @@
 - `org/name[@revision]`: huggingface_hub's snapshot of the files a diffusers SD pipeline needs,
   in its cache (huggingface_hub's `snapshot_download`); `HF_HUB_OFFLINE` and local paths never
   touch the network.
-  SDXL repositories add text_encoder_2/ and tokenizer_2/, required where model_index.json
-  names them.
+  model_index.json comes first and names the components to fetch: `unet` or SD 3's
+  `transformer`, the text encoders and tokenizers it names (SDXL's second pair, SD 3's T5 where
+  it is not null), the VAE, the scheduler; never a safety checker or fp16/EMA variants.
 - A tiny autoencoder (AutoencoderTiny: config.json and weights at the top, as madebyollin/taesd),
   as a folder or a hub id, for `sdrt export` to make a `--vae` folder (sdrt.export.tiny_vae).
 """
@@ -34,13 +35,30 @@ Origin = dict[str, Any]  # the manifest's `source` entries that name what the us
 # Hub ids: `org/name`, optionally `@revision`; a path that exists is never taken for one.
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
 TOP = "."  # a lone model's folder itself: its config.json and weights sit at the top
-# component → weight file stems as diffusers/transformers name them: (safetensors, pickle).
-_WEIGHTS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-            "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-            "text_encoder": ("model", "pytorch_model"),
-            "text_encoder_2": ("model", "pytorch_model"),  # SDXL only
-            TOP: ("diffusion_pytorch_model", "diffusion_pytorch_model")}  # AutoencoderTiny only
-_SDXL_ONLY = frozenset({"text_encoder_2"})  # needed only where model_index.json names them
+# weight file stems as diffusers/transformers name them: (safetensors, pickle)
+_DIFFUSERS = ("diffusion_pytorch_model", "diffusion_pytorch_model")
+_TRANSFORMERS = ("model", "pytorch_model")
+_CONFIG = ("config.json",)
+_CLIP_TOKENIZER = ("*.json", "merges.txt")  # vocab.json + merges.txt, or tokenizer.json
+# component (as model_index.json names it) → (weight stems or None, the other files export reads).
+# Components not listed (safety_checker, feature_extractor, image_encoder) are never fetched.
+_COMPONENTS: dict[str, tuple[tuple[str, str] | None, tuple[str, ...]]] = {
+    "unet": (_DIFFUSERS, _CONFIG),
+    "transformer": (_DIFFUSERS, _CONFIG),  # SD 3's MMDiT
+    "vae": (_DIFFUSERS, _CONFIG),
+    "text_encoder": (_TRANSFORMERS, _CONFIG),
+    "text_encoder_2": (_TRANSFORMERS, _CONFIG),  # SDXL's and SD 3's second CLIP
+    "text_encoder_3": (_TRANSFORMERS, _CONFIG),  # SD 3's T5; model_index.json may name it null
+    "tokenizer": (None, _CLIP_TOKENIZER),
+    "tokenizer_2": (None, _CLIP_TOKENIZER),
+    "tokenizer_3": (None, ("*.json",)),  # T5: the runtime reads tokenizer.json, not spiece.model
+    "scheduler": (None, ("scheduler_config.json",)),
+    TOP: (_DIFFUSERS, _CONFIG),  # a lone AutoencoderTiny
+}
+# The top configs, fetched first: they say what the repository holds (a pipeline's
+# model_index.json, whose components come next, or an AutoencoderTiny's config.json).
+_HUB_CONFIGS = ("model_index.json", "config.json")
+_UNNAMED = (None, [None, None])  # model_index.json's entry of a component the pipeline lacks
 
 
 def _prefix(component: str) -> str:
@@ -50,14 +68,6 @@ def _prefix(component: str) -> str:
 
 def _named(components: Iterable[str]) -> str:
     return ", ".join("the autoencoder" if name == TOP else name for name in components)
-
-
-# The files of a diffusers SD pipeline that export reads; no safety checker, no fp16/EMA variants.
-# Patterns that match nothing (an SD 1.x repo has no tokenizer_2/) fetch nothing.
-_HUB_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json",
-                *(f"{folder}/{name}" for folder in ("tokenizer", "tokenizer_2")
-                  for name in ("*.json", "merges.txt")),
-                *(f"{_prefix(name)}config.json" for name in _WEIGHTS))
 
 
 @contextlib.contextmanager
@@ -101,7 +111,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> Path:
     if not (folder / "model_index.json").is_file() and not is_tiny_vae_folder(folder):
         raise ModelError(f"folder '{folder}' has no model_index.json: not a diffusers pipeline "
                          "folder")
-    pickled = [name for name in _needed(folder) if _weights_format(folder / name) == "pickle"]
+    pickled = [name for name in _needed(folder) if _weights_format(folder, name) == "pickle"]
     if pickled and not allow_pickle:
         raise ExportError(f"'{folder.name}' has pickle weights only for {_named(pickled)} "
                           "(pickle can run code when loaded); pass --allow-pickle to load them "
@@ -109,11 +119,13 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> Path:
     return folder
 
 
-def _weights_format(component: Path) -> str | None:
-    """'safetensors' if the component has such weights, 'pickle' if only .bin ones, else None."""
-    if any(component.glob("*.safetensors")):
-        return "safetensors"
-    return "pickle" if any(component.glob("*.bin")) else None
+def _weights_format(folder: Path, component: str) -> str | None:
+    """'safetensors' if the component has the weights its loader reads (one file or shards, not
+    an fp16 variant), 'pickle' if only .bin ones, else None."""
+    for pickle, name in ((False, "safetensors"), (True, "pickle")):
+        if any(any(folder.glob(pattern)) for pattern in _weight_files(component, pickle)):
+            return name
+    return None
 
 
 @contextlib.contextmanager
@@ -145,14 +157,19 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | Path | None,
 
     cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     offline = bool(constants.HF_HUB_OFFLINE)
+
+    def fetch(rev: str | None, patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo, revision=rev, cache_dir=cache,
+                                      local_files_only=offline, allow_patterns=patterns))
+
     with _hub_errors(repo, cache, offline):
-        folder = Path(snapshot_download(
-            repo, revision=revision, cache_dir=cache, local_files_only=offline,
-            allow_patterns=[*_HUB_CONFIGS, *_weight_patterns(_WEIGHTS, pickle=False)]))
+        folder = fetch(revision, list(_HUB_CONFIGS))
+        # the commit just resolved: components of the same revision as the index that names them
+        if parts := _parts(folder):
+            fetch(folder.name, _file_patterns(parts))
         if (lacking := _lacking_weights(folder)) and allow_pickle and not offline:
             # safetensors first; pickle .bin files only where there are no others
-            snapshot_download(repo, revision=folder.name, cache_dir=cache,
-                              allow_patterns=_weight_patterns(lacking, pickle=True))
+            fetch(folder.name, _weight_patterns(lacking, pickle=True))
     if lacking := _lacking_weights(folder):
         hint = "" if allow_pickle else "; if it has .bin (pickle) weights, pass --allow-pickle"
         raise ModelError(f"'{repo}' at {folder.name} has no weights for {_named(lacking)}{hint}")
@@ -164,12 +181,18 @@ def _snapshot(repo: str, revision: str | None, cache_dir: str | Path | None,
 
 
 def _lacking_weights(folder: Path) -> list[str]:
-    return [name for name in _needed(folder) if _weights_format(folder / name) is None]
+    return [name for name in _needed(folder) if _weights_format(folder, name) is None]
 
 
 def _needed(folder: Path) -> list[str]:
-    """The components with weights: SDXL's second text encoder where model_index.json names it;
-    a lone AutoencoderTiny's at the top."""
+    """The components with weights that export reads from `folder`."""
+    return [name for name in _parts(folder) if _COMPONENTS[name][0] is not None]
+
+
+def _parts(folder: Path) -> list[str]:
+    """The components export reads: those model_index.json names (null entries are absent
+    components, as SD 3 without T5 or the SDXL refiner without text_encoder); a lone
+    AutoencoderTiny's at the top."""
     from sdrt.runtime.vae.tiny import is_tiny_vae_folder
 
     if is_tiny_vae_folder(folder):
@@ -177,16 +200,38 @@ def _needed(folder: Path) -> list[str]:
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
-        index = {}  # check_folder says what is wrong with the folder
-    return [name for name in _WEIGHTS
-            if name != TOP and (name not in _SDXL_ONLY or name in index)]
+        index = None
+    if not isinstance(index, dict):
+        return []  # check_folder or read_source says what is wrong with the folder
+    return [name for name in _COMPONENTS if name != TOP and index.get(name) not in _UNNAMED]
+
+
+def _file_patterns(components: Iterable[str]) -> list[str]:
+    """Each component's configs (tokenizer files) and safetensors weights."""
+    parts = list(components)
+    configs = [f"{_prefix(name)}{file}" for name in parts for file in _COMPONENTS[name][1]]
+    return [*configs, *_weight_patterns(parts, pickle=False)]
 
 
 def _weight_patterns(components: Iterable[str], *, pickle: bool) -> list[str]:
-    """A component's weights, one file or sharded with an index (diffusers' naming)."""
+    """The weight files of those components that have them, and a sharded set's index."""
+    patterns: list[str] = []
+    for name in components:
+        if files := _weight_files(name, pickle):
+            patterns += [*files, f"{files[0]}.index.json"]
+    return patterns
+
+
+def _weight_files(component: str, pickle: bool) -> tuple[str, ...]:
+    """A component's weights as diffusers and transformers name them: one file, or shards
+    (`model-00001-of-00002.safetensors`, listed by `model.safetensors.index.json`); none for a
+    component without weights (a tokenizer)."""
+    stems = _COMPONENTS[component][0]
+    if stems is None:
+        return ()
     ext = "bin" if pickle else "safetensors"
-    return [f"{_prefix(name)}{_WEIGHTS[name][pickle]}{tail}" for name in components
-            for tail in (f".{ext}", f"-*-of-*.{ext}", f".{ext}.index.json")]
+    stem = f"{_prefix(component)}{stems[pickle]}"
+    return f"{stem}.{ext}", f"{stem}-*-of-*.{ext}"
 
 
 @contextlib.contextmanager

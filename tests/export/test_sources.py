@@ -6,12 +6,15 @@ The must-show: a single-file checkpoint written from the tiny model in A1111's L
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -401,11 +404,6 @@ def test_hub_download_asks_for_every_file_export_reads(model, request, tmp_path,
                                                        monkeypatch) -> None:
     """The allow-patterns sent to huggingface_hub, applied (as it does, with fnmatch) to a repo
     that also holds files export never reads: exactly the pipeline folder's files come back."""
-    import fnmatch
-
-    import huggingface_hub
-    from huggingface_hub import constants
-
     from sdrt.export.source import read_source
     from sdrt.export.sources import resolve_source
 
@@ -419,6 +417,26 @@ def test_hub_download_asks_for_every_file_export_reads(model, request, tmp_path,
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(b"not read")
 
+    with _serve(repo, monkeypatch), resolve_source(REPO, cache_dir=tmp_path / "cache") as (
+            folder, origin):
+        fetched = _files(folder)
+        family = read_source(folder).family
+    assert fetched == _files(source)
+    assert origin == {"hub_id": REPO, "revision": COMMIT}
+    assert family == ("sdxl" if model == "tiny_sdxl_dir" else "sd1")
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@contextlib.contextmanager
+def _serve(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An online hub that holds `repo`: snapshot_download copies the files its allow-patterns
+    match (with fnmatch, as huggingface_hub does) into one snapshot folder."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
     def download(repo_id, *, revision, cache_dir, local_files_only, allow_patterns):
         snapshot = Path(cache_dir) / "snapshot" / COMMIT
         for path in sorted(p for p in repo.rglob("*") if p.is_file()):
@@ -428,14 +446,10 @@ def test_hub_download_asks_for_every_file_export_reads(model, request, tmp_path,
                 shutil.copy(path, snapshot / rel)
         return str(snapshot)
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
-    with resolve_source(REPO, cache_dir=tmp_path / "cache") as (folder, origin):
-        fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        family = read_source(folder).family
-    assert fetched == {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
-    assert origin == {"hub_id": REPO, "revision": COMMIT}
-    assert family == ("sdxl" if model == "tiny_sdxl_dir" else "sd1")
+    with monkeypatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(huggingface_hub, "snapshot_download", download)
+        yield
 
 
 def test_sdxl_hub_snapshot_needs_text_encoder_2_weights(tiny_sdxl_dir, offline_cache,
