@@ -140,3 +140,14 @@ def test_nothing_points_outside_the_repository():
             for rel, text in _repository_text_files()
             for pattern in OUTSIDE for m in pattern.finditer(text)]
     assert not hits, hits
+
+
+def test_samplers_page_names_every_registered_sampler_and_schedule():
+    """The CLI help and /sdapi/v1/samplers are generated from the registries; the prose page is
+    held to them here, so a new sampler or schedule cannot go undocumented."""
+    from sdrt.runtime.samplers import SAMPLERS
+    from sdrt.runtime.schedules import SCHEDULES
+
+    page = (ROOT / "docs" / "generation-and-samplers.md").read_text("utf-8")
+    missing = [name for name in [*SAMPLERS, *SCHEDULES] if f"`{name}`" not in page]
+    assert not missing, f"docs/generation-and-samplers.md does not name {missing}"
