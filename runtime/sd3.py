@@ -35,7 +35,7 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-SKIP_LAYERS = "skip_layers"  # sdrt's extra transformer input (export/sd3.py)
+SKIP_LAYERS = "skip_layers"  # sdrt's extra transformer input (export/architectures/sd3.py)
 T5_MAX_LENGTH = 256  # diffusers' max_sequence_length default for SD 3
 POOLED = "pooled_projections"
 TRANSFORMER_INPUTS = frozenset({"hidden_states", "timestep", "encoder_hidden_states", POOLED})
