@@ -5,8 +5,11 @@ through a memory map, skipping every payload it does not need, so a 2 GB graph w
 weights costs a walk over its field headers, not a read of its weights. It returns the IR version,
 the opset imports and every tensor's `external_data` entries, wherever the tensor sits: graph
 initializers, sparse initializers, node attributes (Constant values), nested graphs (If/Loop
-bodies), functions and training info. `stub_model` writes a one-node model carrying given
-version stamps, so the installed backend can be asked whether it accepts them.
+bodies), functions and training info. `initializer_locations` says where each of the main
+graph's initializers keeps its values (name, dims, type, byte range or external data), so they
+can be read as views of the mapped files (model/onnx_tensors.py). `stub_model` writes a one-node
+model carrying given version stamps, so the installed backend can be asked whether it accepts
+them.
 Stdlib only; the `onnx` package is not a runtime dependency.
 """
 
@@ -237,6 +240,66 @@ def _entry(buf: _Buffer, span: slice) -> tuple[str, str]:
         elif number == 2 and wire == LEN:
             text = _text(buf, value)
     return key, text
+
+
+# ------------------------------------------------------------------------ initializer locations
+
+_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_RAW = 1, 2, 9
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one graph initializer's values lie: `raw` (its raw_data, a byte range of the .onnx)
+    or `external` (a range of another file); neither when they sit in typed fields."""
+
+    name: str
+    dims: tuple[int, ...]
+    data_type: int  # TensorProto.DataType
+    raw: slice | None
+    external: ExternalRef | None
+
+
+def initializer_locations(data: mmap.mmap) -> dict[str, TensorLocation]:
+    """The main graph's initializers of a mapped `.onnx` file, by name; no value is read."""
+    buf = _Buffer(memoryview(data), data)
+    found = {}
+    for number, wire, value in fields(buf.view, 0, len(data)):
+        if number == _MODEL_GRAPH and wire == LEN:
+            for _, tensor in _messages(buf, value, {_GRAPH_INITIALIZER: "tensor"}):
+                location = _location(buf, tensor)
+                found[location.name] = location
+    return found
+
+
+def _location(buf: _Buffer, span: slice) -> TensorLocation:
+    name, dims, data_type, raw, entries, external = "", [], 0, None, {}, False
+    for number, wire, value in fields(buf.view, span.start, span.stop):
+        if number == _TENSOR_DIMS and wire == VARINT:
+            dims.append(value)
+        elif number == _TENSOR_DIMS and wire == LEN:  # packed, as proto3 writers do
+            dims.extend(_packed(buf.view, value))
+        elif number == _TENSOR_TYPE and wire == VARINT:
+            data_type = value
+        elif number == _TENSOR_NAME and wire == LEN:
+            name = _text(buf, value)
+        elif number == _TENSOR_RAW and wire == LEN:
+            raw = value
+        elif number == _TENSOR_EXTERNAL and wire == LEN:
+            key, text = _entry(buf, value)
+            entries[key] = text
+        elif number == _TENSOR_LOCATION and wire == VARINT:
+            external = value == EXTERNAL
+    reference = (ExternalRef(name, entries.get("location"), entries.get("offset"),
+                             entries.get("length")) if external or entries else None)
+    return TensorLocation(name, tuple(dims), data_type, raw, reference)
+
+
+def _packed(view: memoryview, span: slice) -> Iterator[int]:
+    """The varints of a packed repeated field."""
+    pos = span.start
+    while pos < span.stop:
+        value, pos = _varint(view, pos, span.stop)
+        yield value
 
 
 # ------------------------------------------------------------------------ writing a version stub
