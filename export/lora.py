@@ -35,7 +35,14 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what a LoRA may 
 LORA_KEYS = {"sd": ("StableDiffusionLoraLoaderMixin", LORA_COMPONENTS[:2]),
              "sdxl": ("StableDiffusionXLLoraLoaderMixin", LORA_COMPONENTS)}
 _ANY_LORA_KEY = re.compile(r"lora([._](down|up)|_[AB])\.weight$")  # kohya, diffusers, peft
-_DOWN_KEY = re.compile(r"lora([._]down|_A)\.weight$")  # one per LoRA layer, after renaming
+# One down weight per layer peft wraps, in each form diffusers' renaming leaves it: kohya UNet
+# and attention keys `…lora.down` / `…_lora.down`, kohya text-encoder MLP keys
+# `…lora_linear_layer.down`, peft's `…lora_A`.
+_DOWN_KEY = re.compile(r"(lora[._]down|lora_linear_layer\.down|lora_A)\.weight$")
+
+# a text-encoder alpha's key after diffusers' renaming, less its module path
+_ALPHA_SUFFIX = re.compile(r"(_lora|\.lora_linear_layer|\.lora)?(\.down\.weight)?\.alpha$")
+_KOHYA_ATTENTION = re.compile(r"self_attn\.to_(q|k|v|out)$")  # diffusers' old names of CLIP's
 
 
 @dataclass(frozen=True)
@@ -151,12 +158,32 @@ def _load_into(model: torch.nn.Module, component: str, lora: Lora, adapter: str)
     loader = _loader(lora.keys)
     # copies: diffusers may pop keys from what it is given, and every component reads them
     state, alphas = dict(lora.state), None if lora.alphas is None else dict(lora.alphas)
+    if alphas is not None and component != "unet":
+        alphas = _text_encoder_alphas(alphas, component, model)
     with _lora_errors(lora.path, f"its {component} layers"):
         if component == "unet":
             loader.load_lora_into_unet(state, alphas, unet=model, adapter_name=adapter)
         else:
             loader.load_lora_into_text_encoder(state, alphas, text_encoder=model,
                                                prefix=component, adapter_name=adapter)
+
+
+def _text_encoder_alphas(alphas: dict[str, float], component: str,
+                         model: torch.nn.Module) -> dict[str, float]:
+    """Kohya's per-layer text-encoder alphas keyed `<component>.<module path>.alpha`, the one
+    form diffusers' loader finds the layer by: from the names its renaming leaves
+    (`…self_attn.to_q_lora.down.weight.alpha` it reads as `self_attn`, and for transformers 5's
+    CLIP, which has no `text_model` level, a `text_model.` path it does not strip), every layer
+    whose alpha differs from the file's most common one would be fused with that one instead."""
+    flat = not hasattr(model, "text_model")
+    renamed = {}
+    for key, alpha in alphas.items():
+        if key.startswith(f"{component}."):
+            path = _ALPHA_SUFFIX.sub("", key.removeprefix(f"{component}."))
+            path = _KOHYA_ATTENTION.sub(r"self_attn.\1_proj", path)
+            key = f"{component}.{path.removeprefix('text_model.') if flat else path}.alpha"
+        renamed[key] = alpha
+    return renamed
 
 
 def _lora_layers(model: torch.nn.Module) -> int:

@@ -1,8 +1,9 @@
 """Export a diffusers SD pipeline folder to optimum's ONNX layout plus sdrt's manifest.json.
 
 Output (optimum's ONNX layout): model_index.json, one folder per graph (model.onnx
-[+ model.onnx_data] and config.json), the tokenizer and scheduler folders, manifest.json. Which
-graphs, folders and manifest numbers is the model's architecture's strategy
+[+ model.onnx_data] and config.json; the UNet's and text encoders' also lora_map.json, where a
+run-time LoRA's layers sit: sdrt.export.lora_map), the tokenizer and scheduler folders,
+manifest.json. Which graphs, folders and manifest numbers is the model's architecture's strategy
 (sdrt.export.architectures; SD 1.x: text_encoder/ unet/ vae_encoder/ vae_decoder/ tokenizer/
 scheduler/), run here the same way for every architecture. LoRA files given to the export are
 fused into the weights first and named in the manifest's `loras`. The folder is written under a
@@ -34,6 +35,7 @@ from sdrt.export.architectures import Architecture, architecture_of
 from sdrt.export.chunked_attention import ATTENTION_MODES, HeadChunkedAttention
 from sdrt.export.components import GraphDef, Inputs
 from sdrt.export.lora import LORA_COMPONENTS, Lora, fuse_loras, read_loras
+from sdrt.export.lora_map import fingerprints, write_lora_map
 from sdrt.export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
     TORCHSCRIPT_OPSETS,
@@ -191,10 +193,16 @@ def _write_folder(source: SourceModel, arch: Architecture, work: Path, *, opset:
                                           check=check, threshold=threshold)
                   for name in step.graphs}
         _write_config(model, *(work / name for name in step.graphs))
+        # where a run-time LoRA's layers sit in the graphs (sdrt.export.lora_map): weights
+        # hashed now, matched to the graph's after the torch model is freed
+        mapped = {name: fingerprints(model) for name in step.graphs
+                  if arch.lora_keys is not None and name in LORA_COMPONENTS}
         del model
         gc.collect()  # free the torch weights before ONNX Runtime loads the graphs to check
         for name, pending in checks.items():
             specs[name] = _finish_component(work / name, pending)
+        for name, prints in mapped.items():
+            write_lora_map(work / name, ONNX_WEIGHTS_NAME, prints)
     _manifest(source, arch, specs, work, opset=opset, origin=origin, loras=loras,
               defaults=defaults, attention=attention).save(work)
 

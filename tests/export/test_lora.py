@@ -2,7 +2,8 @@
 layout fused into tiny_sd before export. The fused weights in the ONNX graphs are checked against
 W + S · (alpha / rank) · up @ down computed here, apart from diffusers' loader; the images against
 diffusers' pipeline with the same LoRAs loaded and fused; bad files fail with one-line errors.
-The export records the LCM-LoRA family, the way an SD 1.5 + LCM-LoRA export is used."""
+The export records the LCM-LoRA family, the way an SD 1.5 + LCM-LoRA export is used, and its LoRA
+map points at the fused weights."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ KOHYA_LAYERS = [
     # a whole attention block: diffusers recognises kohya text-encoder keys by their out_proj
     *[(f"lora_te_text_model_encoder_layers_0_self_attn_{name}", 32, 32, None, 8.0)
       for name in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    # and its MLP, as most kohya LoRAs have it (diffusers renames these `…lora_linear_layer…`)
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1", 37, 32, None, 8.0),
+    ("lora_te_text_model_encoder_layers_0_mlp_fc2", 32, 37, None, 8.0),
 ]
 PEFT_LAYERS = [(f"unet.{ATTN}.attn2.to_k", 32, 32), (f"unet.{ATTN}.attn2.to_v", 32, 32),
                # diffusers reads peft text-encoder keys only beside an attention projection
@@ -45,11 +49,11 @@ def _pair(gen, out: int, inp: int, kernel: int | None) -> tuple:
     return torch.randn(down, generator=gen) * 0.3, torch.randn(up, generator=gen) * 0.3
 
 
-def write_kohya(path: Path) -> dict:
+def write_kohya(path: Path, layers: list[tuple] = KOHYA_LAYERS) -> dict:
     from safetensors.torch import save_file
 
     gen, tensors = torch.Generator().manual_seed(1), {}
-    for name, out, inp, kernel, alpha in KOHYA_LAYERS:
+    for name, out, inp, kernel, alpha in layers:
         down, up = _pair(gen, out, inp, kernel)
         tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                     f"{name}.alpha": torch.tensor(alpha)}
@@ -123,6 +127,8 @@ def _expected(base: dict, key: str, down, up, factor: float) -> tuple[np.ndarray
     ("unet", "kohya", 0, f"{ATTN}.attn1.to_q.weight"),
     ("unet", "kohya", 1, "down_blocks.0.resnets.0.conv1.weight"),
     ("text_encoder", "kohya", 2, "text_model.encoder.layers.0.self_attn.q_proj.weight"),
+    ("text_encoder", "kohya", 6, "text_model.encoder.layers.0.mlp.fc1.weight"),
+    ("text_encoder", "kohya", 7, "text_model.encoder.layers.0.mlp.fc2.weight"),
     ("unet", "peft", 0, f"{ATTN}.attn2.to_k.weight"),
     ("text_encoder", "peft", 3, "text_model.encoder.layers.1.mlp.fc1.weight"),
 ])
@@ -145,6 +151,88 @@ def test_fused_weight_is_w_plus_scaled_up_down(tiny_sd_dir, lora_onnx_dir, lora_
     graph = _initializers(lora_onnx_dir / component / "model.onnx")
     assert _holds(graph, fused) and not _holds(graph, original)
     assert not any("lora" in name.lower() for name in graph)  # plain graphs, no LoRA branches
+
+
+def test_kohya_text_encoder_mlp_layers_count_as_peft_wraps_them(tiny_sd_dir, lora_files):
+    # diffusers renames kohya's text-encoder MLP keys `….lora_linear_layer.down.weight`; counted
+    # from the attention keys alone, the export refused the file ("-2 of its 4 text_encoder
+    # layers match no layer"). The fused encoder must equal diffusers' load + fuse.
+    from sdrt.export.components import load_text_encoder
+    from sdrt.export.lora import fuse_loras, read_lora
+    from sdrt.export.source import read_source
+
+    path = lora_files["kohya"][0]
+    lora = read_lora(path, KOHYA_SCALE, unet_config=read_source(tiny_sd_dir, None).unet,
+                     keys="sd")
+    assert lora.layers == {"unet": 2, "text_encoder": 6}
+    model = load_text_encoder(tiny_sd_dir / "text_encoder")
+    fuse_loras(model, "text_encoder", [lora])
+    pipe = load_reference(tiny_sd_dir)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=KOHYA_SCALE)
+    pipe.unload_lora_weights()
+    expected = pipe.text_encoder.state_dict()
+    fused = model.state_dict()
+    assert set(fused) == set(expected)
+    for key, value in fused.items():
+        np.testing.assert_allclose(value.numpy(), expected[key].numpy(), rtol=0,
+                                   atol=FUSED_ATOL, err_msg=key)
+    fc2 = next(key for key in fused if key.endswith("layers.0.mlp.fc2.weight"))
+    base = load_text_encoder(tiny_sd_dir / "text_encoder").state_dict()
+    assert np.abs(fused[fc2].numpy() - base[fc2].numpy()).max() > 100 * FUSED_ATOL  # changed
+
+
+def test_per_layer_text_encoder_alphas_are_honoured(tiny_sd_dir, tmp_path):
+    # diffusers keys kohya's text-encoder alphas by paths its loader does not find (and
+    # transformers 5's CLIP has no `text_model.` level), so a layer whose alpha differs from the
+    # file's most common one was fused with that one; kohya's alpha is the layer's own.
+    from safetensors.torch import load_file
+
+    from sdrt.export.components import load_text_encoder
+    from sdrt.export.lora import fuse_loras, read_lora
+    from sdrt.export.source import read_source
+
+    modules = {"self_attn_q_proj": ("self_attn.q_proj", 32, 32, 3.0),
+               "self_attn_k_proj": ("self_attn.k_proj", 32, 32, 8.0),
+               "self_attn_v_proj": ("self_attn.v_proj", 32, 32, 8.0),
+               "self_attn_out_proj": ("self_attn.out_proj", 32, 32, 8.0),
+               "mlp_fc1": ("mlp.fc1", 37, 32, 3.0), "mlp_fc2": ("mlp.fc2", 32, 37, 8.0)}
+    prefix = "lora_te_text_model_encoder_layers_0_"
+    path = tmp_path / "alphas.safetensors"
+    tensors = write_kohya(path, [(prefix + name, out, inp, None, alpha)
+                                 for name, (_, out, inp, alpha) in modules.items()])
+    lora = read_lora(path, KOHYA_SCALE, unet_config=read_source(tiny_sd_dir, None).unet,
+                     keys="sd")
+    model = load_text_encoder(tiny_sd_dir / "text_encoder")
+    fuse_loras(model, "text_encoder", [lora])
+    fused = {key.removeprefix("text_model."): value for key, value in model.state_dict().items()}
+    base = load_file(str(tiny_sd_dir / "text_encoder" / "model.safetensors"))
+    for name, (module, *_, alpha) in modules.items():
+        key = f"text_model.encoder.layers.0.{module}.weight"
+        _, expected = _expected(base, key, tensors[f"{prefix}{name}.lora_down.weight"],
+                                tensors[f"{prefix}{name}.lora_up.weight"],
+                                KOHYA_SCALE * alpha / RANK)
+        np.testing.assert_allclose(fused[key.removeprefix("text_model.")].numpy(), expected,
+                                   rtol=0, atol=FUSED_ATOL, err_msg=key)
+
+
+def test_lora_map_points_at_the_fused_weights(lora_onnx_dir, tiny_sd_dir, lora_files):
+    from safetensors.torch import load_file
+
+    from sdrt.runtime.adapters.lora_map import read_lora_map
+
+    lora_map = read_lora_map(lora_onnx_dir / "text_encoder")
+    entry = lora_map.modules["text_model.encoder.layers.0.mlp.fc1"]
+    held = _initializers(lora_onnx_dir / "text_encoder" / lora_map.graph)[entry.initializer]
+    name, *_, alpha = KOHYA_LAYERS[6]
+    tensors = lora_files["kohya"][1]
+    _, fused = _expected(load_file(str(tiny_sd_dir / "text_encoder" / "model.safetensors")),
+                         "text_model.encoder.layers.0.mlp.fc1.weight",
+                         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"],
+                         KOHYA_SCALE * alpha / RANK)
+    assert entry.shape == fused.shape
+    np.testing.assert_allclose(held.T if entry.transposed else held, fused, rtol=0,
+                               atol=FUSED_ATOL)
 
 
 # ---------------------------------------------------------------- parity with diffusers
