@@ -25,11 +25,12 @@ from tokenizers import Tokenizer
 
 from sdrt.runtime.components import TextEncoder
 from sdrt.runtime.components import _require as require_io
-from sdrt.runtime.conditioning import Conditioning, penultimate_output
+from sdrt.runtime.conditioning import DEFAULT_STYLE, Conditioning, penultimate_output
 from sdrt.runtime.conditioning import tokenize as tokenize_clip
 from sdrt.runtime.errors import InputError, ModelError, first_line
 from sdrt.runtime.guidance import ModelFn, cfg_combine
 from sdrt.runtime.model.folder import read_json
+from sdrt.runtime.prompts import PromptStyle
 from sdrt.runtime.session import Session
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -122,7 +123,10 @@ class Sd3Conditioner:
     t5: tuple[T5Tokenizer, TextEncoder] | None = None
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
-                 height: int) -> Conditioning:
+                 height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
+        # `style` is not read yet: SD 3's context joins the CLIP states with T5's along the
+        # sequence (77 + 256 tokens), a layout that A1111's 77-token chunks and emphasis do not
+        # carry over to unchanged; SD 3 prompts are plain text for now.
         texts = [negative, prompt] if guided else [prompt]
         first, pooled_1 = self.encoder.outputs(tokenize_clip(self.tokenizer, texts),
                                                (self.hidden[0], "text_embeds"))

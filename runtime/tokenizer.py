@@ -135,21 +135,33 @@ class ClipTokenizer:
             row[: len(ids)] = ids
         return out
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of a piece of text alone: no BOS/EOS, no truncation, no padding."""
+        _check_single(text)
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    @property
+    def comma_id(self) -> int | None:
+        """The id of `,</w>` (a comma ending a word), where chunking backtracks; None if absent."""
+        return self._tokenizer.token_to_id(f",{END_OF_WORD_SUFFIX}")
+
     def token_count(self, prompt: str) -> int:
         """Number of tokens the prompt needs, without BOS/EOS and before truncation."""
         _check_single(prompt)
         return len(self._tokenizer.encode(prompt).ids) - 2
 
-    def truncated(self, prompt: str) -> str:
-        """The end of `prompt` that does not fit in `max_length` tokens ('' when it all fits)."""
+    def truncated(self, prompt: str, length: int | None = None) -> str:
+        """The end of `prompt` that does not fit in `length` tokens, BOS and EOS included
+        (default `max_length`; '' when it all fits)."""
         _check_single(prompt)
+        length = self.max_length if length is None else length
         encoding = self._tokenizer.encode(prompt)
-        if len(encoding.ids) <= self.max_length:
+        if len(encoding.ids) <= length:
             return ""
-        # Index max_length-1 is the first dropped token (index 0 is BOS). Offsets point into the
+        # Index length-1 is the first dropped token (index 0 is BOS). Offsets point into the
         # original prompt, so the user sees their own text, not lower-cased BPE pieces. A
         # character split across byte tokens (emoji) on the cut is reported whole.
-        start = encoding.offsets[self.max_length - 1][0]
+        start = encoding.offsets[length - 1][0]
         return prompt[start:]
 
 

@@ -34,6 +34,8 @@ FEATURES = {
     "skip_layers": "skip-layer guidance",
     "refiner_base": "handing latents to a refiner",
     "refiner": "refining another model's latents",
+    "lora": "LoRA at run time",
+    "embeddings": "textual inversion",
 }
 
 

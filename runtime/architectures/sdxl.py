@@ -4,7 +4,10 @@ hidden states (`hidden_states[-2]`) side by side as the context, the second enco
 projection as `text_embeds`, and `time_ids` = (original height, width, crop top, left, target
 height, width) micro-conditioning. An empty negative prompt becomes zeros when model_index.json
 says `force_zeros_for_empty_prompt` (diffusers does so for a negative prompt of None, which is
-what sdrt's empty default stands for). An SDXL base may hand its latents to a refiner."""
+what sdrt's empty default stands for). Prompts in A1111's syntax: each encoder chunks them alike
+(each padding with its own tokenizer's pad), with emphasis per encoder before the two are joined
+along the features, and `text_embeds` from the first chunk, as A1111 does. An SDXL base may hand
+its latents to a refiner."""
 
 from __future__ import annotations
 
@@ -16,14 +19,22 @@ import numpy as np
 from sdrt.runtime.architectures.base import GraphOpener
 from sdrt.runtime.architectures.unet import UNET_FEATURES, UNetArchitecture
 from sdrt.runtime.components import TextEncoder
-from sdrt.runtime.conditioning import Conditioning, penultimate_output, tokenize
+from sdrt.runtime.conditioning import (
+    DEFAULT_STYLE,
+    Conditioning,
+    encode_prompts,
+    penultimate_output,
+)
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.folder import read_json
+from sdrt.runtime.prompts import EmbeddingIndex, PromptStyle
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 
 @dataclass(frozen=True)
 class SdxlConditioner:
-    """Two encoders' penultimate states, pooled `text_embeds`, size `time_ids`."""
+    """Two encoders' penultimate states, pooled `text_embeds`, size `time_ids`; `embeddings`
+    finds textual-inversion triggers for each encoder (None: no embeddings)."""
 
     tokenizer: ClipTokenizer
     tokenizer_2: ClipTokenizer
@@ -31,24 +42,35 @@ class SdxlConditioner:
     encoder_2: TextEncoder
     hidden: tuple[str, str]  # each encoder's penultimate hidden-state output
     zeros_for_empty_negative: bool
+    embeddings: tuple[EmbeddingIndex | None, ...] = (None, None)
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
-                 height: int) -> Conditioning:
+                 height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
         zeros = guided and not negative and self.zeros_for_empty_negative
-        context, pooled = self._encode([negative, prompt] if guided and not zeros else [prompt])
-        if zeros:
-            context = np.concatenate([np.zeros_like(context), context])  # (2, 77, D)
-            pooled = np.concatenate([np.zeros_like(pooled), pooled])  # (2, P)
+        rows = self._encode([negative, prompt] if guided and not zeros else [prompt], style)
+        if zeros:  # zeros as long as the prompt's context: attending to zeros, length is moot
+            rows.insert(0, (np.zeros_like(rows[0][0]), np.zeros_like(rows[0][1])))
         # diffusers' _get_add_time_ids with its defaults: original = target size, no crop.
-        time_ids = np.array([[height, width, 0, 0, height, width]], dtype=np.float32)
-        return Conditioning(context, {"text_embeds": pooled,
-                                      "time_ids": np.repeat(time_ids, len(context), axis=0)})
+        time_ids = np.array([[height, width, 0, 0, height, width]], dtype=np.float32)  # (1, 6)
+        return Conditioning.stack([Conditioning(context, {"text_embeds": pooled,
+                                                          "time_ids": time_ids})
+                                   for context, pooled in rows])
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        (first,) = self.encoder.outputs(tokenize(self.tokenizer, texts), self.hidden[:1])
-        second, pooled = self.encoder_2.outputs(tokenize(self.tokenizer_2, texts),
-                                                (self.hidden[1], "text_embeds"))
-        return np.concatenate([first, second], axis=-1), pooled  # (N, 77, D1 + D2), (N, P)
+    def _encode(self, texts: list[str],
+                style: PromptStyle) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: the context (1, 77·C, D1 + D2) and pooled `text_embeds` (1, P)."""
+        first = encode_prompts(texts, self.tokenizer, self.encoder, self.hidden[:1], style,
+                               self.embeddings[0])
+        second = encode_prompts(texts, self.tokenizer_2, self.encoder_2,
+                                (self.hidden[1], "text_embeds"), style, self.embeddings[1])
+        rows = []
+        for (one,), (two, pooled) in zip(first, second, strict=True):
+            if one.shape[1] != two.shape[1]:  # embeddings of different vector counts
+                raise InputError(f"the prompt is {one.shape[1]} tokens long for text_encoder "
+                                 f"but {two.shape[1]} for text_encoder_2; an embedding must "
+                                 f"have as many vectors for both")
+            rows.append((np.concatenate([one, two], axis=-1), pooled))
+        return rows
 
 
 def zeros_for_empty_negative(folder: Path) -> bool:

@@ -15,8 +15,14 @@ from sdrt.runtime.architectures.base import GraphOpener
 from sdrt.runtime.architectures.sdxl import zeros_for_empty_negative
 from sdrt.runtime.architectures.unet import UNET_FEATURES, UNetArchitecture
 from sdrt.runtime.components import TextEncoder
-from sdrt.runtime.conditioning import Conditioning, penultimate_output, tokenize
+from sdrt.runtime.conditioning import (
+    DEFAULT_STYLE,
+    Conditioning,
+    encode_prompts,
+    penultimate_output,
+)
 from sdrt.runtime.model.folder import read_json
+from sdrt.runtime.prompts import PromptStyle
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults, the refiner's
@@ -36,19 +42,19 @@ class RefinerConditioner:
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
-                 height: int) -> Conditioning:
+                 height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
         zeros = guided and not negative and self.zeros_for_empty_negative
         texts = [negative, prompt] if guided and not zeros else [prompt]
-        context, pooled = self.encoder.outputs(tokenize(self.tokenizer, texts),
-                                               (self.hidden, "text_embeds"))
-        if zeros:
-            context = np.concatenate([np.zeros_like(context), context])  # (2, 77, D)
-            pooled = np.concatenate([np.zeros_like(pooled), pooled])  # (2, P)
+        rows = encode_prompts(texts, self.tokenizer, self.encoder, (self.hidden, "text_embeds"),
+                              style)  # [(1, 77·C, D), (1, P)] per text, as SDXL's (sdxl.py)
+        if zeros:  # as long as the prompt's context: attending to zeros, length is moot
+            rows.insert(0, [np.zeros_like(rows[0][0]), np.zeros_like(rows[0][1])])
         scores = [self.negative_aesthetic_score, self.aesthetic_score] if guided \
             else [self.aesthetic_score]
-        time_ids = np.array([[height, width, 0, 0, score] for score in scores],
-                            dtype=np.float32)  # (N, 5)
-        return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids})
+        return Conditioning.stack([
+            Conditioning(context, {"text_embeds": pooled, "time_ids": np.array(
+                [[height, width, 0, 0, score]], dtype=np.float32)})  # (1, 5)
+            for (context, pooled), score in zip(rows, scores, strict=True)])
 
 
 def load_refiner_conditioner(folder: Path, open_graph: GraphOpener) -> RefinerConditioner:
@@ -59,5 +65,6 @@ def load_refiner_conditioner(folder: Path, open_graph: GraphOpener) -> RefinerCo
         zeros_for_empty_negative=zeros_for_empty_negative(folder))
 
 
-SDXL_REFINER = UNetArchitecture("sdxl-refiner", "SDXL refiner", ("text_encoder_2",),
-                                load_refiner_conditioner, features=UNET_FEATURES | {"refiner"})
+SDXL_REFINER = UNetArchitecture(
+    "sdxl-refiner", "SDXL refiner", ("text_encoder_2",), load_refiner_conditioner,
+    features=(UNET_FEATURES - {"lora", "embeddings"}) | {"refiner"})

@@ -20,6 +20,8 @@ from sdrt.runtime import guidance
 from sdrt.runtime.compile_ahead import compile_ahead
 from sdrt.runtime.components import UNet, VaeDecoder
 from sdrt.runtime.conditioning import Conditioning, TextConditioner
+from sdrt.runtime.deepcache import CachedUNet
+from sdrt.runtime.errors import InputError
 from sdrt.runtime.guidance import ModelFn
 from sdrt.runtime.memory.low_memory import LOW_MEMORY_BATCH
 from sdrt.runtime.session import Session
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
     from sdrt.runtime.architectures.base import GraphOpener
     from sdrt.runtime.pipeline import GenerationRequest
 
-UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache"})
+# What SD 1.x/2.x and SDXL run; the refiner drops the LoRA and embedding support (its single
+# encoder is SDXL's second, which LoRA and embedding files name only beside the first).
+UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache", "lora", "embeddings"})
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,15 @@ class UNetArchitecture:
 
 def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bool,
                 image_channels: np.ndarray | None = None) -> ModelFn:
-    """(x, t) → the UNet's raw output under classifier-free guidance (module docstring)."""
-    context, added = conditioning.context, conditioning.added
+    """(x, t) → the UNet's raw output under classifier-free guidance (module docstring); a
+    negative prompt whose context length differs from the prompt's (`Conditioning.uncond`) is
+    its own UNet call, as A1111 runs it by default."""
+    context, added, apart = conditioning.context, conditioning.added, conditioning.uncond
+    if guided and apart is not None and isinstance(unet, CachedUNet):
+        # DeepCache caches one feature for the whole CFG batch; two calls would mix theirs.
+        raise InputError(f"DeepCache needs the prompt and the negative prompt to be equally "
+                         f"long, got {context.shape[1]} and {apart.context.shape[1]} tokens; "
+                         f"make them equal (e.g. with BREAK)")
     embedded = None
     if unet.guidance_dim is not None:  # (B, time_cond_proj_dim), one row per image
         embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
@@ -84,6 +95,9 @@ def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bo
             x_in = np.concatenate([x_in, image_channels], axis=1)  # (B, 9, h, w)
         if not guided:
             return unet(x_in, t, context, added, embedded)
+        if apart is not None:
+            return guidance.cfg_combine(unet(x_in, t, apart.context, apart.added),
+                                        unet(x_in, t, context, added), scale)
         out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
         uncond, cond = np.split(out, 2)
         return guidance.cfg_combine(uncond, cond, scale)
