@@ -12,8 +12,6 @@ so several threads may generate at once.
 
 from __future__ import annotations
 
-import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from sdrt.runtime import img2img as i2i
+from sdrt.runtime.adapters.adapted import lora_components
+from sdrt.runtime.adapters.pipeline_adapters import Adapters
 from sdrt.runtime.architectures import architecture_for
 from sdrt.runtime.architectures.base import (
     Architecture,
@@ -40,101 +40,19 @@ from sdrt.runtime.metadata import GenerationInfo, format_parameters
 from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts
 from sdrt.runtime.model.opened import OpenedModel
 from sdrt.runtime.model.variants import Variant
+from sdrt.runtime.prompts import PromptStyle
+from sdrt.runtime.prompts.networks import extract_networks
 from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
-from sdrt.runtime.rng import GENERATORS, NoiseGenerator, make_generator, randn_rows
-from sdrt.runtime.samplers import default_sampler, display_name, resolve_pair, sample
+from sdrt.runtime.request import MAX_SIDE, GenerationRequest
+from sdrt.runtime.rng import NoiseGenerator, make_generator, randn_rows
+from sdrt.runtime.samplers import display_name, sample
 from sdrt.runtime.schedules import SchedulerConfig, schedule_infotext
-from sdrt.runtime.sd3 import SLG_SCALE
 from sdrt.runtime.session import open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae.pooled_norm import SPLIT_COMPONENTS, tiled_decode_graphs
 from sdrt.runtime.vae.tiny import TinyVae, open_tiny_vae
 
-MAX_SIDE = 2048  # pixels; beyond this one UNet call needs more memory than the machines we target
-MAX_IMAGES = 16  # per call; larger batches belong to `sdrt batch`
-MAX_STEPS = 1000  # the training schedule has 1000 timesteps; more steps repeat them
-MAX_SEED = 2**32 - 1  # torch's manual_seed range that A1111 and diffusers users pass around
-
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One text-to-image call; None fields take the model family's defaults in `resolve`."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str | None = None
-    schedule: str | None = None  # runtime/schedules.py SCHEDULES name or A1111 label; None: auto
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    num_images: int = 1
-    generator: str = "torch"
-    # SD 3 only: skip-layer guidance's joint blocks (none: off) and scale (runtime/sd3.py)
-    skip_layers: tuple[int, ...] = ()
-    skip_layer_scale: float = SLG_SCALE
-    deepcache: int | None = None  # DeepCache interval N (runtime/deepcache.py); None: off
-
-    def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
-        """Fill defaults from the model and its family, then check each field (errors name it)."""
-        family = facts.family
-        sampler, schedule = resolve_pair(self.sampler or family.sampler
-                                         or default_sampler(scheduler), self.schedule)
-        filled = replace(
-            self,
-            steps=family.steps if self.steps is None else self.steps,
-            guidance_scale=family.guidance_scale if self.guidance_scale is None
-            else self.guidance_scale,
-            sampler=sampler, schedule=schedule,
-            seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
-            width=facts.default_size if self.width is None else self.width,
-            height=facts.default_size if self.height is None else self.height,
-        )
-        filled.validate(facts.vae_scale_factor * facts.patch_size)
-        return filled
-
-    def validate(self, vae_scale_factor: int) -> None:
-        for name in ("steps", "num_images", "seed"):  # as an HTTP client may send anything
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise InputError(f"{name} must be an integer, got "
-                                 f"{type(getattr(self, name)).__name__}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale,
-                                                                   int | float):
-            raise InputError(f"guidance scale must be a number, got "
-                             f"{type(self.guidance_scale).__name__}")
-        multiple = max(8, vae_scale_factor)
-        for name, side in (("width", self.width), ("height", self.height)):
-            if not isinstance(side, int) or side <= 0 or side > MAX_SIDE or side % multiple:
-                raise InputError(
-                    f"{name} must be a multiple of {multiple} between {multiple} and "
-                    f"{MAX_SIDE}, got {side}"
-                )
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        if not 1 <= self.num_images <= MAX_IMAGES:
-            raise InputError(
-                f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}"
-            )
-        if self.deepcache is not None and (isinstance(self.deepcache, bool) or not isinstance(
-                self.deepcache, int) or not 1 <= self.deepcache <= MAX_STEPS):
-            raise InputError(f"deepcache must be an interval between 1 and {MAX_STEPS}, got "
-                             f"{str(self.deepcache)[:20]}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        try:
-            scale = float(self.guidance_scale)
-        except OverflowError:  # an int beyond float's range (10**400)
-            scale = math.inf
-        if not 0 <= scale < math.inf:  # NaN fails too
-            raise InputError(f"guidance scale must be finite and ≥ 0, got "
-                             f"{str(self.guidance_scale)[:20]}")
-        if self.generator not in GENERATORS:
-            raise InputError(
-                f"unknown generator '{self.generator}'; choose one of: {', '.join(GENERATORS)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -160,6 +78,7 @@ class Pipeline:
     precision: str = "fp32"  # the variant that runs (sdrt.runtime.model.variants)
     vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
     tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
+    adapters: Adapters | None = None  # per-request LoRAs, embeddings (runtime/adapters/)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -181,7 +100,8 @@ class Pipeline:
              *, threads: int | None = None, precision: str | Variant | None = None,
              low_memory: bool = False, device: str = "cpu",
              vram_limit: int | None = None, vae: str | Path | None = None,
-             deepcache: bool = False) -> Pipeline:
+             deepcache: bool = False, lora_dir: str | Path | None = None,
+             embeddings_dir: str | Path | None = None) -> Pipeline:
         """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`; default
         "ort"), by default sdrt's embedded shapes model, or load one already opened (an
         OpenedModel, which brings its backend and precision). `precision` names a variant
@@ -192,19 +112,31 @@ class Pipeline:
         `vae` is an exported tiny autoencoder folder (runtime/vae/tiny.py) that replaces the
         model's VAE decoder, and its encoder where the folder has one. `deepcache` runs the UNet
         from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
-        `deepcache=N` requests add only the small shallow graph's memory."""
+        `deepcache=N` requests add only the small shallow graph's memory. `lora_dir` is where
+        requests' LoRA names (and `<lora:NAME>` tags) are looked up, `embeddings_dir` holds
+        textual-inversion embeddings triggered by their file names (runtime/adapters/)."""
         model = _opened(folder, backend, precision)
         folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
         backend = model.backend
         residency = Residency() if low_memory else None
         opener = residency.open_session if residency else open_session
+        adapters = Adapters.prepare(model, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                    low_memory=low_memory)
 
-        def graph(path: Path, component: str):  # run as the variant runs `component`
+        def graph(path: Path, component: str, weights=None):  # as the variant runs `component`
             return opener(path, backend, threads=threads, execution=variant.execution(component),
-                          device=device, vram_limit=vram_limit)
+                          device=device, vram_limit=vram_limit, weights=weights)
 
-        def session(component: str):
-            return graph(variant.graph_path(folder, component), component)
+        def session(component: str, weights=None):
+            return graph(variant.graph_path(folder, component), component,
+                         weights or adapters.base_weights.get(component))
+
+        def adapted(weights):  # the denoiser and conditioner with a LoRA set's weights
+            def patched(component: str):
+                return session(component, weights.get(component))
+            denoiser = arch.open_denoiser(patched(arch.denoiser_graph))
+            return denoiser, adapters.with_embeddings(
+                arch.load_conditioner(folder, patched, denoiser))
 
         def unet_graph(path: Path):  # a DeepCache graph
             return graph(path, "unet")
@@ -217,7 +149,10 @@ class Pipeline:
             raise InputError(refusal)
         full = unet_graph(graph_paths(folder)[0]) if deepcache else None
         denoiser = arch.open_denoiser(full if full is not None else session(arch.denoiser_graph))
-        conditioner = arch.load_conditioner(folder, session, denoiser)
+        conditioner = adapters.with_embeddings(arch.load_conditioner(folder, session, denoiser))
+        adapters.bind(folder, {name: variant.graph_path(folder, name) for name in
+                               lora_components(arch.denoiser_graph,
+                                               getattr(arch, "text_encoders", ()))}, adapted)
         _check_channels(denoiser, facts)
         tiny = None if vae is None else open_tiny_vae(
             vae, decoder_graph, latent_channels=facts.latent_channels,
@@ -236,7 +171,8 @@ class Pipeline:
                 stages and stages.open(decoder_graph))
         return cls(folder, backend, facts, model.scheduler, conditioner, denoiser, decoder,
                    LazyDeepCache(folder, unet_graph, refusal, full), precision=variant.precision,
-                   vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny)
+                   vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
+                   adapters=adapters)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
@@ -322,7 +258,7 @@ class Pipeline:
         # 3. Starting point: noise, or a picture's latents; a mask for inpainting. OpenVINO
         #    compiles the UNet and decoder for this size meanwhile (runtime/compile_ahead.py).
         self.architecture.compile_ahead(
-            self.denoiser, self.vae_decoder,
+            self.graphs(req)[0], self.vae_decoder,
             batch=req.num_images * (2 if self._guided(req) else 1),
             latent=(self.facts.latent_channels, req.height // self.facts.vae_scale_factor,
                     req.width // self.facts.vae_scale_factor),
@@ -346,13 +282,17 @@ class Pipeline:
         `end_step` those after that many model calls, still noisy (diffusers' denoising_end)."""
         check_request(self.architecture, req)  # the refiner's runs come here without `run`
         guided = self._guided(req)
-        # 4. Text conditioning: (2B, 77, D) uncond-then-cond when guided, else (B, 77, D),
-        #    with the denoiser's added conditions (SDXL's, SD 3's pooled) row-aligned.
-        cond = self.conditioner(req.prompt, req.negative_prompt, guided=guided,
-                                width=req.width, height=req.height).repeat(req.num_images)
+        denoiser, conditioner = self.graphs(req)  # a LoRA set's, or the pipeline's own
+        # 4. Text conditioning: (2B, 77·k, D) uncond-then-cond when guided, else (B, 77·k, D),
+        #    with the denoiser's added conditions (SDXL's, SD 3's pooled) row-aligned; A1111's
+        #    prompt syntax read (runtime/prompts/), its <lora:…> tags taken out of the text.
+        prompt = req.prompt if req.prompt_syntax == "plain" else extract_networks(req.prompt)[0]
+        cond = conditioner(prompt, req.negative_prompt, guided=guided, width=req.width,
+                           height=req.height, style=PromptStyle(req.prompt_syntax, req.emphasis),
+                           ).repeat(req.num_images)
         # 5. Sampler loop over the guided denoiser; DeepCache keeps one cache per generation.
-        denoiser = self.denoiser if req.deepcache is None \
-            else self.deepcache().unet(req.deepcache)
+        if req.deepcache is not None:
+            denoiser = self.deepcache().unet(req.deepcache)
         model = self.architecture.model_fn(denoiser, cond, req, guided=guided,
                                            image_channels=start.image_channels)
         return sample(model,
@@ -361,6 +301,12 @@ class Pipeline:
                       callback=callback, start_step=start.start_step,
                       init_latents=start.init_latents, keep=start.keep, end_step=end_step,
                       add_noise=start.add_noise, schedule=req.schedule)
+
+    def graphs(self, req: GenerationRequest) -> tuple[DenoiserGraph, TextConditioner]:
+        """The denoiser and conditioner a request runs: with its LoRA set's weights where it
+        names LoRAs (runtime/adapters/adapted.py), else the pipeline's own."""
+        own = (self.denoiser, self.conditioner)
+        return own if self.adapters is None else self.adapters.graphs(req, own)
 
     def _guided(self, req: GenerationRequest) -> bool:
         """diffusers' rule: one UNet call per step when guidance ≤ 1, or when the UNet takes the
@@ -432,6 +378,8 @@ class Pipeline:
         extra.update(schedule_infotext(req.schedule))  # A1111's "Schedule type"
         if req.deepcache is not None:
             extra[DEEPCACHE_KEY] = req.deepcache
+        if self.adapters is not None:
+            extra.update(self.adapters.infotext(req, self.tokenizer))  # Lora and TI hashes
         if req.skip_layers:  # SD 3's skip-layer guidance (quoted: the layers hold commas)
             extra["Skip layers"] = ",".join(map(str, req.skip_layers))
             extra["Skip layer scale"] = req.skip_layer_scale

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,8 @@ class OrtSession(CheckedSession):
 
     def __init__(self, path: Path, *, threads: int | None = None,
                  providers: tuple | list = ("CPUExecutionProvider",),
-                 low_memory: bool = False) -> None:
+                 low_memory: bool = False,
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -117,6 +119,7 @@ class OrtSession(CheckedSession):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        self._weights = _override_initializers(ort, options, path, weights or {})
         self.label = f"{path.parent.name}/{path.name}"
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(providers))
@@ -131,6 +134,34 @@ class OrtSession(CheckedSession):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self._session.run(self._output_names, feeds)
         return dict(zip(self._output_names, values, strict=True))
+
+
+def _override_initializers(ort, options, path: Path, weights: Mapping[str, np.ndarray]) -> list:
+    """Give ONNX Runtime `weights` in place of the graph's initializers of those names (LoRA-
+    patched weights, a longer token table); returns what must outlive the session (neither ORT
+    nor an OrtValue keeps the NumPy buffers alive).
+
+    Externally stored ones go in as external data, read with the graph before any optimisation.
+    Inline ones can only be swapped in after the optimisers ran, and ORT's NCHWc layout pass
+    (level ALL) has by then copied each conv weight it reorders from the file, so a swapped conv
+    weight would be silently ignored (checked on the tiny UNet); a graph with inline 4-D
+    overrides is optimised one level lower (EXTENDED), which has no layout pass.
+    """
+    if not weights:
+        return []
+    from sdrt.runtime.model.onnx_tensors import WeightReader
+
+    arrays = {name: np.ascontiguousarray(value) for name, value in weights.items()}
+    values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in arrays.items()}
+    external = WeightReader(path).external(arrays)
+    if external:
+        options.add_external_initializers(list(external), [values[n] for n in external])
+    inline = [name for name in arrays if name not in external]
+    for name in inline:
+        options.add_initializer(name, values[name])
+    if any(arrays[name].ndim == 4 for name in inline):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return [arrays, values]
 
 
 # Compiled models an OpenVINO session keeps, one per distinct set of input shapes, least recently
@@ -166,7 +197,8 @@ class OpenVinoSession(CheckedSession):
 
     def __init__(self, path: Path, *, device: str = "CPU", precision_hint: str = "f32",
                  cache_dir: Path | None = None, threads: int | None = None,
-                 vram_limit: int | None = None) -> None:
+                 vram_limit: int | None = None,
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
         import openvino as ov
 
         self.label = f"{path.parent.name}/{path.name}"
@@ -175,10 +207,16 @@ class OpenVinoSession(CheckedSession):
         self._config: dict[str, str] = {"INFERENCE_PRECISION_HINT": precision_hint}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
+        if weights:  # one blob per weight set would only fill the cache; IR copies may rename
+            cache_dir = None  # or fold the constants that the overrides name
         self._config.update(compile_cache.options(cache_dir, device))
         self._device = devices.openvino_device(self._core, device.lower(), vram_limit)
         try:
             self._model = _read_ov_model(self._core, path, cache_dir, precision_hint)
+            if weights:
+                _replace_constants(self._model, weights, self.label)
+        except ModelError:
+            raise
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
             reason = (version_refusal(path, "openvino")
                       or f"OpenVINO cannot read it: {_first_line(exc)}")
@@ -245,6 +283,26 @@ def _read_ov_model(core, path: Path, cache_dir: Path | None, execution: str):
     return model
 
 
+def _replace_constants(model, weights: Mapping[str, np.ndarray], label: str) -> None:
+    """Swap the Constant nodes named as `weights`' keys (ONNX initializer names: OpenVINO's
+    ONNX reader keeps them as the constants' friendly names) for the given values, cast to each
+    constant's own element type, in place."""
+    import openvino as ov
+
+    constants = {op.get_friendly_name(): op for op in model.get_ops()
+                 if op.get_type_name() == "Constant" and op.get_friendly_name() in weights}
+    missing = sorted(set(weights) - set(constants))
+    if missing:
+        raise ModelError(f"{label}: the graph has no weight {missing[0]!r} to replace"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, old in constants.items():
+        dtype = old.get_output_element_type(0).to_dtype()
+        new = ov.op.Constant(np.ascontiguousarray(weights[name], dtype=dtype))
+        new.set_friendly_name(name)
+        old.output(0).replace(new.output(0))
+    model.validate_nodes_and_infer_types()  # a longer embedding table changes shapes
+
+
 def _read_ov_source(core, path: Path):
     """read_model; an ONNX graph in a folder of symlinks (the hub cache) is staged first.
 
@@ -274,21 +332,24 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 def open_session(path: Path, backend: str, *, threads: int | None = None,
                  execution: str = "f32", device: str = "cpu", vram_limit: int | None = None,
-                 low_memory: bool = False) -> Session:
+                 low_memory: bool = False,
+                 weights: Mapping[str, np.ndarray] | None = None) -> Session:
     """Load one graph file with the named backend, after vetting it (graph_files.vet_graph);
     `execution` is OpenVINO's precision hint; `device` "gpu" runs on CUDA (ORT) or an Intel GPU
-    (OpenVINO) where present, capped at `vram_limit` bytes (runtime/devices.py)."""
+    (OpenVINO) where present, capped at `vram_limit` bytes (runtime/devices.py). `weights`
+    replace the graph's initializers of those names (runtime/adapters/: LoRA-patched weights)."""
     if backend in BACKENDS:  # version stamps are asked about only if the backend refuses
         vet_graph(path, backend, versions=False)
     if backend == "ort":
         if execution != "f32":
             raise InputError(f"execution precision {execution} needs the openvino backend")
-        return OrtSession(path, threads=threads, low_memory=low_memory,
+        return OrtSession(path, threads=threads, low_memory=low_memory, weights=weights,
                           providers=devices.ort_providers(device, vram_limit))
     if backend == "openvino":
         return OpenVinoSession(path, threads=threads, precision_hint=execution,
                                cache_dir=compile_cache.cache_dir(),
-                               device=device.upper(), vram_limit=vram_limit)
+                               device=device.upper(), vram_limit=vram_limit,
+                               weights=weights)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 
