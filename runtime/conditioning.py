@@ -101,12 +101,13 @@ def prompt_chunks(text: str, tokenizer: ClipTokenizer, style: PromptStyle,
 
 def encode_prompts(texts: Sequence[str], tokenizer: ClipTokenizer, encoder: TextEncoder,
                    outputs: tuple[str, ...], style: PromptStyle,
-                   embeddings: EmbeddingIndex | None = None) -> list[list[np.ndarray]]:
+                   embeddings: EmbeddingIndex | None = None,
+                   max_chunks: int = MAX_CHUNKS) -> list[list[np.ndarray]]:
     """Per text: its context (1, 77·C, D), the first output of each of its C chunks weighted
     by the emphasis and joined along the sequence axis; then the other outputs of its first
     chunk (1, …), where A1111 takes SDXL's pooled embedding. All chunks of all texts go through
     the encoder as one batch."""
-    chunks = [prompt_chunks(text, tokenizer, style, embeddings) for text in texts]
+    chunks = [prompt_chunks(text, tokenizer, style, embeddings, max_chunks) for text in texts]
     encoded = encoder.outputs(np.concatenate([c.ids for c in chunks]), outputs)  # (ΣC, 77, …)
     hidden, rest = encoded[0], encoded[1:]
     per_text, start = [], 0

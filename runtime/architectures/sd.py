@@ -12,7 +12,7 @@ from sdrt.runtime.architectures.base import GraphOpener
 from sdrt.runtime.architectures.unet import UNetArchitecture
 from sdrt.runtime.components import TextEncoder
 from sdrt.runtime.conditioning import DEFAULT_STYLE, Conditioning, encode_prompts
-from sdrt.runtime.prompts import EmbeddingIndex, PromptStyle
+from sdrt.runtime.prompts import MAX_CHUNKS, EmbeddingIndex, PromptStyle
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 
@@ -24,12 +24,13 @@ class ClipConditioner:
     tokenizer: ClipTokenizer
     encoder: TextEncoder
     embeddings: tuple[EmbeddingIndex | None, ...] = (None,)
+    max_chunks: int = MAX_CHUNKS  # 1 for a UNet graph whose context is fixed at 77 tokens
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
                  height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
         texts = [negative, prompt] if guided else [prompt]
         encoded = encode_prompts(texts, self.tokenizer, self.encoder, ("last_hidden_state",),
-                                 style, self.embeddings[0])
+                                 style, self.embeddings[0], self.max_chunks)
         return Conditioning.stack([Conditioning(context, {})  # (1, 77·C, D) each
                                    for context, in encoded])
 

@@ -27,7 +27,7 @@ from sdrt.runtime.conditioning import (
 )
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.folder import read_json
-from sdrt.runtime.prompts import EmbeddingIndex, PromptStyle
+from sdrt.runtime.prompts import MAX_CHUNKS, EmbeddingIndex, PromptStyle
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 
@@ -43,6 +43,7 @@ class SdxlConditioner:
     hidden: tuple[str, str]  # each encoder's penultimate hidden-state output
     zeros_for_empty_negative: bool
     embeddings: tuple[EmbeddingIndex | None, ...] = (None, None)
+    max_chunks: int = MAX_CHUNKS  # 1 for a UNet graph whose context is fixed at 77 tokens
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
                  height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
@@ -60,9 +61,10 @@ class SdxlConditioner:
                 style: PromptStyle) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per text: the context (1, 77·C, D1 + D2) and pooled `text_embeds` (1, P)."""
         first = encode_prompts(texts, self.tokenizer, self.encoder, self.hidden[:1], style,
-                               self.embeddings[0])
+                               self.embeddings[0], self.max_chunks)
         second = encode_prompts(texts, self.tokenizer_2, self.encoder_2,
-                                (self.hidden[1], "text_embeds"), style, self.embeddings[1])
+                                (self.hidden[1], "text_embeds"), style, self.embeddings[1],
+                                self.max_chunks)
         rows = []
         for (one,), (two, pooled) in zip(first, second, strict=True):
             if one.shape[1] != two.shape[1]:  # embeddings of different vector counts

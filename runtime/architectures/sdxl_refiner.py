@@ -22,7 +22,7 @@ from sdrt.runtime.conditioning import (
     penultimate_output,
 )
 from sdrt.runtime.model.folder import read_json
-from sdrt.runtime.prompts import PromptStyle
+from sdrt.runtime.prompts import MAX_CHUNKS, PromptStyle
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults, the refiner's
@@ -40,13 +40,15 @@ class RefinerConditioner:
     zeros_for_empty_negative: bool
     aesthetic_score: float = AESTHETIC_SCORE
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    max_chunks: int = MAX_CHUNKS  # 1 for a UNet graph whose context is fixed at 77 tokens
 
     def __call__(self, prompt: str, negative: str, *, guided: bool, width: int,
                  height: int, style: PromptStyle = DEFAULT_STYLE) -> Conditioning:
         zeros = guided and not negative and self.zeros_for_empty_negative
         texts = [negative, prompt] if guided and not zeros else [prompt]
+        # [(1, 77·C, D), (1, P)] per text, as SDXL's (sdxl.py)
         rows = encode_prompts(texts, self.tokenizer, self.encoder, (self.hidden, "text_embeds"),
-                              style)  # [(1, 77·C, D), (1, P)] per text, as SDXL's (sdxl.py)
+                              style, max_chunks=self.max_chunks)
         if zeros:  # as long as the prompt's context: attending to zeros, length is moot
             rows.insert(0, [np.zeros_like(rows[0][0]), np.zeros_like(rows[0][1])])
         scores = [self.negative_aesthetic_score, self.aesthetic_score] if guided \

@@ -10,7 +10,7 @@ v) is the scheduler config's prediction type, which guidance.Denoiser reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from sdrt.runtime.architectures.base import GraphOpener
     from sdrt.runtime.pipeline import GenerationRequest
 
+CHUNK_LENGTH = 77  # tokens of one CLIP chunk, the context of a prompt up to 75 tokens
 # What SD 1.x/2.x and SDXL run; the refiner drops the LoRA and embedding support (its single
 # encoder is SDXL's second, which LoRA and embedding files name only beside the first).
 UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache", "lora", "embeddings"})
@@ -59,7 +60,14 @@ class UNetArchitecture:
 
     def load_conditioner(self, folder: Path, open_graph: GraphOpener,
                          denoiser: UNet) -> TextConditioner:
-        return self.conditioner(folder, open_graph)
+        """The architecture's conditioner; one whose prompts stay within one 77-token chunk
+        where the UNet graph fixes its context length there (older or static exports: longer
+        prompts are cut, with a warning quoting what was dropped)."""
+        conditioner = self.conditioner(folder, open_graph)
+        length = denoiser.session.inputs["encoder_hidden_states"].shape[1]
+        if isinstance(length, int):
+            conditioner = replace(conditioner, max_chunks=max(1, length // CHUNK_LENGTH))
+        return conditioner
 
     def model_fn(self, denoiser: UNet, cond: Conditioning, req: GenerationRequest, *,
                  guided: bool, image_channels: np.ndarray | None = None) -> ModelFn:
