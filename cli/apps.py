@@ -4,6 +4,8 @@ runtime/server/) and `sdrt batch` (a JSONL file of jobs, runtime/batch/).
 Both take the shared run options: serve loads its one pipeline with them, planned for one image
 at the model's native size; batch gives its backend, precision and generator to jobs that name
 none, plans memory for each job's size and loads every worker's pipelines as that plan says.
+The prompt and LoRA options (--lora, --prompt-syntax, --emphasis) apply to every request serve
+answers, and are the defaults of batch jobs that name none.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import click
 
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.options import DEFAULT_GENERATOR, RunOptions, model_option, run_options
+from sdrt.cli.prompt_options import prompt_options
 from sdrt.runtime.server import settings as serve_defaults
 
 
@@ -44,6 +47,7 @@ from sdrt.runtime.server import settings as serve_defaults
               help="A web origin allowed to call the API from a browser (repeatable); "
                    "default: none (CORS off).")
 @run_options
+@prompt_options
 @reports_errors
 def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **limits) -> None:
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) and a
@@ -67,9 +71,12 @@ def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **lim
     settings = ServerSettings(cors_origins=cors_origins, **limits)
     settings.validate()  # before loading a model: a refused bind costs nothing
     model = OpenedModel.open(model_dir, run.backend, run.precision)
-    pipe = load_pipeline(model, run, GenerationRequest(prompt=""))
+    every = GenerationRequest(prompt="", **settings.request_fields())
+    pipe = load_pipeline(model, run, every)
     if pipe is None:  # --dry-run
         return
+    if pipe.adapters is not None:  # --lora files read and checked before listening
+        pipe.adapters.uses(every)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("sdrt.access", "uvicorn.error"):
@@ -99,10 +106,11 @@ def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **lim
               help="Backend threads (and Ray CPUs) per worker; default: this machine's cores "
                    "/ --workers. --threads says the same.")
 @run_options
+@prompt_options
 @reports_errors
 def batch(jobs: Path, out_dir: Path, model_dir: Path | None, engine: str,
           ray_address: str | None, workers: int, threads_per_worker: int | None,
-          run: RunOptions) -> None:
+          run: RunOptions, **prompt_fields) -> None:
     """Generate one PNG per line of JOBS, a JSONL file of jobs, into --out.
 
     \b
@@ -110,13 +118,15 @@ def batch(jobs: Path, out_dir: Path, model_dir: Path | None, engine: str,
       {"id": "cat-1", "prompt": "a cat", "negative_prompt": "blurry", "seed": 42,
        "size": "512x512" (or "width"/"height"), "steps": 20, "guidance_scale": 7.5,
        "sampler": "euler_a", "generator": "torch", "model": "./sd15-onnx",
-       "backend": "ort", "precision": "fp32"}
+       "backend": "ort", "precision": "fp32", "loras": [["style", 0.8]],
+       "prompt_syntax": "a1111", "emphasis": "original"}
 
     The id (default: the line number, 00001) names the PNG. A bad line is reported with its
     number and skipped; every finished job appends a line to results.jsonl (id, file, seed,
     timings, worker). Exits 1 when a line was bad or a job failed, after running the others.
-    --model, --backend, --precision and --generator are the defaults of jobs that name none;
-    the memory plan is made for each job's size before any runs (--dry-run prints it).
+    --model, --backend, --precision, --generator, --lora, --prompt-syntax and --emphasis are
+    the defaults of jobs that name none; a job's LoRA names are looked up in --lora-dir. The
+    memory plan is made for each job's size before any runs (--dry-run prints it).
     """
     from sdrt.runtime.batch.runner import run_batch
     from sdrt.runtime.errors import InputError
@@ -125,7 +135,9 @@ def batch(jobs: Path, out_dir: Path, model_dir: Path | None, engine: str,
     if threads_per_worker is not None and run.threads not in (None, threads_per_worker):
         raise InputError("--threads and --threads-per-worker say the same; give one")
     defaults = {"backend": run.backend, "precision": run.precision, "generator": run.generator,
-                **({} if model_dir is None else {"model": str(model_dir)})}
+                **({} if model_dir is None else {"model": str(model_dir)}), **prompt_fields}
+    if "loras" in defaults:  # as a job writes them
+        defaults["loras"] = [[lora.name, lora.te, lora.unet] for lora in defaults["loras"]]
     low_memory = _plan_batch(jobs, defaults, run)
     if low_memory is None:  # --dry-run
         return
@@ -162,7 +174,7 @@ def _plan_batch(jobs: Path, defaults: dict, run: RunOptions) -> bool | None:
     from sdrt.runtime.memory.plan import describe, plan_generation
     from sdrt.runtime.model.opened import OpenedModel
 
-    checked, _ = read_jobs(jobs, defaults)
+    checked, _ = read_jobs(jobs, defaults, run.adapter_options())
     shapes: dict[tuple, list] = {}  # jobs alike for the estimate share one plan
     for job in checked:
         req = job.request

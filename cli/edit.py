@@ -13,6 +13,7 @@ import click
 
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.options import RunOptions, request_options, run_options
+from sdrt.cli.prompt_options import prompt_options
 from sdrt.cli.running import StepProgress, load_pipeline, output_paths, save_all
 
 STRENGTH_HELP = ("Denoising strength in [0, 1]: the run makes the last int(steps × strength) of "
@@ -59,6 +60,7 @@ def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path,
 @click.option("--strength", type=float, default=0.75, show_default=True, help=STRENGTH_HELP)
 @request_options(sized=True)
 @run_options
+@prompt_options
 @reports_errors
 def img2img(image: Path, prompt: str, strength: float, model_dir: Path, output: Path,
             run: RunOptions, width: int | None, height: int | None, **options) -> None:
@@ -81,6 +83,7 @@ def img2img(image: Path, prompt: str, strength: float, model_dir: Path, output: 
               help="Put IMAGE's own pixels back outside the feathered mask (A1111's overlay).")
 @request_options(sized=True)
 @run_options
+@prompt_options
 @reports_errors
 def inpaint(image: Path, mask: Path, prompt: str, strength: float, mask_blur: float,
             paste_back: bool, model_dir: Path, output: Path, run: RunOptions,
@@ -111,6 +114,7 @@ def inpaint(image: Path, mask: Path, prompt: str, strength: float, mask_blur: fl
                    "blurred.")
 @request_options(sized=None)
 @run_options
+@prompt_options
 @reports_errors
 def outpaint(image: Path, prompt: str, left: int, right: int, top: int, bottom: int,
              strength: float, mask_blur: float, fill: str, model_dir: Path, output: Path,

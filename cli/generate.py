@@ -8,6 +8,7 @@ import click
 
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.options import RunOptions, request_options, run_options
+from sdrt.cli.prompt_options import prompt_options
 from sdrt.cli.running import StepProgress, output_paths, plan_run, save_all
 
 
@@ -15,6 +16,7 @@ from sdrt.cli.running import StepProgress, output_paths, plan_run, save_all
 @click.argument("prompt")
 @request_options(sized=False)
 @run_options
+@prompt_options
 @click.option("--refiner", "refiner_dir", type=click.Path(path_type=Path), default=None,
               help="An exported SDXL refiner folder: the base model stops at --refiner-start "
                    "of the schedule and the refiner finishes and decodes (diffusers' "

@@ -1,8 +1,9 @@
 """The options the generating commands share, each defined once.
 
 `run_options` (how a model runs: backend, precision, threads, device and memory, VAE, DeepCache,
-noise generator) is accepted by generate, img2img, inpaint, outpaint, serve and batch, which
-receive it as one `run=RunOptions`; `request_options` (what to make: model, prompt settings,
+noise generator, the LoRA and embeddings folders) is accepted by generate, img2img, inpaint,
+outpaint, serve and batch, which receive it as one `run=RunOptions`, as they do the prompt and
+LoRA options (cli/prompt_options.py); `request_options` (what to make: model, prompt settings,
 size, count, output) by the four commands that make images from the command line.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import click
 
 from sdrt.cli.memory_options import MemoryOptions, memory_options
+from sdrt.cli.prompt_options import EMBEDDINGS_DIR_HELP, LORA_DIR_HELP
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.families import FAMILIES
 from sdrt.runtime.model.folder import EMBEDDED_MODEL
@@ -55,6 +57,8 @@ class RunOptions:
     vae: Path | None
     deepcache: int | None
     memory: MemoryOptions
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
 
     def load_options(self, low_memory: bool) -> dict:
         """Pipeline.load's keyword arguments, with the plan's choice of low-memory mode."""
@@ -66,7 +70,14 @@ class RunOptions:
         gives every worker, whose jobs name those three)."""
         return {"low_memory": low_memory, "device": self.memory.device,
                 "vram_limit": self.memory.vram_limit,
-                "vae": None if self.vae is None else str(self.vae)}
+                "vae": None if self.vae is None else str(self.vae), **self.adapter_options()}
+
+    def adapter_options(self) -> dict:
+        """Pipeline.load's folders of LoRAs and embeddings, those given (absolute, as a batch's
+        workers may run elsewhere)."""
+        folders = {"lora_dir": self.lora_dir, "embeddings_dir": self.embeddings_dir}
+        return {name: str(folder.expanduser().absolute()) for name, folder in folders.items()
+                if folder is not None}
 
     def refuse_deepcache(self, command: str, why: str) -> None:
         """InputError when --deepcache was given to a command it does not apply to."""
@@ -89,6 +100,10 @@ _RUN_OPTIONS = [
                  help="DeepCache interval N: the full UNet on every N-th call, only its shallow "
                       "branch on a cached deep feature between (make the graphs with `python -m "
                       "sdrt.export.deepcache MODEL`); generate, img2img, inpaint, outpaint."),
+    click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+                 help=LORA_DIR_HELP),
+    click.option("--embeddings-dir", type=click.Path(path_type=Path), default=None,
+                 help=EMBEDDINGS_DIR_HELP),
 ]
 
 
@@ -97,9 +112,11 @@ def run_options(command):
     `run=`."""
 
     @functools.wraps(command)
-    def wrapper(*args, backend, precision, threads, generator, vae, deepcache, memory, **kwargs):
+    def wrapper(*args, backend, precision, threads, generator, vae, deepcache, lora_dir,
+                embeddings_dir, memory, **kwargs):
         return command(*args, run=RunOptions(backend, precision, threads, generator, vae,
-                                             deepcache, memory), **kwargs)
+                                             deepcache, memory, lora_dir, embeddings_dir),
+                       **kwargs)
 
     for option in reversed(_RUN_OPTIONS):
         wrapper = option(wrapper)

@@ -15,6 +15,7 @@ def plan_run(model, run: RunOptions, request):
     after printing it for --dry-run; says so on stderr when the plan switches to low-memory."""
     from sdrt.runtime.memory.plan import describe, plan_generation
 
+    check_loras(run, request.loras)
     plan = plan_generation(model, request, low_memory=run.memory.low_memory,
                            budget=run.memory.budget())
     if run.memory.dry_run:
@@ -23,6 +24,18 @@ def plan_run(model, run: RunOptions, request):
     if plan.low_memory and not run.memory.low_memory:
         click.echo(f"switching to --low-memory: {plan.reason}", err=True)
     return plan
+
+
+def check_loras(run: RunOptions, loras) -> None:
+    """Each --lora found (a file, or a name in --lora-dir) before a model loads; the pipeline
+    reads the files themselves when it runs them."""
+    from sdrt.runtime.adapters.library import LoraLibrary
+
+    if not loras:
+        return
+    library = LoraLibrary(run.lora_dir)
+    for lora in loras:
+        library.resolve(lora.name)
 
 
 def load_pipeline(model, run: RunOptions, request):

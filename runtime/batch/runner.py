@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from sdrt.runtime.batch.job_loras import JobLoras
 from sdrt.runtime.errors import InputError, SdrtError, first_line
 from sdrt.runtime.metadata import AUTOV2_HEX_CHARS, GenerationInfo, load_info, save_png
 from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts, check_folder, read_facts
@@ -45,9 +46,10 @@ RESULTS_FILE = "results.jsonl"
 # schedule: the sampler's own).
 JOB_FIELDS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "size", "steps",
               "guidance_scale", "sampler", "generator", "model", "backend", "precision",
-              "schedule")
+              "schedule", "loras", "prompt_syntax", "emphasis")
 STRING_FIELDS = ("id", "prompt", "negative_prompt", "sampler", "generator", "model", "backend",
-                 "precision", "schedule")
+                 "precision", "schedule", "prompt_syntax", "emphasis")
+PROMPT_FIELDS = ("prompt_syntax", "emphasis")  # GenerationRequest's, taken as they are
 # A job id names its PNG: portable file-name characters, no leading dot (hidden files, "..").
 JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # 100 characters + ".png" stays under every filesystem's 255-byte name limit.
@@ -179,7 +181,7 @@ def read_jobs(source: str | Path | Iterable[Mapping[str, Any]],
               ) -> tuple[list[Job], list[dict[str, Any]]]:
     """The checked jobs, and an `invalid` results record (line and message) per bad one
     (`defaults`, `load`: as `run_batch` takes them)."""
-    models = _Models()
+    models, loras = _Models(), JobLoras(load)
     jobs: list[Job] = []
     invalid: list[dict[str, Any]] = []
     first_seen: dict[str, int] = {}  # casefolded id → its line: file names may ignore case
@@ -187,7 +189,7 @@ def read_jobs(source: str | Path | Iterable[Mapping[str, Any]],
         try:
             if isinstance(data, SdrtError):
                 raise data
-            job = parse_job(data, line, models, defaults=defaults, load=load)
+            job = parse_job(data, line, models, defaults=defaults, load=load, loras=loras)
             if job.id.casefold() in first_seen:
                 raise InputError(f"id '{job.id}' is taken by line {first_seen[job.id.casefold()]}")
         except (SdrtError, TypeError, ValueError, OverflowError) as exc:  # what odd values raise
@@ -226,8 +228,9 @@ def _decode(raw: bytes) -> object:
 
 def parse_job(data: object, line: int, models: _Models, *,
               defaults: Mapping[str, Any] | None = None,
-              load: Mapping[str, Any] | None = None) -> Job:
-    """A job from one decoded line, resolved against its model (errors name the field)."""
+              load: Mapping[str, Any] | None = None, loras: JobLoras | None = None) -> Job:
+    """A job from one decoded line, resolved against its model (errors name the field);
+    `loras` finds its LoRAs (default: in `load`'s lora_dir)."""
     if not isinstance(data, Mapping):
         raise InputError(f"a job must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(JOB_FIELDS))
@@ -251,14 +254,17 @@ def parse_job(data: object, line: int, models: _Models, *,
     folder = Path(data.get("model") or EMBEDDED_MODEL).expanduser().absolute()
     facts, scheduler = models.get(folder, backend, precision)
     width, height = _size(data)
+    loras = loras or JobLoras(load)
     request = GenerationRequest(
         prompt=data["prompt"], negative_prompt=data.get("negative_prompt") or "",
         steps=data.get("steps"), guidance_scale=data.get("guidance_scale"),
         sampler=data.get("sampler"), schedule=data.get("schedule"), seed=data.get("seed"),
         width=width, height=height,
-        generator=data.get("generator") or "torch",
+        generator=data.get("generator") or "torch", loras=loras.parse(data.get("loras", [])),
+        **{name: data[name] for name in PROMPT_FIELDS if name in data},
     ).resolve(facts, scheduler)
-    expected = _expected(request, facts, backend, precision, seed=data.get("seed") is not None)
+    expected = {**_expected(request, facts, backend, precision, seed=data.get("seed") is not None),
+                **loras.expected(request)}
     return Job(job_id, line, str(folder), backend, precision, request, expected,
                tuple(sorted((load or {}).items())))
 
@@ -328,8 +334,8 @@ def verify(path: Path, job: Job) -> GenerationInfo | None:
 
     A PNG verifies when it decodes to the end (a truncated or corrupt file does not), is the
     job's size, and its `sdrt` metadata has the job's prompt, negative prompt, steps, sampler,
-    guidance scale, size, model name and hash, backend, precision, RNG and, when the job gives
-    one, seed.
+    guidance scale, size, model name and hash, backend, precision, RNG, LoRA hashes (none
+    without LoRAs) and, when the job gives one, seed.
     """
     if not path.is_file():
         return None

@@ -1,6 +1,6 @@
 """The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img, progress, interrupt, samplers,
-schedulers, sd-models and sd-vae; `/health`, `/metrics` (Prometheus text), `/sdrt/v1/config`;
-the kiosk page at `/`.
+schedulers, sd-models and sd-vae, loras, refresh-loras and embeddings (networks.py); `/health`,
+`/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page at `/`.
 
 Every error is JSON `{"error", "detail"}` with a 4xx status (or a bare 500 "internal error",
 the traceback going to the server log only); nothing in a response names a filesystem path.
@@ -45,6 +45,7 @@ from sdrt.runtime.server.middleware import (
     TokenGate,
     error_body,
 )
+from sdrt.runtime.server.networks import add_network_routes
 from sdrt.runtime.server.schemas import (
     ErrorBody,
     Health,
@@ -96,6 +97,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     api = APIRouter(dependencies=auth, responses=ERRORS)
     _add_generation_routes(api, pipe, settings, queue, metrics)
     _add_info_routes(api, pipe, settings, metrics)
+    add_network_routes(api, pipe)
     app.include_router(api)
     _add_public_routes(app, queue, settings)
     _add_error_handlers(app)
@@ -296,7 +298,7 @@ def _request(pipe: Pipeline, settings: ServerSettings, body: Txt2ImgRequest,
                "sampler": body.sampler_name or body.sampler_index or None,
                "schedule": body.scheduler or None,
                "seed": None if body.seed == -1 else body.seed,
-               "num_images": body.batch_size * body.n_iter}
+               "num_images": body.batch_size * body.n_iter, **settings.request_fields()}
     prompt = body.prompt or ""
     request = (pipe.request_for(init, prompt, **options) if init is not None else
                GenerationRequest(prompt=prompt, width=body.width, height=body.height, **options))

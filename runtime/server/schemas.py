@@ -1,6 +1,7 @@
 """Request and response bodies of AUTOMATIC1111's API (`modules/api/models.py`):
 `StableDiffusionTxt2ImgProcessingAPI` / `…Img2Img…`, `TextToImageResponse`, `ProgressResponse`,
-`SamplerItem`, `SchedulerItem`, `SDModelItem`; plus sdrt's own health, config and error bodies.
+`SamplerItem`, `SchedulerItem`, `SDModelItem`, `EmbeddingsResponse`, and the Lora extension's
+`/sdapi/v1/loras` item; plus sdrt's own health, config and error bodies.
 
 A1111 clients send the whole processing object, so unknown fields are ignored; fields that would
 change the picture in ways sdrt does not implement (hires fix, face restoration, scripts, …) are
@@ -13,7 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_PROMPT_CHARS = 8000  # CLIP reads 77 tokens; 8000 characters cover any real prompt
+# A prompt runs in 75-token chunks, each one text-encoder call: 8000 characters (~25 chunks)
+# cover any real prompt and bound the work one request can ask of the encoder.
+MAX_PROMPT_CHARS = 8000
 TASK_ID_PATTERN = r"^[\w()\-.:]{1,64}$"  # A1111's ids look like "task(0a1b2c…)"
 
 
@@ -141,6 +144,35 @@ class SDVaeItem(BaseModel):
 
     model_name: str
     filename: str
+
+
+class LoraItem(BaseModel):
+    """An item of A1111's `/sdapi/v1/loras` (its Lora extension): the name prompts use in
+    `<lora:NAME:W>`, the alias (kohya's `ss_output_name`), the file's safetensors metadata;
+    `path` is relative to the server's LoRA folder, never a full path."""
+
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
+class EmbeddingItem(BaseModel):
+    """A1111's EmbeddingItem: training facts when the file records them, and its size."""
+
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int = Field(description="the length of each vector")
+    vectors: int = Field(description="how many vectors (tokens) the embedding stands for")
+
+
+class EmbeddingsResponse(BaseModel):
+    """A1111's EmbeddingsResponse: the embeddings the loaded model takes, and those it skipped
+    (made for another text encoder width)."""
+
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
 
 
 class Health(BaseModel):

@@ -1,11 +1,16 @@
-"""The server's limits and bind address, checked before anything listens (safe defaults)."""
+"""The server's limits and bind address, checked before anything listens (safe defaults), and
+the prompt settings every request runs with."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sdrt.runtime.errors import InputError
+
+if TYPE_CHECKING:
+    from sdrt.runtime.adapters.adapted import LoraRequest
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nothing off this machine can reach the server
 DEFAULT_PORT = 7860  # A1111's port, so its clients find the server where they expect it
@@ -34,6 +39,17 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     workers: int = 1
     cors_origins: tuple[str, ...] = ()
+    # `sdrt serve --lora/--prompt-syntax/--emphasis`: applied to every request (A1111 keeps
+    # emphasis as a server-wide setting too); None: the request's own default
+    loras: tuple[LoraRequest, ...] = ()
+    prompt_syntax: str | None = None
+    emphasis: str | None = None
+
+    def request_fields(self) -> dict[str, Any]:
+        """The GenerationRequest fields these settings set for every request."""
+        fields = {"loras": self.loras, "prompt_syntax": self.prompt_syntax,
+                  "emphasis": self.emphasis}
+        return {name: value for name, value in fields.items() if value not in (None, ())}
 
     def validate(self) -> None:
         """Refuse settings that would expose an open server or make no sense."""
@@ -56,6 +72,16 @@ class ServerSettings:
                              "name each origin (e.g. http://kiosk.local:8080)")
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must be in 0..65535, got {self.port}")
+        self._validate_prompt_settings()
+
+    def _validate_prompt_settings(self) -> None:
+        from sdrt.runtime.prompts import EMPHASES, SYNTAXES  # not needed to read the limits
+
+        for option, value, choices in (("--prompt-syntax", self.prompt_syntax, SYNTAXES),
+                                       ("--emphasis", self.emphasis, EMPHASES)):
+            if value is not None and value not in choices:
+                raise InputError(f"{option} {str(value)[:20]!r} is not one of: "
+                                 f"{', '.join(choices)}")
 
 
 def is_loopback(host: str) -> bool:
