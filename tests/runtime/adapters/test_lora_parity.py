@@ -132,3 +132,31 @@ def test_two_vector_embedding_equals_diffusers(tiny_onnx_dir, tiny_sd_dir, tmp_p
     assert 'TI hashes: "shinystyle: ' in images[0].info["parameters"]
     plain = as_array(pipe.generate(prompt.replace("shinystyle", "style"), **_settings()))
     assert not np.array_equal(as_array(images), plain)  # the embedding changes the image
+
+
+def test_one_server_process_answers_each_weight_as_diffusers(tiny_onnx_dir, tiny_sd_dir,
+                                                            sd_loras):
+    """`sdrt serve --lora-dir`, spoken to in A1111's txt2img shape: LoRA weights 0.8, none, 0.4,
+    0.8 in turn, each image its own diffusers reference."""
+    for module in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(module, reason=f"{module} is missing (pip install 'sdrt[serve]')")
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from sdrt.benchmarks.server_load import running_server
+
+    kohya = sd_loras / "kohya.safetensors"
+    body = {"negative_prompt": NEGATIVE, "steps": STEPS, "cfg_scale": 7.5, "width": SIZE,
+            "height": SIZE, "seed": SEED, "sampler_name": "Euler"}
+    with running_server("--model", str(tiny_onnx_dir), "--lora-dir", str(sd_loras)) as server:
+        for weight in (0.8, None, 0.4, 0.8):
+            tag = "" if weight is None else f" <lora:kohya:{weight}>"
+            response = httpx.post(f"{server.url}/sdapi/v1/txt2img",
+                                  json={**body, "prompt": PROMPT + tag}, timeout=300)
+            assert response.status_code == 200, response.text
+            image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+            _assert_close([image], _reference(tiny_sd_dir, [] if weight is None
+                                              else [(kohya, weight)]), "ort")
