@@ -213,8 +213,8 @@ class OpenVinoSession(CheckedSession):
         self._device = devices.openvino_device(self._core, device.lower(), vram_limit)
         try:
             self._model = _read_ov_model(self._core, path, cache_dir, precision_hint)
-            if weights:
-                _replace_constants(self._model, weights, self.label)
+            # the replacement constants share these arrays' memory: kept for the model's life
+            self._weights = _replace_constants(self._model, weights or {}, self.label)
         except ModelError:
             raise
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
@@ -283,24 +283,30 @@ def _read_ov_model(core, path: Path, cache_dir: Path | None, execution: str):
     return model
 
 
-def _replace_constants(model, weights: Mapping[str, np.ndarray], label: str) -> None:
+def _replace_constants(model, weights: Mapping[str, np.ndarray], label: str) -> list:
     """Swap the Constant nodes named as `weights`' keys (ONNX initializer names: OpenVINO's
     ONNX reader keeps them as the constants' friendly names) for the given values, cast to each
-    constant's own element type, in place."""
+    constant's own element type, in place; returns the arrays the new constants share (copying
+    a full-size UNet's weights into them took 3 s)."""
     import openvino as ov
 
+    if not weights:
+        return []
     constants = {op.get_friendly_name(): op for op in model.get_ops()
                  if op.get_type_name() == "Constant" and op.get_friendly_name() in weights}
     missing = sorted(set(weights) - set(constants))
     if missing:
         raise ModelError(f"{label}: the graph has no weight {missing[0]!r} to replace"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    shared = []
     for name, old in constants.items():
         dtype = old.get_output_element_type(0).to_dtype()
-        new = ov.op.Constant(np.ascontiguousarray(weights[name], dtype=dtype))
+        shared.append(np.ascontiguousarray(weights[name], dtype=dtype))
+        new = ov.op.Constant(shared[-1], shared_memory=True)
         new.set_friendly_name(name)
         old.output(0).replace(new.output(0))
     model.validate_nodes_and_infer_types()  # a longer embedding table changes shapes
+    return shared
 
 
 def _read_ov_source(core, path: Path):

@@ -248,7 +248,7 @@ class EmbeddingLibrary:
             self.loaded[embedding.name] = embedding
         else:
             self.skipped[embedding.name] = (embedding, reason)
-            logger.info("embedding %s skipped: %s", embedding.name, reason)
+            logger.warning("embedding %s skipped: %s", embedding.name, reason)
 
     def _build_indexes(self) -> None:
         indexes = []

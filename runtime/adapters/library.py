@@ -74,7 +74,9 @@ class LoraLibrary:
         """The file a request's LoRA name stands for: a path to a file, or a name (or alias)
         in the folder; InputError listing what the folder holds otherwise."""
         path = Path(name).expanduser()
-        if path.suffix or len(path.parts) > 1:  # written as a path, not as a name
+        if path.suffix or "/" in name or "\\" in name:  # written as a path, not as a name
+            if path.is_dir():
+                raise _folder_given(name)
             if not path.is_file():
                 raise InputError(f"LoRA file '{name}' does not exist")
             return path
@@ -83,6 +85,8 @@ class LoraLibrary:
         found = entries.get(name) or next((e for e in entries.values() if e.alias == name), None)
         if found is not None:
             return found.path
+        if path.is_dir():
+            raise _folder_given(name)
         if self.folder is None:
             raise InputError(f"unknown LoRA '{name}': give a file path, or a --lora-dir that "
                              f"holds {name}{LORA_SUFFIX}")
@@ -91,6 +95,11 @@ class LoraLibrary:
         more = f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else ""
         # no folder path in the line: a server sends it to its client
         raise InputError(f"unknown LoRA '{name}'; --lora-dir holds: {held}{more}")
+
+
+def _folder_given(name: str) -> InputError:
+    return InputError(f"LoRA '{name}' is a folder; give a .safetensors file, or the folder as "
+                      "--lora-dir and a name")
 
 
 def _metadata(path: Path) -> dict[str, str]:

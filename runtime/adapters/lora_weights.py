@@ -114,29 +114,36 @@ def _squeezed(dims: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _delta(layer: LoraLayer, entry: MapEntry, scale: float) -> np.ndarray:
-    """scale · (alpha / rank) · up @ down in float32, shaped as the torch weight."""
+    """scale · (alpha / rank) · up @ down in float32, laid out as the graph's initializer (the
+    torch weight's shape, transposed where the map says): the product is formed in that
+    layout, the scale folded into the small factor, so each layer's update is one matmul that
+    writes its result once (the full-size UNet's updates are as large as its weights)."""
     up = layer.up.reshape(layer.up.shape[0], layer.rank).astype(np.float32)
+    up *= np.float32(scale * layer.factor)
     down = layer.down.reshape(layer.rank, -1).astype(np.float32)
-    product = up @ down  # (out, in · kh · kw)
-    product *= np.float32(scale * layer.factor)
-    if entry.kind == "embedding":
-        return product.T.reshape(tuple(entry.shape))
-    return product.reshape(tuple(entry.shape))
+    if entry.kind == "embedding" or entry.transposed:
+        # a Gather's table is (rows, width), where up @ down is (width, rows); MatMul's is W.T
+        return (down.T @ up.T).reshape(tuple(entry.shape) if entry.kind == "embedding"
+                                       else tuple(entry.shape)[::-1])
+    return (up @ down).reshape(tuple(entry.shape))  # (out, in · kh · kw) → (out, in, kh, kw)
 
 
 def _merged(base: WeightReader, name: str, weight: np.ndarray,
             changes: Sequence[tuple[MapEntry, LoraLayer, float]]) -> np.ndarray:
+    """The initializer plus every change's update, in float32, cast back to its dtype."""
     if weight.dtype not in FLOATS:
         raise ModelError(f"{base.path.parent.name}: weight '{name}' is {weight.dtype}; LoRAs "
                          "merge into float32 or float16 graphs, not quantized ones")
-    merged = weight.astype(np.float32)  # a copy: the base stays as it is
+    merged = None
     for entry, layer, scale in changes:
-        delta = _delta(layer, entry, scale)
-        if entry.transposed:
-            delta = delta.T
-        if delta.shape != merged.shape:
-            raise ModelError(f"{base.path.parent.name}: weight '{name}' is {merged.shape} in "
+        delta = _delta(layer, entry, scale)  # a new array: the base stays as it is
+        if delta.shape != weight.shape:
+            raise ModelError(f"{base.path.parent.name}: weight '{name}' is {weight.shape} in "
                              f"the graph, but its lora_map.json entry says {delta.shape}; "
                              "export the model again")
-        merged += delta
+        if merged is None:
+            merged = delta
+        else:
+            merged += delta
+    merged += weight  # float16 weights widen as they are added
     return merged if weight.dtype == np.float32 else merged.astype(weight.dtype)
