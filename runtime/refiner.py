@@ -27,6 +27,7 @@ import numpy as np
 from sdrt.runtime.architectures.base import check_request
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.img2img import Start, text_start
+from sdrt.runtime.prompts import extract_networks
 from sdrt.runtime.rng import make_generator
 from sdrt.runtime.samplers import make_schedule, num_model_calls
 from sdrt.runtime.schedules import SchedulerConfig, alphas_cumprod
@@ -102,8 +103,8 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
     progress = _Progress(callback, handed + calls - resumed)
     latents = base.denoise(req, generators, text_start(generators, shape),
                            progress.relay(0), end_step=handed)  # (B, C, h, w), still noisy
-    if not progress.stopped:
-        latents = refiner.denoise(req, generators,
+    if not progress.stopped:  # LoRAs and their tags are the base's: an SDXL LoRA names layers
+        latents = refiner.denoise(base_only(req), generators,  # the refiner lacks
                                   Start(latents, resumed, latents, add_noise=False),
                                   progress.relay(handed))
     name = refiner.facts.name if refiner.facts.unet_sha256 is None \
@@ -132,3 +133,10 @@ class _Progress:
             return self.stopped
 
         return on_step
+
+
+def base_only(req: GenerationRequest) -> GenerationRequest:
+    """The request as the refiner runs it: without the base's LoRAs, its prompt's tags out."""
+    if req.prompt_syntax == "plain":
+        return replace(req, loras=())
+    return replace(req, loras=(), prompt=extract_networks(req.prompt)[0])

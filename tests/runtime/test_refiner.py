@@ -300,3 +300,19 @@ def test_cli_generate_with_refiner(tiny_sdxl_onnx_dir, refiner_onnx_dir, tmp_pat
     result = run_cli("generate", PROMPT, "--model", tiny_sdxl_onnx_dir, "--refiner-start", "0.7",
                      "-o", tmp_path / "x.png")
     assert result.exit_code == 1 and "error: --refiner-start needs --refiner" in result.output
+
+
+def test_loras_are_the_bases_alone(tiny_sdxl_onnx_dir, refiner_onnx_dir, tmp_path):
+    """A LoRA (given or tagged) changes the base's part; the refiner, whose layers an SDXL LoRA
+    does not fit, runs without it instead of refusing the request."""
+    from tests.runtime.adapters.lora_files import SDXL_SGM, write_lora
+
+    lora = write_lora(tmp_path / "sdxl.safetensors", SDXL_SGM, seed=4)
+    base, refiner = Pipeline.load(tiny_sdxl_onnx_dir), Pipeline.load(refiner_onnx_dir)
+    options = {"steps": 4, "seed": 3, "width": 64, "height": 64, "refiner": refiner}
+    plain = np.asarray(base.generate(PROMPT, **options)[0], dtype=np.int16)
+    given = base.generate(PROMPT, loras=[(str(lora), 0.8)], **options)[0]
+    tagged = base.generate(f"{PROMPT} <lora:{lora}:0.8>", **options)[0]
+    assert np.abs(np.asarray(given, dtype=np.int16) - plain).max() > 0
+    assert np.array_equal(np.asarray(given), np.asarray(tagged))
+    assert 'Lora hashes: "sdxl: ' in given.info["parameters"]
