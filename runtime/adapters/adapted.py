@@ -3,16 +3,18 @@ opened again with patched weights, one set of sessions per LoRA set.
 
 Why this way (measured in benchmarks/RESULTS.md, "LoRA at run time"): each LoRA's update
 scale·(alpha/rank)·up·down is merged into the weights it names once per set, and the graphs are
-opened with those initializers replaced (ONNX Runtime's `add_initializer`; OpenVINO's constants
-swapped before compiling). A step then costs what a plain step costs (the same graph, other
-numbers), where a LoRA branch beside each layer (OpenVINO GenAI's adapters) adds its matmuls to
-every step; a request without a LoRA runs the untouched sessions and pays nothing. A switch costs
-the patch and a session build; the MAX_ADAPTED_SETS most recently used sets stay open, so
-requests that alternate between them do not rebuild.
+opened with those initializers replaced (ONNX Runtime's initializer overrides, session.py;
+OpenVINO's constants swapped before compiling). A step then costs what a plain step costs (the same
+graph, other numbers), where a LoRA branch beside each layer (OpenVINO GenAI's adapters) adds its
+matmuls to every step; a request without a LoRA runs the untouched sessions and pays nothing. A
+switch costs the patch and a session build (full-size SD 1.5, rank 32 on every layer: 18.6 s on
+OpenVINO, 35.5 s on ONNX Runtime, whose session build is the slower; a step is ~15 s there). The
+last set stays open, so requests that repeat it pay nothing more.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -33,9 +35,11 @@ from sdrt.runtime.model.onnx_tensors import WeightReader
 
 log = logging.getLogger(__name__)
 
-# LoRA sets whose sessions stay open: each holds a patched copy of the weights its LoRAs touch
-# (up to the whole UNet), so two: the one in use and the one before, for clients alternating.
-MAX_ADAPTED_SETS = 2
+# LoRA sets whose sessions stay open beside the pipeline's own. Each holds a patched copy of the
+# weights its LoRAs touch and the backend's packed copy of them: full-size SD 1.5 with a LoRA on
+# every layer peaked at 14.7-16.4 GiB with one set open (benchmarks/RESULTS.md), so a second
+# would pass a 24 GB machine. The old set is dropped before a new one is built.
+MAX_ADAPTED_SETS = 1
 MAX_READ_FILES = 8  # LoRA files kept read (a rank-32 SD 1.5 LoRA is ~150 MB of float32)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -118,14 +122,15 @@ class AdaptedGraphs(Generic[Graphs]):
             start = time.perf_counter()
             for use in uses:  # before any patching: nothing is applied from a misfit set
                 check_components(use.file, self._paths)
+            while len(self._sets) >= MAX_ADAPTED_SETS:  # freed before the new set's memory
+                self._sets.popitem(last=False)  # is taken (a request running keeps its own)
+            gc.collect()  # backend sessions can sit in reference cycles with their bindings
             weights = {component: {**self._base.get(component, {}),
                                    **self._patched(component, uses)}
                        for component in self._paths}
             graphs = self._build(weights)
             del weights  # the sessions hold what they need
             self._sets[key] = graphs
-            while len(self._sets) > MAX_ADAPTED_SETS:
-                self._sets.popitem(last=False)
             log.info("LoRA set %s applied in %.1f s",
                      ", ".join(f"{u.file.name}:{u.te:g}/{u.unet:g}" for u in uses),
                      time.perf_counter() - start)
