@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from sdrt.runtime.adapters.adapted import LoraRequest
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.folder import ModelFacts
-from sdrt.runtime.prompts import EMPHASES, SYNTAXES
+from sdrt.runtime.prompts import PromptStyle
 from sdrt.runtime.rng import GENERATORS
 from sdrt.runtime.samplers import default_sampler, resolve_pair
 from sdrt.runtime.schedules import SchedulerConfig
@@ -101,12 +101,7 @@ class GenerationRequest:
         if not 0 <= scale < math.inf:  # NaN fails too
             raise InputError(f"guidance scale must be finite and ≥ 0, got "
                              f"{str(self.guidance_scale)[:20]}")
-        if self.prompt_syntax not in SYNTAXES:
-            raise InputError(f"unknown prompt syntax '{str(self.prompt_syntax)[:20]}'; choose "
-                             f"one of: {', '.join(SYNTAXES)}")
-        if self.emphasis not in EMPHASES:
-            raise InputError(f"unknown emphasis '{str(self.emphasis)[:20]}'; choose one of: "
-                             f"{', '.join(EMPHASES)}")
+        PromptStyle(self.prompt_syntax, self.emphasis)  # refuses an unknown syntax or emphasis
         if self.generator not in GENERATORS:
             raise InputError(
                 f"unknown generator '{self.generator}'; choose one of: {', '.join(GENERATORS)}"

@@ -33,11 +33,11 @@ class PromptStyle:
 
     def __post_init__(self) -> None:
         if self.syntax not in SYNTAXES:
-            raise InputError(f"prompt syntax must be one of {', '.join(SYNTAXES)}, "
-                             f"got {str(self.syntax)[:20]!r}")
+            raise InputError(f"unknown prompt syntax '{str(self.syntax)[:20]}'; choose one of: "
+                             f"{', '.join(SYNTAXES)}")
         if self.emphasis not in EMPHASES:
-            raise InputError(f"emphasis must be one of {', '.join(EMPHASES)}, "
-                             f"got {str(self.emphasis)[:20]!r}")
+            raise InputError(f"unknown emphasis '{str(self.emphasis)[:20]}'; choose one of: "
+                             f"{', '.join(EMPHASES)}")
 
 
 __all__ = [

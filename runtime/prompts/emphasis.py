@@ -22,7 +22,8 @@ EMPHASES = ("original", "none", "no-norm")
 def apply_emphasis(z: np.ndarray, multipliers: np.ndarray, mode: str) -> np.ndarray:
     """One chunk's hidden states z (1, 77, D) weighted by `multipliers` (77,) as `mode` says."""
     if mode not in EMPHASES:
-        raise InputError(f"emphasis must be one of {', '.join(EMPHASES)}, got {mode!r}")
+        raise InputError(f"unknown emphasis '{str(mode)[:20]}'; choose one of: "
+                         f"{', '.join(EMPHASES)}")
     if mode == "none" or np.all(multipliers == 1.0):
         return z  # z·1 rescaled by mean/mean is z again: skip the arithmetic
     weighted = z * multipliers.astype(z.dtype)[None, :, None]  # (1, 77, D)
