@@ -36,7 +36,19 @@ def _settings(**extra) -> dict:
 
 def _reference(folder: Path, loras: list[tuple[Path, float]], prompt: str = PROMPT,
                embeddings: list[Path] = ()) -> np.ndarray:
-    """diffusers' image with `loras` fused at their weights and `embeddings` loaded."""
+    """diffusers' image with `loras` fused at their weights and `embeddings` loaded, computed
+    once per case for both backends."""
+    key = (folder, tuple(loras), prompt, tuple(embeddings))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _diffusers_image(folder, loras, prompt, embeddings)
+    return _REFERENCES[key]
+
+
+_REFERENCES: dict[tuple, np.ndarray] = {}
+
+
+def _diffusers_image(folder: Path, loras: list[tuple[Path, float]], prompt: str,
+                     embeddings: list[Path]) -> np.ndarray:
     if loras:
         pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft")
     pipe = load_reference(folder)
