@@ -50,6 +50,8 @@ class GenerationRequest:
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
         """Fill defaults from the model and its family, then check each field (errors name it)."""
         family = facts.family
+        if not isinstance(self.loras, tuple | list):
+            raise InputError(f"loras must be a list of LoRAs, got {type(self.loras).__name__}")
         sampler, schedule = resolve_pair(self.sampler or family.sampler
                                          or default_sampler(scheduler), self.schedule)
         filled = replace(
@@ -67,6 +69,9 @@ class GenerationRequest:
         return filled
 
     def validate(self, vae_scale_factor: int) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         for name in ("steps", "num_images", "seed"):  # as an HTTP client may send anything
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise InputError(f"{name} must be an integer, got "

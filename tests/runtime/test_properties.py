@@ -69,7 +69,15 @@ FIELDS = {
     "width": _SIDES, "height": _SIDES,
     "num_images": _anything(st.integers(-1, 20)),
     "generator": _anything(st.sampled_from(["torch", "numpy"])),
+    # A1111's prompt syntax: brackets, weights, BREAK and tags, well formed or not
+    "prompt_syntax": _anything(st.sampled_from(["a1111", "plain"])),
+    "emphasis": _anything(st.sampled_from(["original", "none", "no-norm"])),
+    "loras": _anything(st.just(()), st.lists(st.tuples(st.text(max_size=8), st.floats()),
+                                             max_size=2)),
 }
+FIELDS["prompt"] = st.one_of(FIELDS["prompt"], st.lists(st.sampled_from(
+    ["red", "(", ")", "[", "]", ":1.3)", "\\(", "BREAK", ",", "<lora:x:0.5>", "<hypernet:y>",
+     "<lora:", ":", " "]), max_size=40).map("".join))
 
 
 @st.composite
