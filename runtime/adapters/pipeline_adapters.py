@@ -30,9 +30,10 @@ from sdrt.runtime.adapters.embeddings import EmbeddingLibrary, EncoderSpec
 from sdrt.runtime.adapters.library import LoraLibrary
 from sdrt.runtime.adapters.lora_map import MAP_NAME, read_lora_map
 from sdrt.runtime.architectures.base import refusal, require
+from sdrt.runtime.conditioning import prompt_chunks
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.onnx_tensors import WeightReader
-from sdrt.runtime.prompts import chunk_prompt
+from sdrt.runtime.prompts import PromptStyle
 from sdrt.runtime.prompts.networks import extract_networks
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -145,10 +146,11 @@ class Adapters:
         if uses:
             extra["Lora hashes"] = ", ".join(f"{use.file.name}: {use.file.short_hash}"
                                              for use in uses)
-        if self.embeddings is not None and req.prompt_syntax == "a1111":
-            index = self.embeddings.index(0)
-            ids = [chunk_prompt(text, tokenizer, embeddings=index).ids.ravel()
-                   for text in (extract_networks(req.prompt)[0], req.negative_prompt)]
+        if self.embeddings is not None:
+            index, style = self.embeddings.index(0), PromptStyle(req.prompt_syntax, req.emphasis)
+            prompt = req.prompt if style.syntax == "plain" else extract_networks(req.prompt)[0]
+            ids = [prompt_chunks(text, tokenizer, style, index).ids.ravel()
+                   for text in (prompt, req.negative_prompt)]
             used = self.embeddings.used(np.concatenate(ids))
             if used:
                 extra["TI hashes"] = self.embeddings.ti_hashes(used)
