@@ -41,7 +41,6 @@ from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts
 from sdrt.runtime.model.opened import OpenedModel
 from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.prompts import PromptStyle
-from sdrt.runtime.prompts.networks import extract_networks
 from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
 from sdrt.runtime.request import MAX_SIDE, GenerationRequest
 from sdrt.runtime.rng import NoiseGenerator, make_generator, randn_rows
@@ -286,8 +285,7 @@ class Pipeline:
         # 4. Text conditioning: (2B, 77·k, D) uncond-then-cond when guided, else (B, 77·k, D),
         #    with the denoiser's added conditions (SDXL's, SD 3's pooled) row-aligned; A1111's
         #    prompt syntax read (runtime/prompts/), its <lora:…> tags taken out of the text.
-        prompt = req.prompt if req.prompt_syntax == "plain" else extract_networks(req.prompt)[0]
-        cond = conditioner(prompt, req.negative_prompt, guided=guided, width=req.width,
+        cond = conditioner(req.encoded_prompt, req.negative_prompt, guided=guided, width=req.width,
                            height=req.height, style=PromptStyle(req.prompt_syntax, req.emphasis),
                            ).repeat(req.num_images)
         # 5. Sampler loop over the guided denoiser; DeepCache keeps one cache per generation.

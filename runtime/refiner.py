@@ -27,7 +27,6 @@ import numpy as np
 from sdrt.runtime.architectures.base import check_request
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.img2img import Start, text_start
-from sdrt.runtime.prompts import extract_networks
 from sdrt.runtime.rng import make_generator
 from sdrt.runtime.samplers import make_schedule, num_model_calls
 from sdrt.runtime.schedules import SchedulerConfig, alphas_cumprod
@@ -137,6 +136,4 @@ class _Progress:
 
 def base_only(req: GenerationRequest) -> GenerationRequest:
     """The request as the refiner runs it: without the base's LoRAs, its prompt's tags out."""
-    if req.prompt_syntax == "plain":
-        return replace(req, loras=())
-    return replace(req, loras=(), prompt=extract_networks(req.prompt)[0])
+    return replace(req, loras=(), prompt=req.encoded_prompt)

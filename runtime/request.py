@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from sdrt.runtime.adapters.adapted import LoraRequest
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.folder import ModelFacts
-from sdrt.runtime.prompts import PromptStyle
+from sdrt.runtime.prompts import PromptStyle, extract_networks
 from sdrt.runtime.rng import GENERATORS
 from sdrt.runtime.samplers import default_sampler, resolve_pair
 from sdrt.runtime.schedules import SchedulerConfig
@@ -46,6 +46,12 @@ class GenerationRequest:
     loras: tuple[LoraRequest, ...] = ()
     prompt_syntax: str = "a1111"  # A1111's emphasis, BREAK, <lora:…> and long prompts; "plain"
     emphasis: str = "original"  # how A1111 weights apply (runtime/prompts/emphasis.py)
+
+    @property
+    def encoded_prompt(self) -> str:
+        """The prompt as the text encoder reads it: A1111's `<kind:…>` tags taken out (plain
+        syntax keeps them as words)."""
+        return self.prompt if self.prompt_syntax == "plain" else extract_networks(self.prompt)[0]
 
     def resolve(self, facts: ModelFacts, scheduler: SchedulerConfig) -> GenerationRequest:
         """Fill defaults from the model and its family, then check each field (errors name it)."""

@@ -148,9 +148,8 @@ class Adapters:
                                              for use in uses)
         if self.embeddings is not None:
             index, style = self.embeddings.index(0), PromptStyle(req.prompt_syntax, req.emphasis)
-            prompt = req.prompt if style.syntax == "plain" else extract_networks(req.prompt)[0]
             ids = [prompt_chunks(text, tokenizer, style, index).ids.ravel()
-                   for text in (prompt, req.negative_prompt)]
+                   for text in (req.encoded_prompt, req.negative_prompt)]
             used = self.embeddings.used(np.concatenate(ids))
             if used:
                 extra["TI hashes"] = self.embeddings.ti_hashes(used)
