@@ -140,15 +140,17 @@ def request_options(sized: bool | None):
                           "LCM UNet's guidance input (always one call per step); default: the "
                           f"model family's ({family_defaults('guidance_scale')})."),
         click.option("--sampler", default=None,
-                     help=f"{', '.join(sampler_names())} (A1111 names too, e.g. \"Euler a\"; "
+                     help=f"{', '.join(sampler_names())} (A1111 names too, e.g. \"Euler a\", "
+                          "\"UniPC\", \"DPM++ 2M SDE\"; "
                           "a name ending in a schedule, as \"DPM++ 2M Karras\", sets "
                           "--schedule); default: the model family's, else the model folder's own "
                           "scheduler."),
         click.option("--schedule", type=click.Choice(list(SCHEDULES), case_sensitive=False),
                      default=None,
                      help=f"Noise schedule (A1111's Schedule type): {AUTOMATIC} is the "
-                          "sampler's own; the others run with "
-                          f"{', '.join(n for n, spec in SAMPLERS.items() if spec.ladder)}. "
+                          "sampler's own (for A1111's samplers, what A1111 runs them on); the "
+                          "others run with every sampler but "
+                          f"{', '.join(n for n, spec in SAMPLERS.items() if not spec.ladder)}. "
                           f"Default: {AUTOMATIC}, or the one the --sampler name ends in."),
         click.option("--seed", type=int, default=None,
                      help="Seed of the first image; image i uses seed+i."),

@@ -6,9 +6,10 @@ sampler calls `x = callback(i, x, denoised)` after each model call, goes on from
 back (inpainting replaces the latents outside the mask there) and returns `denoised` at once
 when it gets None. `sample()` turns x into diffusers' own latents for callers.
 
-The schedule (`schedules.SCHEDULES`: automatic, karras, …) is chosen apart from the sampler, as
-k-diffusion and A1111's "Schedule type" do; a name that ends in one ("dpmpp_2m_karras",
-A1111's "DPM++ 2M Karras") stands for that pair.
+The schedule (`schedule_types.SCHEDULES`: automatic, karras, …) is chosen apart from the
+sampler, as k-diffusion and A1111's "Schedule type" do; a name that ends in one
+("dpmpp_2m_karras", A1111's "DPM++ 2M Karras") stands for that pair. The registry also holds
+k_samplers' Heun, LMS and DPM2, unipc's UniPC and sde_samplers' stochastic samplers.
 """
 
 from __future__ import annotations
@@ -29,9 +30,19 @@ from sdrt.runtime.flow_match import (
     sample_flow_euler,
 )
 from sdrt.runtime.guidance import Denoiser, ModelFn
+from sdrt.runtime.k_samplers import (
+    dpm2_ladder_schedule,
+    heun_ladder_schedule,
+    heun_schedule,
+    lms_ladder_schedule,
+    lms_schedule,
+    sample_dpm2,
+    sample_heun,
+    sample_lms,
+)
+from sdrt.runtime.sampler_spec import NoiseFn, SamplerSpec, StepFn
+from sdrt.runtime.schedule_types import AUTOMATIC, SCHEDULES, resolve_schedule
 from sdrt.runtime.schedules import (
-    AUTOMATIC,
-    SCHEDULES,
     ConsistencySchedule,
     Schedule,
     SchedulerConfig,
@@ -43,12 +54,11 @@ from sdrt.runtime.schedules import (
     lcm_schedule,
     pndm_schedule,
     rescale_vp,
-    resolve_schedule,
 )
+from sdrt.runtime.sde_samplers import SDE_SAMPLERS
+from sdrt.runtime.unipc import sample_unipc, unipc_ladder_schedule, unipc_schedule
 
 log = logging.getLogger(__name__)
-NoiseFn = Callable[[tuple[int, ...]], np.ndarray]  # shape -> standard normal draw
-StepFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray | None]  # (i, x, denoised) -> x
 UserCallback = Callable[[int, int, np.ndarray], bool | None]  # (i, n, latents) -> stop?
 DEFAULT_SAMPLER = "euler"  # for scheduler classes we do not know: first order, any schedule
 # Adams–Bashforth weights on the newest-first model outputs, and their divisor.
@@ -155,24 +165,6 @@ def sample_lcm(denoise: Denoiser, x: np.ndarray, sched: ConsistencySchedule, *,
     return x
 
 
-SamplerFn = Callable[..., np.ndarray]  # the shared signature of the functions above
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler: its loop, the diffusers-compatible tables it runs on, and its names."""
-
-    run: SamplerFn
-    schedule: Callable[[SchedulerConfig, int, int], Schedule]  # its own ("automatic")
-    display: str  # A1111's name, written into the PNG metadata
-    diffusers_class: str
-    # Its tables on another schedule's sigma ladder, (config, sigmas, start); None where the
-    # sampler keeps its own timesteps (diffusers' DDIM, PNDM and LCM offer no other sigmas,
-    # A1111 runs DDIM and PLMS on their own; SD 3's flow sigmas are not a VE ladder).
-    ladder: Callable[[SchedulerConfig, np.ndarray, int], Schedule] | None = None
-    flow: bool = False  # rectified flow (SD 3): velocity output, sigma in [0, 1]
-
-
 SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType({
     "ddim": SamplerSpec(sample_euler, ddim_schedule, "DDIM", "DDIMScheduler"),
     "pndm": SamplerSpec(sample_plms, pndm_schedule, "PLMS", "PNDMScheduler"),
@@ -185,6 +177,17 @@ SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType({
     "lcm": SamplerSpec(sample_lcm, lcm_schedule, "LCM", "LCMScheduler"),
     "flow_euler": SamplerSpec(sample_flow_euler, flow_match_schedule, "Flow Euler",
                               "FlowMatchEulerDiscreteScheduler", flow=True),
+    # A1111's k-diffusion and UniPC samplers; "Automatic" is A1111's meaning of each name
+    "unipc": SamplerSpec(sample_unipc, unipc_schedule, "UniPC", "UniPCMultistepScheduler",
+                         unipc_ladder_schedule),
+    "heun": SamplerSpec(sample_heun, heun_schedule, "Heun", "HeunDiscreteScheduler",
+                        heun_ladder_schedule, second_order=True),
+    "lms": SamplerSpec(sample_lms, lms_schedule, "LMS", "LMSDiscreteScheduler",
+                       lms_ladder_schedule),
+    "dpm2": SamplerSpec(sample_dpm2, None, "DPM2", "KDPM2DiscreteScheduler",
+                        dpm2_ladder_schedule, second_order=True, automatic="karras",
+                        discard_penultimate=True),
+    **SDE_SAMPLERS,
 })
 # Names that bound a schedule to a sampler before the two were chosen apart (sdrt's own, and
 # A1111's before 1.9), listed with the sampler names; any "<sampler> <schedule>" works as well.
@@ -198,8 +201,10 @@ def _names() -> dict[str, tuple[str, str]]:
     diffusers class names, each also followed by a schedule's name or label (A1111's
     `get_sampler_and_scheduler` splits such names)."""
     alone = {name: name for name in SAMPLERS} | {"plms": "pndm"}
-    for name, spec in SAMPLERS.items():
-        alone |= {spec.display.lower(): name, spec.diffusers_class.lower(): name}
+    for name, spec in SAMPLERS.items():  # a class several samplers run on names the first
+        for alias in (spec.display, spec.diffusers_class):
+            if alias is not None:
+                alone.setdefault(alias.lower(), name)
     names = {alias: (name, AUTOMATIC) for alias, name in alone.items()}
     for schedule, row in SCHEDULES.items():
         if row.ladder is not None:
@@ -226,14 +231,14 @@ def resolve_pair(sampler: str, schedule: str | None = None) -> tuple[str, str]:
     pair = _NAMES.get(str(sampler).strip().lower())
     if pair is None:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: "
-                         f"{', '.join(sampler_names())}")
+                         f"{', '.join(spec.display for spec in SAMPLERS.values())}")
     name, named = pair
     chosen = resolve_schedule(schedule)
     if AUTOMATIC not in (chosen, named) and chosen != named:
         raise InputError(f"sampler {sampler!r} names schedule '{named}', not '{chosen}'")
     chosen = named if chosen == AUTOMATIC else chosen
     if chosen != AUTOMATIC and SAMPLERS[name].ladder is None:
-        takers = [n for n, spec in SAMPLERS.items() if spec.ladder is not None]
+        takers = [spec.display for spec in SAMPLERS.values() if spec.ladder is not None]
         raise InputError(f"sampler '{name}' runs on its own timesteps only (schedule "
                          f"automatic); schedule '{chosen}' takes: {', '.join(takers)}")
     return name, chosen
@@ -254,12 +259,18 @@ def resolve_sampler(name: str) -> str:
 
 def make_schedule(config: SchedulerConfig, sampler: str, steps: int, start: int = 0,
                   schedule: str | None = None) -> Schedule:
-    """A run's tables: the sampler's own, or its tables on the schedule's sigma ladder."""
+    """A run's tables from step `start` on: the sampler's own, or its tables on the schedule's
+    sigma ladder (the one A1111's "Automatic" means for it where it names one), made for
+    steps + 1 without the last sigma where the sampler discards it (A1111's DPM2)."""
     name, schedule = resolve_pair(sampler, schedule)
-    spec, ladder = SAMPLERS[name], SCHEDULES[schedule].ladder
+    spec = SAMPLERS[name]
+    first = first_call(name, start)
+    ladder = SCHEDULES[spec.automatic if schedule == AUTOMATIC and spec.automatic
+                       else schedule].ladder
     if ladder is None:
-        return spec.schedule(config, steps, start)
-    return spec.ladder(config, ladder(config, steps), start)
+        return spec.schedule(config, steps, first)
+    extra = 1 if spec.discard_penultimate else 0
+    return spec.ladder(config, ladder(config, steps + extra)[:steps], first)
 
 
 def default_sampler(config: SchedulerConfig) -> str:
@@ -287,9 +298,18 @@ def display_name(sampler: str) -> str:
 
 
 def num_model_calls(sampler: str, steps: int, start_step: int = 0) -> int:
-    """Model calls of a run: `steps`, but PNDM's PLMS makes steps + 1 when steps ≥ 2."""
-    calls = steps + 1 if resolve_pair(sampler)[0] == "pndm" and steps > 1 else steps
+    """Model calls of a run from step `start_step` on: `steps`, but PNDM's PLMS makes
+    steps + 1 when steps ≥ 2, and second-order samplers two a step but the last (Euler's)."""
+    name = resolve_pair(sampler)[0]
+    if SAMPLERS[name].second_order:
+        return 2 * (steps - start_step) - 1
+    calls = steps + 1 if name == "pndm" and steps > 1 else steps
     return calls - start_step
+
+
+def first_call(sampler: str, start_step: int) -> int:
+    """The model call step `start_step` begins with (diffusers' t_start · scheduler order)."""
+    return 2 * start_step if SAMPLERS[resolve_pair(sampler)[0]].second_order else start_step
 
 
 def start_step_for_strength(steps: int, strength: float) -> int:
@@ -333,6 +353,8 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
     diffusers' denoising_end/denoising_start (SDXL base → refiner): `end_step` stops the run
     after model call `end_step` - 1 and returns the latents there, still noisy; `add_noise=False`
     takes init_latents as such latents, already at step `start_step`'s level (no noise added).
+    `start_step` counts steps; a second-order sampler starts at model call 2·start_step, as
+    diffusers' img2img takes t_start · order (`first_call`), and `end_step` counts calls.
 
     `callback(i, n, latents)` runs after every model call (n = calls of this run); when it
     returns True the run stops and the current denoised estimate is returned. `schedule` (a
@@ -342,7 +364,8 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
     name, schedule = resolve_pair(sampler, schedule)
     _check_run(config, name, steps, start_step, noise, init_latents, keep)
     _check_flow(config, name, init_latents, keep)
-    _check_handover(num_model_calls(name, steps), start_step, end_step, add_noise, init_latents)
+    first = first_call(name, start_step)
+    _check_handover(num_model_calls(name, steps), first, end_step, add_noise, init_latents)
     spec = SAMPLERS[name]
     sched = make_schedule(config, name, steps, start_step, schedule)
     stopped, handed = False, None
@@ -354,7 +377,7 @@ def sample(model: ModelFn, noise: np.ndarray, *, config: SchedulerConfig,
         if callback is not None and callback(i, len(sched), sched.latents(x, i + 1)):
             stopped = True
             return None
-        if end_step is not None and start_step + i + 1 == end_step:
+        if end_step is not None and first + i + 1 == end_step:
             handed = sched.latents(x, i + 1)
             return None
         return x
@@ -398,10 +421,11 @@ def _check_run(config: SchedulerConfig, name: str, steps: int, start_step: int,
     limit = config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
         raise InputError(f"steps must be an integer in 1..{limit}, got {steps!r}")
-    calls = num_model_calls(name, steps)
+    # a run may start at any step that leaves a model call
+    starts = steps if SAMPLERS[name].second_order else num_model_calls(name, steps)
     if isinstance(start_step, bool) or not isinstance(start_step, int) \
-            or not 0 <= start_step < calls:
-        raise InputError(f"start_step must be an integer in 0..{calls - 1}, got {start_step!r}")
+            or not 0 <= start_step < starts:
+        raise InputError(f"start_step must be an integer in 0..{starts - 1}, got {start_step!r}")
     if start_step and init_latents is None:
         raise InputError("start_step > 0 needs init_latents to start from")
     if init_latents is not None and np.shape(init_latents) != np.shape(noise):

@@ -5,18 +5,16 @@ Karras et al. 2022; diffusers' DDIM/PNDM/DPM latents are x / sqrt(sigma² + 1)),
 The tables copy diffusers' dtype choices (float32 betas and alphas_cumprod, float32 sigma tables,
 float32 Euler timesteps) so that trajectories agree with diffusers' schedulers to ~1e-6.
 
-`SCHEDULES` holds the schedule types a sampler may run on apart from its own timesteps (A1111's
-"Schedule type"): each a ladder of sigmas between the model's sigma_max and sigma_min.
+The schedule types a sampler may run on apart from its own timesteps (A1111's "Schedule type":
+Karras, Exponential, Uniform, SGM Uniform) are in `schedule_types`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -218,7 +216,7 @@ def sigma_to_t(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
     low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(table) - 2)
     w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
-    return low + w
+    return (1 - w) * low + w * (low + 1)  # diffusers' rounding, which t = n + ½ cases meet
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
@@ -436,54 +434,17 @@ def lcm_schedule(config: SchedulerConfig, steps: int, start: int = 0) -> Consist
                                c_out=tuple(float(c) for c in c_out[start:]))
 
 
-# ---- schedule types: sigma ladders apart from the sampler (A1111's "Schedule type") -----------
+# ---- schedule types ----------------------------------------------------------------------------
+
+# The schedule types (A1111's "Schedule type") live in schedule_types.py, which builds on this
+# module; these names stay importable from here, read from there on first use (no import cycle).
+_SCHEDULE_TYPE_NAMES = ("AUTOMATIC", "SCHEDULES", "ScheduleType", "karras_ladder",
+                        "exponential_ladder", "resolve_schedule", "schedule_infotext")
 
 
-def karras_ladder(config: SchedulerConfig, steps: int) -> np.ndarray:
-    """Karras sigmas (rho 7) between the model's sigma_max and sigma_min, as diffusers'
-    use_karras_sigmas=True and A1111's "Karras"."""
-    table = sigma_table(config)
-    return karras_sigmas(float(table[0]), float(table[-1]), steps)
+def __getattr__(name: str) -> Any:
+    if name in _SCHEDULE_TYPE_NAMES:
+        from sdrt.runtime import schedule_types
 
-
-def exponential_ladder(config: SchedulerConfig, steps: int) -> np.ndarray:
-    """Log-linear sigmas between the model's sigma_max and sigma_min, as diffusers'
-    use_exponential_sigmas=True and A1111's "Exponential"."""
-    table = sigma_table(config)
-    return exponential_sigmas(float(table[0]), float(table[-1]), steps)
-
-
-@dataclass(frozen=True)
-class ScheduleType:
-    """A row of `SCHEDULES`: A1111's label (the infotext's "Schedule type") and the ladder,
-    (config, steps) -> `steps` descending sigmas, that samplers taking any schedule run on."""
-
-    label: str
-    ladder: Callable[[SchedulerConfig, int], np.ndarray] | None  # None: the sampler's own
-    rho: float | None = None  # A1111's default_rho
-
-
-AUTOMATIC = "automatic"  # each sampler's own timesteps, as its diffusers class sets them
-SCHEDULES: Mapping[str, ScheduleType] = MappingProxyType({
-    AUTOMATIC: ScheduleType("Automatic", None),
-    "karras": ScheduleType("Karras", karras_ladder, KARRAS_RHO),
-    "exponential": ScheduleType("Exponential", exponential_ladder),
-})
-
-
-def resolve_schedule(name: str | None) -> str:
-    """The `SCHEDULES` key for a schedule's name or A1111 label (any case); None: automatic."""
-    if name is None:
-        return AUTOMATIC
-    key = name.strip().lower() if isinstance(name, str) else None
-    for schedule, row in SCHEDULES.items():
-        if key in (schedule, row.label.lower()):
-            return schedule
-    raise InputError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-
-
-def schedule_infotext(schedule: str) -> dict[str, str]:
-    """A1111's infotext entry for a schedule: "Schedule type" with its label, none for
-    Automatic (A1111's `get_sigmas` adds it for a chosen schedule; its parser reads a missing
-    one as Automatic, so both read back the same)."""
-    return {} if schedule == AUTOMATIC else {"Schedule type": SCHEDULES[schedule].label}
+        return getattr(schedule_types, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,22 +18,26 @@ from sdrt.runtime.samplers import (
     SAMPLERS,
     display_name,
     make_schedule,
+    num_model_calls,
     resolve_pair,
     resolve_sampler,
     sample,
     sampler_names,
     schedules_for,
 )
-from sdrt.runtime.schedules import (
+from sdrt.runtime.schedule_types import (
     AUTOMATIC,
-    KARRAS_RHO,
     SCHEDULES,
     exponential_ladder,
     karras_ladder,
     resolve_schedule,
     schedule_infotext,
-    sigma_table,
+    sgm_uniform_ladder,
+    t_to_sigma,
+    uniform_ladder,
 )
+from sdrt.runtime.schedules import KARRAS_RHO, sigma_table, sigma_to_t
+from sdrt.runtime.sde_samplers import SDE_SAMPLERS
 from tests.runtime.test_samplers import (
     MU,
     ODE_ATOL,
@@ -49,9 +53,14 @@ from tests.runtime.test_samplers import (
 
 LADDERS = [name for name, row in SCHEDULES.items() if row.ladder is not None]
 # LCM and SD 3's flow sampler take their own timesteps only and have their own tests
+# the stochastic samplers on every schedule are test_sde_samplers' (equal seeds, equal images)
 PAIRS = [(sampler, schedule) for sampler, spec in SAMPLERS.items()
-         if not spec.flow and sampler != "lcm" for schedule in schedules_for(sampler)]
+         if not spec.flow and sampler != "lcm" and sampler not in SDE_SAMPLERS
+         for schedule in schedules_for(sampler)]
 OWN_TIMESTEPS = [name for name, spec in SAMPLERS.items() if spec.ladder is None]
+# SGM Uniform's last step jumps from t ≈ T/n straight to sigma 0: Euler lands ~0.041 off there
+SGM_ODE_ATOL = 0.05
+TAKERS = ", ".join(spec.display for spec in SAMPLERS.values() if spec.ladder is not None)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -68,7 +77,8 @@ def test_every_sampler_samples_the_gaussian_on_every_schedule_it_takes(sampler, 
     if sampler != "euler_a":  # the deterministic ones solve the probability-flow ODE
         sched = make_schedule(config, sampler, 200, schedule=schedule)
         exact = MU + (start * sched.init_sigma - MU) * S / math.hypot(S, sched.sigmas[0])
-        assert np.abs(out - exact).max() < ODE_ATOL
+        assert np.abs(out - exact).max() < (SGM_ODE_ATOL if schedule == "sgm_uniform"
+                                            else ODE_ATOL)
 
 
 @pytest.mark.parametrize("sampler, schedule", [p for p in PAIRS if p[1] != AUTOMATIC])
@@ -81,8 +91,14 @@ def test_schedules_keep_the_sample_contract(sampler, schedule, start_step):
                  sampler=sampler, schedule=schedule, steps=10, start_step=start_step,
                  init_latents=init if start_step else None, step_noise=rng_noise(),
                  callback=lambda i, n, x: seen.append((i, n)))
-    assert seen == [(i, 10 - start_step) for i in range(10 - start_step)]
-    np.testing.assert_allclose(out, init, atol=1e-4)
+    calls = num_model_calls(sampler, 10, start_step)
+    assert seen == [(i, calls) for i in range(calls)]
+    # every step keeps x - init ∝ sigma; UniPC's run ends at sigma_min, the others' at 0
+    sched = make_schedule(SD15, sampler, 10, start_step, schedule)
+    start = sched.initial(noise(), init if start_step else None)
+    end = sched.sigmas[-1]
+    np.testing.assert_allclose(out, sched.latents(init + (start - init) * (end / sched.sigmas[0]),
+                                                  len(sched)), atol=1e-4)
 
 
 def test_sampler_own_timesteps_refuse_other_schedules_in_one_line():
@@ -92,7 +108,8 @@ def test_sampler_own_timesteps_refuse_other_schedules_in_one_line():
                 resolve_pair(sampler, schedule)
             assert str(info.value) == (
                 f"sampler '{sampler}' runs on its own timesteps only (schedule automatic); "
-                f"schedule '{schedule}' takes: euler, euler_a, dpmpp_2m")
+                f"schedule '{schedule}' takes: {TAKERS}")
+    assert TAKERS.startswith("Euler, Euler a, DPM++ 2M, UniPC, Heun, LMS, DPM2, DPM2 a")
     with pytest.raises(InputError, match="own timesteps"):
         sample(gaussian_model(SD15), noise(), config=SD15, sampler="PLMS", schedule="Karras",
                steps=4)
@@ -131,7 +148,88 @@ def test_laddered_tables_end_at_zero_and_call_the_matching_timestep(sampler, sch
         assert all(float(t).is_integer() for t in sched.timesteps)
 
 
+def _a1111_t_to_sigma(table, t):
+    """k-diffusion's DiscreteSchedule.t_to_sigma, in torch: log sigma linear between integer t."""
+    import torch
+
+    log_sigmas = torch.from_numpy(table).double().log()
+    low, high = t.floor().long(), t.ceil().long()
+    return ((1 - (t - low)) * log_sigmas[low] + (t - low) * log_sigmas[high]).exp().numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20, 33])
+def test_uniform_ladders_are_a1111s_definitions(steps):
+    torch = pytest.importorskip("torch")
+    table = sigma_table(SD15)
+    top = len(table) - 1
+    # A1111's uniform: inner_model.get_sigmas(n) = t_to_sigma(linspace(t_max, 0, n)) (then 0)
+    expected = _a1111_t_to_sigma(table, torch.linspace(top, 0, steps, dtype=torch.float64))
+    np.testing.assert_allclose(uniform_ladder(SD15, steps), expected, rtol=1e-12)
+    # sgm_uniform: t from sigma_to_t(sigma_max) to sigma_to_t(sigma_min), n + 1 points, last off
+    ends = sigma_to_t(np.array([table[-1], table[0]]), table)
+    np.testing.assert_allclose(ends, [top, 0], atol=1e-9)
+    ts = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)[:-1]
+    # (A1111's t(sigma_max) is 999 to ~1e-9 through the log table)
+    np.testing.assert_allclose(sgm_uniform_ladder(SD15, steps), _a1111_t_to_sigma(table, ts),
+                               rtol=1e-8)
+
+
+def test_t_to_sigma_and_sigma_to_t_invert_each_other():
+    table = sigma_table(SD15)
+    ts = np.array([999.0, 749.25, 499.5, 0.75, 0.0])
+    np.testing.assert_allclose(sigma_to_t(t_to_sigma(ts, table), table), ts, atol=1e-6)
+    np.testing.assert_allclose(t_to_sigma(np.arange(1000.0), table), table, rtol=1e-14)
+
+
+@pytest.mark.parametrize("schedule", ["automatic", *LADDERS])
+def test_dpm2_discards_the_next_to_last_sigma_as_a1111(schedule):
+    ladder = SCHEDULES["karras" if schedule == AUTOMATIC else schedule].ladder(SD15, 9)
+    sched = make_schedule(SD15, "DPM2", 8, schedule=schedule)
+    assert len(sched) == 2 * 8 - 1 == num_model_calls("dpm2", 8)
+    # the ladder made for 9, its last (smallest) sigma dropped; float32 tables
+    np.testing.assert_allclose(sched.sigmas[0::2], ladder[:-1], rtol=1e-6)
+    assert sched.sigmas[-1] == 0.0
+    mids = np.sqrt(np.array(sched.sigmas[0:-2:2]) * np.array(sched.sigmas[2::2]))
+    np.testing.assert_allclose(sched.sigmas[1:-1:2], mids, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampler, calls, from_step_3", [
+    ("heun", 15, 9), ("dpm2", 15, 9), ("lms", 8, 5), ("unipc", 8, 5), ("dpm2_a", 15, 9),
+    ("dpmpp_2s_a", 15, 9), ("dpmpp_sde", 15, 9), ("dpmpp_2m_sde", 8, 5)])
+def test_model_calls_per_sampler(sampler, calls, from_step_3):
+    # second order: two calls a step but the last (k-diffusion's Euler step to sigma 0)
+    assert num_model_calls(sampler, 8) == calls == len(make_schedule(SD15, sampler, 8))
+    assert num_model_calls(sampler, 8, 3) == from_step_3 == len(make_schedule(SD15, sampler, 8, 3))
+
+
 # ---- names -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler, schedule, pair", [
+    ("Euler a", "Karras", ("euler_a", "karras")),  # the issue's 422: now any sampler × schedule
+    ("UniPC", "SGM Uniform", ("unipc", "sgm_uniform")), ("Heun", "SGMUniform",
+                                                         ("heun", "sgm_uniform")),
+    ("LMS Karras", None, ("lms", "karras")), ("DPM2", "uniform", ("dpm2", "uniform")),
+    ("DPM2 a Karras", "Automatic", ("dpm2_a", "karras")), ("DPM++ 2M SDE", None,
+                                                            ("dpmpp_2m_sde", "automatic")),
+    ("KDPM2DiscreteScheduler", "Exponential", ("dpm2", "exponential")),
+    ("DPMSolverMultistepScheduler", None, ("dpmpp_2m", "automatic")),  # the first on that class
+])
+def test_a1111_names_and_schedule_types_resolve(sampler, schedule, pair):
+    assert resolve_pair(sampler, schedule) == pair
+
+
+def test_unknown_names_list_a1111s_names():
+    with pytest.raises(InputError) as info:
+        resolve_pair("Restart")
+    listed = str(info.value).split("choose one of: ")[1].split(", ")
+    assert listed == [spec.display for spec in SAMPLERS.values()]
+    assert {"Euler a", "DPM++ 2M", "UniPC", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2S a",
+            "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"} <= set(listed)
+    with pytest.raises(InputError, match="Automatic, Karras, Exponential, Uniform, SGM Uniform"):
+        resolve_pair("Euler", "Polyexponential")
+
+
 
 
 @pytest.mark.parametrize("sampler, schedule", [
@@ -165,8 +263,8 @@ def test_resolve_names_and_their_errors():
         ["automatic", "automatic", "karras", "exponential"]
     with pytest.raises(InputError) as info:
         resolve_schedule("beta")
-    assert str(info.value) == ("unknown schedule 'beta'; choose one of: automatic, karras, "
-                               "exponential")
+    assert str(info.value) == ("unknown schedule 'beta'; choose one of: Automatic, Karras, "
+                               "Exponential, Uniform, SGM Uniform")
     with pytest.raises(InputError, match="unknown schedule 7"):
         resolve_schedule(7)
     with pytest.raises(InputError, match="names schedule 'karras', not 'exponential'"):
