@@ -1,4 +1,5 @@
-"""`sdrt generate`: text to image, optionally finished by an SDXL refiner."""
+"""`sdrt generate`: text to image, optionally in A1111's two hires passes or finished by an
+SDXL refiner."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import click
 
 from sdrt.cli.errors import reports_errors
+from sdrt.cli.hires_options import hires_options
 from sdrt.cli.options import RunOptions, request_options, run_options
 from sdrt.cli.prompt_options import prompt_options
 from sdrt.cli.running import StepProgress, output_paths, plan_run, save_all
@@ -17,6 +19,7 @@ from sdrt.cli.running import StepProgress, output_paths, plan_run, save_all
 @request_options(sized=False)
 @run_options
 @prompt_options
+@hires_options
 @click.option("--refiner", "refiner_dir", type=click.Path(path_type=Path), default=None,
               help="An exported SDXL refiner folder: the base model stops at --refiner-start "
                    "of the schedule and the refiner finishes and decodes (diffusers' "
@@ -43,6 +46,8 @@ def generate(prompt: str, model_dir: Path, output: Path, run: RunOptions,
         raise InputError("--refiner-start needs --refiner (an SDXL refiner folder)")
     if run.deepcache is not None and refiner_dir is not None:
         raise InputError("--deepcache does not combine with --refiner")
+    if "hires" in options and refiner_dir is not None:
+        raise InputError("the hires fix (--hires-*) does not combine with --refiner")
     refiner_start = check_refiner_start(
         DEFAULT_REFINER_START if refiner_start is None else refiner_start)
     if skip_layers is not None:

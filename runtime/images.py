@@ -9,8 +9,12 @@ mask (transparent = keep). Files over MAX_INPUT_PIXELS are refused before decodi
 Sizing (`output_size`): with no width or height the output is the input's size rounded down to
 a multiple of the model's size step (diffusers' `VaeImageProcessor.get_default_height_width`);
 with one of them the other follows the input's aspect ratio (to the nearest step); with both,
-exactly that size. The input is then resized to it with Lanczos, as diffusers' image processor
-does; a size outside [step, MAX_SIDE] is refused, naming the option that fixes it.
+exactly that size; a size outside [step, MAX_SIDE] is refused, naming the option that fixes it.
+The input is then brought to it by one of A1111's resize modes (`resize`), each with Lanczos as
+diffusers' image processor resamples: stretched (0, the default), scaled to cover and
+centre-cropped (1), or scaled to fit, centred, with the bands left over filled by its stretched
+edge rows or columns (2). `fill` is A1111's "fill" masked content: masked pixels replaced by the
+colours around them, blurred in from ever smaller radii.
 
 Model arithmetic, as diffusers' `VaeImageProcessor` / its mask processor do it: pixels to
 float32 / 255 then 2x − 1; a mask is feathered with Pillow's GaussianBlur (`blur`), binarised at
@@ -36,6 +40,11 @@ ImageSource = str | Path | Image.Image
 MAX_INPUT_PIXELS = 64_000_000
 MASK_THRESHOLD = 0.5  # diffusers' binarize: a mask value ≥ 0.5 (pixel ≥ 128) is repainted
 WHITE = (255, 255, 255)
+# A1111's resize modes by index; 3 resizes pixels as 0 does (A1111 scales the latents instead)
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill",
+                "just resize (latent upscale)")
+# (blur radius in pixels, passes) from far to near: distant colours first, near ones over them
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 
 def read_image(source: ImageSource, what: str = "image") -> Image.Image:
@@ -121,6 +130,42 @@ def output_size(size: tuple[int, int], width: int | None, height: int | None, st
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """`image` at `size`, resized with Lanczos when it differs (diffusers' resample)."""
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def resize(image: Image.Image, size: tuple[int, int], mode: int = 0) -> Image.Image:
+    """`image` (RGB or L) at `size` by A1111 resize mode `mode` (module docstring)."""
+    if mode in (0, 3) or image.size == size:
+        return fit(image, size)
+    (in_w, in_h), (out_w, out_h) = image.size, size
+    wider = out_w * in_h > out_h * in_w  # the target is wider than the picture
+    if (mode == 1) == wider:  # match the width: crop rows (1) or leave bands above/below (2)
+        scaled = (out_w, max(1, in_h * out_w // in_w))
+    else:
+        scaled = (max(1, in_w * out_h // in_h), out_h)
+    picture = np.asarray(fit(image, scaled))
+    left, top = scaled[0] // 2 - out_w // 2, scaled[1] // 2 - out_h // 2  # ≤ 0 for mode 2
+    if mode == 1:
+        return Image.fromarray(picture[top:top + out_h, left:left + out_w])
+    # mode 2: edge rows/columns stretched over the bands (np.take clamps indices to the edge)
+    rows = np.clip(np.arange(out_h) + top, 0, scaled[1] - 1)
+    cols = np.clip(np.arange(out_w) + left, 0, scaled[0] - 1)
+    return Image.fromarray(picture[np.ix_(rows, cols)])
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The picture with its masked pixels (L mask, white = masked, soft edges weighted) replaced
+    by the colours around them: per pass, the kept pixels blurred with premultiplied alpha (so
+    the blur averages kept colours only) are laid over what earlier, wider passes left."""
+    kept = image.convert("RGBA")
+    kept.putalpha(ImageOps.invert(mask.convert("L")))
+    premultiplied = kept.convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, passes in FILL_PASSES:
+        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
+        layer = layer.convert("RGBA")  # back to straight alpha: colour = blurred sum / weight
+        for _ in range(passes):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
 
 
 def to_model(image: Image.Image) -> np.ndarray:

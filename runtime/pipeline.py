@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sdrt.runtime import hires, variation
 from sdrt.runtime import img2img as i2i
 from sdrt.runtime.adapters.adapted import lora_components
 from sdrt.runtime.adapters.pipeline_adapters import Adapters
@@ -33,7 +34,7 @@ from sdrt.runtime.conditioning import TextConditioner
 from sdrt.runtime.deepcache import PARAMETER as DEEPCACHE_KEY
 from sdrt.runtime.deepcache import LazyDeepCache, graph_paths
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
-from sdrt.runtime.images import ImageSource, paste_back
+from sdrt.runtime.images import ImageSource
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
 from sdrt.runtime.memory.low_memory import Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
@@ -191,7 +192,7 @@ class Pipeline:
         """Image-to-image from `image` (a path or PIL image; sized by `images.output_size`'s
         rule from width/height); strength 0 returns it unchanged, 1 generates afresh."""
         init = self.image_input(image, strength=strength, width=options.pop("width", None),
-                                height=options.pop("height", None))
+                                height=options.pop("height", None), **i2i.pop_options(options))
         return _with_parameters(self.run(self.request_for(init, prompt, **options),
                                          callback=callback, init=init))
 
@@ -203,7 +204,7 @@ class Pipeline:
         `paste_back` the original's pixels return outside the feathered mask."""
         init = self.image_input(image, mask, strength=strength, mask_blur=mask_blur,
                                 paste_back=paste_back, width=options.pop("width", None),
-                                height=options.pop("height", None))
+                                height=options.pop("height", None), **i2i.pop_options(options))
         return _with_parameters(self.run(self.request_for(init, prompt, **options),
                                          callback=callback, init=init))
 
@@ -219,13 +220,21 @@ class Pipeline:
 
     def image_input(self, image: ImageSource, mask: ImageSource | None = None, *,
                     strength: float, width: int | None = None, height: int | None = None,
-                    mask_blur: float = i2i.DEFAULT_MASK_BLUR,
-                    paste_back: bool = True) -> ImageInput:
-        """A picture (and mask) read and sized for this model (`img2img.prepare`)."""
+                    mask_blur: float = i2i.DEFAULT_MASK_BLUR, paste_back: bool = True,
+                    resize_mode: int = 0, inpaint_full_res: bool = False,
+                    inpaint_full_res_padding: int = i2i.DEFAULT_PADDING,
+                    inpainting_fill: int = i2i.ORIGINAL,
+                    initial_noise_multiplier: float = 1.0) -> ImageInput:
+        """A picture (and mask) read and sized for this model, with A1111's img2img options
+        (`img2img.prepare`)."""
         return i2i.prepare(image, mask, strength=strength, width=width, height=height,
                            step=max(8, self.facts.vae_scale_factor), max_side=MAX_SIDE,
                            mask_blur=mask_blur, paste_back=paste_back,
-                           latent_scale=self.facts.vae_scale_factor)
+                           latent_scale=self.facts.vae_scale_factor, resize_mode=resize_mode,
+                           inpaint_full_res=inpaint_full_res,
+                           inpaint_full_res_padding=inpaint_full_res_padding,
+                           inpainting_fill=inpainting_fill,
+                           initial_noise_multiplier=initial_noise_multiplier)
 
     @staticmethod
     def request_for(init: ImageInput, prompt: str, **options) -> GenerationRequest:
@@ -237,8 +246,13 @@ class Pipeline:
             init: ImageInput | None = None) -> list[GeneratedImage]:
         """Run one request, from noise or from `init` (img2img, inpainting);
         `callback(i, n, latents)` after each step may return True to stop."""
-        # 1. Fill defaults and validate.
+        # 1. Fill defaults and validate; the hires fix runs two passes (runtime/hires.py).
         req = request.resolve(self.facts, self.scheduler)
+        if req.hires is not None:
+            if init is not None:
+                raise InputError("the hires fix is for text-to-image (A1111's txt2img), not "
+                                 "for an image input")
+            return hires.run(self, req, callback)
         # 2. One generator per image, seeded seed + i (A1111's convention).
         generators = [make_generator(req.generator, req.seed + i) for i in range(req.num_images)]
         return self.run_resolved(req, generators, init, callback)
@@ -252,7 +266,7 @@ class Pipeline:
         shown = init  # what the metadata reports; an inpainting UNet may get a stand-in below
         init = self._fit_unet(req, init)
         if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
-            return [GeneratedImage(init.image.copy(), self.info(req, i, shown))
+            return [GeneratedImage(init.unchanged(), self.info(req, i, shown))
                     for i in range(req.num_images)]
         # 3. Starting point: noise, or a picture's latents; a mask for inpainting. OpenVINO
         #    compiles the UNet and decoder for this size meanwhile (runtime/compile_ahead.py).
@@ -266,10 +280,10 @@ class Pipeline:
         # 4–5. Text conditioning and the sampler loop over the guided denoiser.
         latents = self.denoise(req, generators, start, callback)
         # 6. Decode, one image at a time to bound peak memory; inpainting puts the original's
-        #    pixels back outside the feathered mask.
+        #    pixels back outside the feathered mask ("Only masked": into the whole picture).
         pixels = [self.decode(latents[i : i + 1]) for i in range(req.num_images)]
-        if init is not None and init.mask is not None and init.paste_back:
-            pixels = [paste_back(image, init.image, init.mask) for image in pixels]
+        if init is not None:
+            pixels = [init.finish(image) for image in pixels]
         # 7. Attach what made each image.
         return [GeneratedImage(image, self.info(req, i, shown))
                 for i, image in enumerate(pixels)]
@@ -328,16 +342,21 @@ class Pipeline:
         shape = (req.num_images, self.facts.latent_channels,
                  req.height // self.facts.vae_scale_factor,
                  req.width // self.facts.vae_scale_factor)
+        rows = variation.noise_rows(req, self.facts.vae_scale_factor)  # A1111's subseeds
         if init is None:
-            return i2i.text_start(generators, shape)
+            return i2i.text_start(generators, shape, rows)
+        encoder = self.encoder()
+        if init.mask is None:
+            return i2i.img2img_start(encoder, init, generators, shape, req.steps, rows)
+        return i2i.inpaint_start(encoder, init, generators, shape, req.steps,
+                                 self.facts.family.inpainting, rows)
+
+    def encoder(self) -> Encoder:
+        """Pictures → the UNet's latents through this pipeline's VAE encoder (or tiny VAE's)."""
         if self.vae_encoder is None:
             raise ModelError("this pipeline was built without a VAE encoder, which image "
                              "inputs need")
-        encoder = Encoder(self.vae_encoder(), self._vae_latents(encoder=True)[0])
-        if init.mask is None:
-            return i2i.img2img_start(encoder, init, generators, shape, req.steps)
-        return i2i.inpaint_start(encoder, init, generators, shape, req.steps,
-                                 self.facts.family.inpainting)
+        return Encoder(self.vae_encoder(), self._vae_latents(encoder=True)[0])
 
     def _vae_latents(self, *, encoder: bool = False) -> tuple[float, float]:
         """(scaling_factor, shift_factor) between UNet latents and the VAE's: a tiny VAE's own
@@ -368,12 +387,13 @@ class Pipeline:
         parameters' source."""
         extra = {"Backend": self.backend, "Precision": self.precision}
         extra["RNG"] = "CPU" if req.generator == "torch" else "NumPy"
-        if init is not None and init.mask is not None:
-            extra["Mask blur"] = init.mask_blur  # A1111's key, written for inpainting only
+        if init is not None:  # A1111's Mask blur (inpainting only), Noise multiplier
+            extra.update(init.infotext())
         if self.tiny_vae is not None:  # A1111's keys for a VAE other than the model's
             extra["VAE hash"] = self.tiny_vae.manifest.autov2_hash
             extra["VAE"] = self.tiny_vae.manifest.name
         extra.update(schedule_infotext(req.schedule))  # A1111's "Schedule type"
+        extra.update(variation.infotext(req, index))  # its variation seed keys
         if req.deepcache is not None:
             extra[DEEPCACHE_KEY] = req.deepcache
         if self.adapters is not None:

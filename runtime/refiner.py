@@ -27,9 +27,11 @@ import numpy as np
 from sdrt.runtime.architectures.base import check_request
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.img2img import Start, text_start
+from sdrt.runtime.progress import Progress
 from sdrt.runtime.rng import make_generator
-from sdrt.runtime.samplers import make_schedule, num_model_calls
+from sdrt.runtime.samplers import SAMPLERS, display_name, make_schedule, num_model_calls
 from sdrt.runtime.schedules import SchedulerConfig, alphas_cumprod
+from sdrt.runtime.variation import noise_rows
 
 if TYPE_CHECKING:
     from sdrt.runtime.pipeline import GeneratedImage, GenerationRequest, Pipeline, StepCallback
@@ -89,6 +91,9 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
     req = request.resolve(base.facts, base.scheduler)
     check_request(base.architecture, req)  # before the base runs, not once it has
     check_request(refiner.architecture, req)
+    if SAMPLERS[req.sampler].second_order:  # the handover counts steps as single model calls
+        raise InputError(f"sampler '{display_name(req.sampler)}' makes two model calls a step; "
+                         "the refiner takes first-order and multistep samplers only")
     calls = num_model_calls(req.sampler, req.steps)
     handed = switch_step(base.scheduler, req.sampler, req.steps, fraction, req.schedule)
     resumed = switch_step(refiner.scheduler, req.sampler, req.steps, fraction, req.schedule)
@@ -99,8 +104,9 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
     generators = [make_generator(req.generator, req.seed + i) for i in range(req.num_images)]
     shape = (req.num_images, base.facts.latent_channels,
              req.height // base.facts.vae_scale_factor, req.width // base.facts.vae_scale_factor)
-    progress = _Progress(callback, handed + calls - resumed)
-    latents = base.denoise(req, generators, text_start(generators, shape),
+    progress = Progress(callback, handed + calls - resumed)
+    rows = noise_rows(req, base.facts.vae_scale_factor)  # A1111's variation seeds
+    latents = base.denoise(req, generators, text_start(generators, shape, rows),
                            progress.relay(0), end_step=handed)  # (B, C, h, w), still noisy
     if not progress.stopped:  # LoRAs and their tags are the base's: an SDXL LoRA names layers
         latents = refiner.denoise(base_only(req), generators,  # the refiner lacks
@@ -115,23 +121,6 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
         results.append(GeneratedImage(refiner.decode(latents[i : i + 1]),
                                       replace(info, extra=extra)))
     return results
-
-
-class _Progress:
-    """The caller's step callback over both runs: one count of model calls, one stop flag."""
-
-    def __init__(self, callback: StepCallback | None, total: int) -> None:
-        self.callback, self.total, self.stopped = callback, total, False
-
-    def relay(self, offset: int) -> StepCallback | None:
-        if self.callback is None:
-            return None
-
-        def on_step(i: int, n: int, latents: np.ndarray) -> bool:
-            self.stopped = bool(self.callback(offset + i, self.total, latents))
-            return self.stopped
-
-        return on_step
 
 
 def base_only(req: GenerationRequest) -> GenerationRequest:

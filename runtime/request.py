@@ -7,8 +7,10 @@ import math
 import secrets
 from dataclasses import dataclass, replace
 
+from sdrt.runtime import variation
 from sdrt.runtime.adapters.adapted import LoraRequest
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.hires import HiresFix
 from sdrt.runtime.model.folder import ModelFacts
 from sdrt.runtime.prompts import PromptStyle, extract_networks
 from sdrt.runtime.rng import GENERATORS
@@ -46,6 +48,11 @@ class GenerationRequest:
     loras: tuple[LoraRequest, ...] = ()
     prompt_syntax: str = "a1111"  # A1111's emphasis, BREAK, <lora:…> and long prompts; "plain"
     emphasis: str = "original"  # how A1111 weights apply (runtime/prompts/emphasis.py)
+    hires: HiresFix | None = None  # A1111's hires fix: a second, larger pass (runtime/hires.py)
+    # A1111's variation seeds (runtime/variation.py); image i uses subseed + i
+    subseed: int | None = None  # None: random when subseed_strength > 0
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height); None or (0, 0): off
 
     @property
     def encoded_prompt(self) -> str:
@@ -60,8 +67,13 @@ class GenerationRequest:
             raise InputError(f"loras must be a list of LoRAs, got {type(self.loras).__name__}")
         sampler, schedule = resolve_pair(self.sampler or family.sampler
                                          or default_sampler(scheduler), self.schedule)
+        if self.hires is not None and not isinstance(self.hires, HiresFix):
+            raise InputError(f"hires must be a HiresFix, got {type(self.hires).__name__}")
+        subseed, strength, resize = variation.checked(self.subseed, self.subseed_strength,
+                                                      self.seed_resize_from, MAX_SIDE)
         filled = replace(
-            self,
+            self, hires=self.hires and self.hires.checked(MAX_SIDE), subseed=subseed,
+            subseed_strength=strength, seed_resize_from=resize,
             loras=tuple(lora_request(item) for item in self.loras),
             steps=family.steps if self.steps is None else self.steps,
             guidance_scale=family.guidance_scale if self.guidance_scale is None

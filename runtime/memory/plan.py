@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sdrt.runtime.architectures.base import check_request
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.hires import planned_size
 from sdrt.runtime.memory import estimate as memory
 from sdrt.runtime.memory.low_memory import Plan, estimate_for, plan_for
 from sdrt.runtime.model.opened import OpenedModel
@@ -25,7 +26,8 @@ def plan_model(model: OpenedModel, request: GenerationRequest, *, mode: str,
     """The plan (low_memory.plan_for's modes) for a request on an opened model folder."""
     req = request.resolve(model.facts, model.scheduler)
     check_request(model.architecture, req)
-    found = estimate_for(model.folder, model.variant, width=req.width, height=req.height,
+    width, height = planned_size(req, model.facts)  # a hires fix's larger pass
+    found = estimate_for(model.folder, model.variant, width=width, height=height,
                          images=req.num_images, guided=req.guidance_scale > 1.0,
                          vae_scale_factor=model.facts.vae_scale_factor, tile=DEFAULT_TILE,
                          components=model.architecture.graphs(model.folder),

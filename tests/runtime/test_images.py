@@ -107,7 +107,7 @@ def test_bad_masks_are_refused(tmp_path):
     common = dict(strength=1.0, width=None, height=None, step=8, max_side=2048, latent_scale=8)
     cases = [(Image.new("L", (64, 64), 0), "mask is empty"),
              (Image.new("L", (64, 64), 255), "whole image"),
-             (Image.new("L", (32, 64), 255), "must be the same size")]
+             (Image.new("L", (32, 64), 0), "mask is empty")]  # another size: stretched
     speck = Image.new("L", (64, 64), 0)
     speck.paste(255, (3, 3, 6, 6))  # inside one 8×8 block, off its sampled corner
     cases.append((speck, "too small"))

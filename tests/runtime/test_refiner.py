@@ -279,6 +279,8 @@ def test_unfit_pairs_are_refused(tiny_sdxl_onnx_dir, refiner_onnx_dir, tiny_onnx
         base.generate(PROMPT, steps=4, refiner=refiner, refiner_start=0.999)
     with pytest.raises(InputError, match="leaves the base no step of 4: raise it"):
         base.generate(PROMPT, steps=4, refiner=refiner, refiner_start=0.01)
+    with pytest.raises(InputError, match="'Heun' makes two model calls a step"):
+        base.generate(PROMPT, steps=4, refiner=refiner, sampler="Heun")
 
 
 def run_cli(*args):
