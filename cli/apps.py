@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.options import DEFAULT_GENERATOR, RunOptions, model_option, run_options
@@ -31,8 +33,16 @@ from sdrt.runtime.server import settings as serve_defaults
 @click.option("--token", envvar="SDRT_TOKEN", default=None,
               help="Require this token (Authorization: Bearer TOKEN, or HTTP Basic with it as "
                    "password) on every API call; env SDRT_TOKEN keeps it out of `ps`.")
+@click.option("--api-auth", envvar="SDRT_API_AUTH", default=None, metavar="USER:PASS[,...]",
+              help="Require HTTP Basic credentials on every API call, as A1111's --api-auth "
+                   "(besides --token, if given); env SDRT_API_AUTH keeps them out of `ps`.")
 @click.option("--max-queue", default=serve_defaults.DEFAULT_MAX_QUEUE, show_default=True,
-              help="Jobs admitted at once (running + waiting); more get 429 + Retry-After.")
+              type=click.IntRange(min=0),
+              help="Requests that may wait for a worker, served in arrival order (A1111 "
+                   "queues without bound); more get 429 + Retry-After.")
+@click.option("--styles", "styles_file", type=click.Path(path_type=Path), default=None,
+              help="Prompt styles in A1111's styles.csv format (name,prompt,negative_prompt), "
+                   "listed by /sdapi/v1/prompt-styles and applied by a request's `styles`.")
 @click.option("--max-pixels", default=serve_defaults.DEFAULT_MAX_PIXELS, show_default=True,
               help="Largest width × height of one image.")
 @click.option("--max-steps", default=serve_defaults.DEFAULT_MAX_STEPS, show_default=True,
@@ -46,10 +56,16 @@ from sdrt.runtime.server import settings as serve_defaults
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="A web origin allowed to call the API from a browser (repeatable); "
                    "default: none (CORS off).")
+@click.option("--models-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of exported models (one per subfolder, or NAME/onnx/) that clients "
+                   "list and switch between (sd_model_checkpoint); one is loaded at a time. "
+                   "--model then names the first (default: the first by name).")
 @run_options
 @prompt_options
 @reports_errors
-def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **limits) -> None:
+def serve(model_dir: Path, models_dir: Path | None, run: RunOptions,
+          cors_origins: tuple[str, ...], api_auth: str | None, styles_file: Path | None,
+          **limits) -> None:
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) and a
     kiosk web page at / (needs the serve extra: pip install 'sdrt[serve]').
 
@@ -62,14 +78,22 @@ def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **lim
     from sdrt.runtime.model.opened import OpenedModel
     from sdrt.runtime.pipeline import GenerationRequest
     from sdrt.runtime.server.app import serve as serve_app
-    from sdrt.runtime.server.settings import ServerSettings
+    from sdrt.runtime.server.models import ModelHost, first_model
+    from sdrt.runtime.server.settings import ServerSettings, parse_api_auth
+    from sdrt.runtime.server.styles import read_styles
 
     run.refuse_deepcache("serve", "the API has no DeepCache field")
     if run.generator != DEFAULT_GENERATOR:
         raise InputError(f"--generator {run.generator} does not apply to serve: the API's noise "
                          f"is {DEFAULT_GENERATOR}'s (A1111's CPU RNG)")
-    settings = ServerSettings(cors_origins=cors_origins, **limits)
+    settings = ServerSettings(cors_origins=cors_origins, api_auth=parse_api_auth(api_auth),
+                              styles=read_styles(styles_file) if styles_file else (),
+                              **limits)
     settings.validate()  # before loading a model: a refused bind costs nothing
+    if models_dir is not None:
+        given = click.get_current_context().get_parameter_source("model_dir")
+        model_dir = first_model(models_dir, None if given is ParameterSource.DEFAULT
+                                else model_dir)
     model = OpenedModel.open(model_dir, run.backend, run.precision)
     every = GenerationRequest(prompt="", **settings.request_fields())
     pipe = load_pipeline(model, run, every)
@@ -79,11 +103,21 @@ def serve(model_dir: Path, run: RunOptions, cors_origins: tuple[str, ...], **lim
         pipe.adapters.uses(every)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("sdrt.access", "uvicorn.error"):
+    warnings.showwarning = _log_warning
+    for name in ("sdrt.access", "sdrt.runtime.server.jobs", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).propagate = False
-    serve_app(pipe, settings)
+    host = ModelHost(pipe, models_dir, lambda folder: load_pipeline(  # the same run options
+        OpenedModel.open(folder, run.backend, run.precision), run, every))
+    del pipe, model  # the host alone holds the model: a switch can release it
+    serve_app(host, settings)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings go to the server log as their kind and text, without the source path and
+    line Python's default format adds (a path in a log is a path an operator may publish)."""
+    logging.getLogger("uvicorn.error").warning("%s: %s", category.__name__, message)
 
 
 @click.command()

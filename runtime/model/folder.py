@@ -73,6 +73,8 @@ SD1_SCALING_FACTOR = 0.18215
 SD1_LATENT_CHANNELS = 4
 SD1_VAE_BLOCKS = 4  # vae_scale_factor 2 ** (4 - 1) = 8
 SD1_SAMPLE_SIZE = 64  # latent side: 512 px
+# Folders named after the format, not the model, in optimum's `NAME/onnx/` and hub layouts
+LAYOUT_FOLDERS = frozenset({"onnx", "openvino"})
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def read_facts(folder: Path) -> ModelFacts:
         unet_file = manifest.files.get("unet/model.onnx") \
             or manifest.files.get("transformer/model.onnx")
         return ModelFacts(
-            name=folder.resolve().name,
+            name=model_name(folder, manifest.extra.get("name")),
             # this model's own defaults (sdrt export --default-*) over its family's
             family=replace(get_family(manifest.family), **manifest.defaults),
             scaling_factor=manifest.scaling_factor,
@@ -172,7 +174,7 @@ def read_facts(folder: Path) -> ModelFacts:
                            read_json(folder / "scheduler" / "scheduler_config.json"),
                            read_json(second) if second.parent.is_dir() else None)
     return ModelFacts(
-        name=folder.resolve().name,
+        name=model_name(folder),
         family=get_family(family),
         scaling_factor=float(vae.get("scaling_factor", SD1_SCALING_FACTOR)),
         latent_channels=int(vae.get("latent_channels", SD1_LATENT_CHANNELS)),
@@ -180,6 +182,17 @@ def read_facts(folder: Path) -> ModelFacts:
         sample_size=int(unet.get("sample_size", SD1_SAMPLE_SIZE)),
         unet_sha256=None,
     )
+
+
+def model_name(folder: Path, declared: object = None) -> str:
+    """The model's name: a manifest's `name` when it has one, else its folder's, or for
+    optimum's `NAME/onnx/` layout (and `NAME/openvino/`) the folder above."""
+    if isinstance(declared, str) and declared.strip():
+        return declared.strip()
+    folder = folder.resolve()
+    if folder.name.lower() in LAYOUT_FOLDERS and folder.parent.name:
+        return folder.parent.name
+    return folder.name
 
 
 def _patch_size(folder: Path) -> int:
@@ -198,7 +211,7 @@ def _sd3_facts(folder: Path) -> ModelFacts:
     family = detect_sd3_family(transformer, vae, *configs, read_json(t5) if t5.is_file() else None,
                                read_json(folder / "scheduler" / "scheduler_config.json"))
     return ModelFacts(
-        name=folder.resolve().name, family=get_family(family),
+        name=model_name(folder), family=get_family(family),
         scaling_factor=float(vae["scaling_factor"]), latent_channels=int(vae["latent_channels"]),
         vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
         sample_size=int(transformer["sample_size"]), unet_sha256=None,
@@ -214,7 +227,7 @@ def _legacy_facts(folder: Path) -> ModelFacts:
     # SD 2.x's generation defaults are the same, and the prediction type is the scheduler
     # config's, which this layout keeps.
     return ModelFacts(
-        name=folder.resolve().name,
+        name=model_name(folder),
         family=get_family("sd1"),
         scaling_factor=SD1_SCALING_FACTOR,
         latent_channels=SD1_LATENT_CHANNELS,

@@ -1,5 +1,7 @@
-"""The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img, progress, interrupt, samplers,
-schedulers, sd-models and sd-vae, loras, refresh-loras and embeddings (networks.py); `/health`,
+"""The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img (generation.py), progress,
+interrupt, samplers, schedulers; skip, memory, cmd-flags, png-info, upscalers, prompt-styles and
+other small ones (a1111_extras.py); loras, refresh-loras and embeddings (networks.py); options,
+sd-models, sd-vae and their refreshes (options.py, over models.py's ModelHost); `/health`,
 `/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page at `/`.
 
 Every error is JSON `{"error", "detail"}` with a 4xx status (or a bare 500 "internal error",
@@ -9,13 +11,11 @@ the traceback going to the server log only); nothing in a response names a files
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime
 from http import HTTPStatus
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import anyio
@@ -24,39 +24,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import ImageOps
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from sdrt.runtime.errors import InputError, SdrtError, first_line
-from sdrt.runtime.images import MAX_INPUT_PIXELS, read_image, read_mask
-from sdrt.runtime.metadata import format_parameters
-from sdrt.runtime.pipeline import GeneratedImage, GenerationRequest, Pipeline
-from sdrt.runtime.samplers import SAMPLERS, schedules_for
+from sdrt.runtime.model.manifest import Manifest
+from sdrt.runtime.pipeline import GeneratedImage, Pipeline
+from sdrt.runtime.samplers import SAMPLERS, resolve_pair, schedules_for
 from sdrt.runtime.schedules import SCHEDULES
-from sdrt.runtime.server.codec import decode_image, encode_png
+from sdrt.runtime.server.a1111_extras import add_extra_routes
+from sdrt.runtime.server.generation import (
+    build_request,
+    image_inputs,
+    image_response,
+    server_version,
+)
 from sdrt.runtime.server.jobs import Job, JobQueue
 from sdrt.runtime.server.middleware import (
+    BASIC,
     BEARER,
+    CLIENT_CLOSED,
     AccessLog,
+    AuthGate,
     BodyLimit,
     Metrics,
-    TokenGate,
     error_body,
 )
+from sdrt.runtime.server.models import ModelHost
 from sdrt.runtime.server.networks import add_network_routes
+from sdrt.runtime.server.options import Options, add_model_routes, override_checkpoint
 from sdrt.runtime.server.schemas import (
     ErrorBody,
     Health,
     ImageResponse,
     Img2ImgRequest,
+    InterruptResponse,
     ProgressResponse,
     ProgressState,
     SamplerItem,
     SchedulerItem,
-    SDModelItem,
-    SDVaeItem,
     ServerConfig,
     Txt2ImgRequest,
 )
@@ -66,11 +73,9 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
-# An input photo may be this many times the largest output: it is resized down; beyond that,
-# decoding it would cost more memory than generating.
-INPUT_PIXELS_FACTOR = 16
 GRACEFUL_SHUTDOWN_S = 5  # open requests get this long to finish; then running jobs are stopped
-CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by anyone
+MAX_EXAMPLE_CHARS = 300  # a placeholder line, not a document
+DECODES_AT_ONCE = 2  # img2img bodies decoded in parallel: each may briefly hold a large photo
 ERRORS = {status: {"model": ErrorBody} for status in (401, 413, 422, 429)}
 
 
@@ -79,10 +84,12 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
-    """The server's ASGI app around a loaded pipeline."""
+def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings) -> FastAPI:
+    """The server's ASGI app around a loaded pipeline, or a ModelHost of several models."""
+    host = pipe if isinstance(pipe, ModelHost) else ModelHost(pipe)
+    options = Options(host)
     metrics = Metrics()
-    queue = JobQueue(pipe, settings.max_queue, settings.workers, metrics.finished)
+    queue = JobQueue(host, settings.max_queue, settings.workers, metrics.finished)
     metrics.watch(queue.counts)
 
     @asynccontextmanager
@@ -90,20 +97,24 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         yield
         queue.shutdown()
 
-    app = FastAPI(title="sdrt", version=_version(), lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="sdrt", version=server_version(), lifespan=lifespan, docs_url=None,
                   redoc_url=None,  # their pages load scripts from a CDN; /openapi.json stays
                   description="AUTOMATIC1111-compatible Stable Diffusion API on CPUs.")
-    auth = [Security(BEARER)] if settings.token else []  # the scheme, for /openapi.json
+    # the schemes, for /openapi.json (AuthGate checks them)
+    auth = ([Security(BEARER)] if settings.token else []) + (
+        [Security(BASIC)] if settings.token or settings.api_auth else [])
     api = APIRouter(dependencies=auth, responses=ERRORS)
-    _add_generation_routes(api, pipe, settings, queue, metrics)
-    _add_info_routes(api, pipe, settings, metrics)
-    add_network_routes(api, pipe)
+    _add_generation_routes(api, options, settings, queue, metrics)
+    _add_info_routes(api, host, settings, metrics)
+    add_model_routes(api, options)
+    add_network_routes(api, host)
+    add_extra_routes(api, queue, settings)
     app.include_router(api)
     _add_public_routes(app, queue, settings)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    if settings.token:  # outside BodyLimit: no body is read for a request without the token
-        app.add_middleware(TokenGate, token=settings.token)
+    if settings.token or settings.api_auth:  # outside BodyLimit: no body read without them
+        app.add_middleware(AuthGate, token=settings.token, credentials=settings.api_auth)
     if settings.cors_origins:  # off unless asked: browsers then refuse other sites' calls
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
@@ -112,9 +123,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _add_generation_routes(api: APIRouter, pipe: Pipeline, settings: ServerSettings,
+def _add_generation_routes(api: APIRouter, options: Options, settings: ServerSettings,
                            queue: JobQueue, metrics: Metrics) -> None:
-    decoding = anyio.CapacityLimiter(settings.max_queue)  # img2img inputs decoded at once
+    host = options.host
+    decoding = anyio.CapacityLimiter(DECODES_AT_ONCE)
 
     def refuse() -> QueueFull:
         metrics.rejected.inc()
@@ -131,28 +143,36 @@ def _add_generation_routes(api: APIRouter, pipe: Pipeline, settings: ServerSetti
         if results is None:  # the client went away; nobody reads this
             return Response(status_code=CLIENT_CLOSED)
         # PNG encoding takes a while for large images: off the event loop
-        response = await run_in_threadpool(_image_response, body, results, job)
+        response = await run_in_threadpool(image_response, body, results, job,
+                                           **options.encoding(body.override_settings))
         return JSONResponse(response.model_dump())
 
     @api.post("/sdapi/v1/txt2img", response_model=ImageResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
         """Text to image (A1111's body; unknown fields are ignored)."""
-        return await run(request, body, Job(_request(pipe, settings, body)))
+        checkpoint = override_checkpoint(options, body.override_settings)
+        return await run(request, body, Job(build_request(host, settings, body,
+                                                          checkpoint=checkpoint),
+                                            checkpoint=checkpoint))
 
     @api.post("/sdapi/v1/img2img", response_model=ImageResponse)
     async def img2img(body: Img2ImgRequest, request: Request) -> Response:
         """Image to image, or inpainting with `mask` (white = repaint)."""
         if queue.full():  # refuse before decoding images for a job that cannot be admitted
             raise refuse()
-        init = await anyio.to_thread.run_sync(_image_input, pipe, settings, body,
-                                              limiter=decoding)
-        return await run(request, body, Job(_request(pipe, settings, body, init), init))
+        checkpoint = override_checkpoint(options, body.override_settings)
+        inits = await anyio.to_thread.run_sync(image_inputs, host.pipe, settings, body,
+                                               limiter=decoding)
+        job = Job(build_request(host, settings, body, inits, checkpoint), init=inits[0],
+                  checkpoint=checkpoint, more_inits=tuple(inits[1:]))
+        return await run(request, body, job)
 
-    @api.post("/sdapi/v1/interrupt")
-    async def interrupt(id_task: str | None = None) -> dict[str, int]:
-        """Stop the running job(s), or the one named, at the next step; they return the
-        picture as it stands (A1111)."""
-        return {"interrupted": queue.interrupt(id_task)}
+    @api.post("/sdapi/v1/interrupt", response_model=InterruptResponse)
+    async def interrupt(id_task: str | None = None) -> InterruptResponse:
+        """Stop the running job(s), or the one named (running or waiting), at the next step;
+        they return the picture as it stands. Answers {} as A1111 does."""
+        queue.interrupt(id_task)
+        return InterruptResponse()
 
     @api.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False,
@@ -170,12 +190,15 @@ def _add_generation_routes(api: APIRouter, pipe: Pipeline, settings: ServerSetti
         return _progress(job, queue, preview)
 
 
-def _add_info_routes(api: APIRouter, pipe: Pipeline, settings: ServerSettings,
+def _add_info_routes(api: APIRouter, host: ModelHost, settings: ServerSettings,
                      metrics: Metrics) -> None:
     @api.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers() -> list[SamplerItem]:
-        """The samplers by A1111 name; aliases are sdrt's and diffusers' names."""
-        return [SamplerItem(name=spec.display, aliases=[key, spec.diffusers_class],
+        """The samplers by A1111 name; aliases are sdrt's name and the diffusers class, where
+        that class means this sampler (DPM++ 2M SDE runs on DPM++ 2M's; 2S a has none)."""
+        return [SamplerItem(name=spec.display,
+                            aliases=[key, *(name for name in [spec.diffusers_class]
+                                            if name and resolve_pair(name)[0] == key)],
                             options={"schedules": schedules_for(key)})
                 for key, spec in SAMPLERS.items()]
 
@@ -188,27 +211,13 @@ def _add_info_routes(api: APIRouter, pipe: Pipeline, settings: ServerSettings,
                               need_inner_model=False)
                 for key, row in SCHEDULES.items()]
 
-    @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
-    async def sd_models() -> list[SDModelItem]:
-        """The one loaded model (its name, never its path)."""
-        facts = pipe.facts
-        short = facts.unet_sha256[:10] if facts.unet_sha256 else None
-        return [SDModelItem(title=f"{facts.name} [{short}]" if short else facts.name,
-                            model_name=facts.name, hash=short, sha256=facts.unet_sha256,
-                            filename=facts.name)]
-
-    @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
-    async def sd_vae() -> list[SDVaeItem]:
-        """The tiny VAE loaded with --vae, if any (its name, never its path)."""
-        tiny = pipe.tiny_vae
-        return [] if tiny is None else [SDVaeItem(model_name=tiny.manifest.name,
-                                                  filename=tiny.manifest.name)]
-
     @api.get("/sdrt/v1/config", response_model=ServerConfig)
     async def config() -> ServerConfig:
-        """Defaults and limits, for the web page's form."""
-        facts = pipe.facts
-        return ServerConfig(model=facts.name, default_width=facts.default_size,
+        """Defaults and limits, for the web page's form, and a prompt the model knows."""
+        facts = host.facts(None)[0]  # the selected model's
+        example = await run_in_threadpool(example_prompt, host.selected.folder)
+        return ServerConfig(model=facts.name, example_prompt=example,
+                            default_width=facts.default_size,
                             default_height=facts.default_size, default_steps=facts.family.steps,
                             max_pixels=settings.max_pixels, max_steps=settings.max_steps,
                             max_batch=settings.max_batch,
@@ -225,7 +234,7 @@ def _add_public_routes(app: FastAPI, queue: JobQueue, settings: ServerSettings) 
     async def health() -> Health:
         """Liveness, answered by the event loop whatever the workers are doing."""
         queued, running = queue.counts()
-        return Health(status="ok", queued=queued, running=running, capacity=settings.max_queue)
+        return Health(status="ok", queued=queued, running=running, capacity=queue.capacity)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -284,79 +293,6 @@ async def _wait(request: Request, queue: JobQueue, job: Job) -> list[GeneratedIm
         raise
 
 
-def _request(pipe: Pipeline, settings: ServerSettings, body: Txt2ImgRequest,
-             init=None) -> GenerationRequest:
-    """The request's generation parameters, resolved and checked against the server's caps."""
-    if body.unsupported():
-        raise InputError(f"not supported by sdrt: {', '.join(body.unsupported())} "
-                         "(leave them at A1111's defaults)")
-    if body.batch_size < 1 or body.n_iter < 1:
-        raise InputError(f"batch_size and n_iter must be at least 1, got {body.batch_size} "
-                         f"and {body.n_iter}")
-    options = {"negative_prompt": body.negative_prompt or "", "steps": body.steps,
-               "guidance_scale": body.cfg_scale,
-               "sampler": body.sampler_name or body.sampler_index or None,
-               "schedule": body.scheduler or None,
-               "seed": None if body.seed == -1 else body.seed,
-               "num_images": body.batch_size * body.n_iter, **settings.request_fields()}
-    prompt = body.prompt or ""
-    request = (pipe.request_for(init, prompt, **options) if init is not None else
-               GenerationRequest(prompt=prompt, width=body.width, height=body.height, **options))
-    request = request.resolve(pipe.facts, pipe.scheduler)
-    if request.width * request.height > settings.max_pixels:
-        raise InputError(f"{request.width}×{request.height} is more than {settings.max_pixels:,} "
-                         "pixels, this server's limit per image")
-    if request.steps > settings.max_steps:
-        raise InputError(f"steps must be at most {settings.max_steps} on this server, "
-                         f"got {request.steps}")
-    if request.num_images > settings.max_batch:
-        raise InputError(f"batch_size × n_iter must be at most {settings.max_batch} on this "
-                         f"server, got {request.num_images}")
-    return request
-
-
-def _image_input(pipe: Pipeline, settings: ServerSettings, body: Img2ImgRequest):
-    """The init image (and mask) decoded and sized for the model (a worker thread's job)."""
-    limit = min(MAX_INPUT_PIXELS, INPUT_PIXELS_FACTOR * settings.max_pixels)
-    picture = read_image(decode_image(body.init_images[0], "init_images[0]", limit))
-    mask = None
-    if body.mask:
-        mask = read_mask(decode_image(body.mask, "mask", limit))
-        if body.inpainting_mask_invert:  # A1111: 1 repaints where the mask is black
-            mask = ImageOps.invert(mask)
-    return pipe.image_input(picture, mask, strength=body.denoising_strength,
-                            width=body.width, height=body.height,
-                            mask_blur=4 if body.mask_blur is None else body.mask_blur)
-
-
-def _image_response(body: Txt2ImgRequest, results: list[GeneratedImage], job: Job
-                    ) -> ImageResponse:
-    """A1111's response: base64 PNGs, the request read back, and `info` as JSON text."""
-    infos = [result.info for result in results]
-    first = infos[0]
-    info = {
-        "prompt": first.prompt, "all_prompts": [i.prompt for i in infos],
-        "negative_prompt": first.negative_prompt,
-        "all_negative_prompts": [i.negative_prompt for i in infos],
-        "seed": first.seed, "all_seeds": [i.seed for i in infos],
-        "subseed": -1, "all_subseeds": [-1] * len(infos), "subseed_strength": 0,
-        "width": first.width, "height": first.height, "sampler_name": first.sampler,
-        "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": body.batch_size,
-        "n_iter": body.n_iter, "restore_faces": False, "sd_model_name": first.model_name,
-        "sd_model_hash": first.model_hash, "sd_vae_name": first.extra.get("VAE"),
-        "sd_vae_hash": first.extra.get("VAE hash"), "denoising_strength": first.denoising_strength,
-        "extra_generation_params": dict(first.extra), "index_of_first_image": 0,
-        "infotexts": [format_parameters(i) for i in infos], "styles": [],
-        "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
-        "interrupted": job.interrupted, "task_id": job.id, "version": _version(),
-    }
-    parameters = body.model_dump()
-    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
-        parameters["init_images"], parameters["mask"] = None, None  # as A1111 does
-    return ImageResponse(images=[encode_png(r.image, r.info) for r in results],
-                         parameters=parameters, info=json.dumps(info))
-
-
 def _progress(job: Job, queue: JobQueue, preview: str | None) -> ProgressResponse:
     ahead = queue.ahead_of(job) if job.state == "queued" else None
     progress = job.progress
@@ -364,25 +300,29 @@ def _progress(job: Job, queue: JobQueue, preview: str | None) -> ProgressRespons
     if job.started is not None and progress > 0:
         elapsed = time.monotonic() - job.started
         eta = elapsed / progress - elapsed
-    text = (f"Waiting: {ahead} job(s) ahead" if ahead is not None
-            else f"Step {job.step}/{job.total}" + (" (interrupted)" if job.interrupted else ""))
+    stopped = " (interrupted)" if job.interrupted else " (skipped)" if job.skipped else ""
+    text = (f"Queued: {ahead} job(s) ahead" if ahead is not None
+            else f"Step {job.step}/{job.total}{stopped}")
     return ProgressResponse(
         progress=progress, eta_relative=eta, current_image=preview, textinfo=text,
-        state=ProgressState(interrupted=job.interrupted, job=job.id, job_count=1,
+        state=ProgressState(interrupted=job.interrupted, skipped=job.skipped, job=job.id,
+                            job_count=1, queued=ahead is not None,
                             job_timestamp=datetime.fromtimestamp(job.created)
                             .strftime("%Y%m%d%H%M%S"),
                             sampling_step=job.step, sampling_steps=job.total,
                             queue_position=ahead))
 
 
-def _version() -> str:
+def example_prompt(folder: Path) -> str | None:
+    """The prompt a model's manifest.json suggests (`example_prompt`), if it names one."""
     try:
-        return version("sdrt")
-    except PackageNotFoundError:
-        return "unknown"
+        text = Manifest.load(folder).extra.get("example_prompt")
+    except SdrtError:  # a model folder without sdrt's manifest (optimum's export)
+        return None
+    return text[:MAX_EXAMPLE_CHARS] if isinstance(text, str) else None
 
 
-def serve(pipe: Pipeline, settings: ServerSettings) -> None:
+def serve(pipe: Pipeline | ModelHost, settings: ServerSettings) -> None:
     """Listen until interrupted (Ctrl-C / SIGTERM: running jobs stop, then the workers)."""
     import uvicorn
 

@@ -1,15 +1,18 @@
 """A bounded job queue in front of one shared Pipeline: worker threads, progress, interrupt.
 
-A1111 serialises generation with one lock (`queue_lock`); here `workers` threads take admitted
-jobs in order, each with its own request, generators and sampler state (`Pipeline.run` keeps
-all per-call state local), so concurrent jobs cannot disturb each other. A job admitted beyond
-`capacity` is refused, not queued: the HTTP layer answers 429. A job whose client went away is
-dropped from the queue, or stopped at its next step, and nothing keeps its latents or images.
+A1111 serialises generation with one lock (`queue_lock`), so requests wait their turn in
+arrival order; here `workers` threads take admitted jobs in that order (a FIFO executor), each
+with its own request, generators and sampler state (`Pipeline.run` keeps all per-call state
+local), so concurrent jobs cannot disturb each other. Unlike A1111 the waiting list is bounded
+(`max_queue`): a job beyond it is refused and the HTTP layer answers 429. A job whose client
+went away is dropped from the queue, or stopped at its next step, and nothing keeps its latents
+or images.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
@@ -24,8 +27,10 @@ import numpy as np
 
 from sdrt.runtime.errors import GenerationError
 from sdrt.runtime.img2img import ImageInput
+from sdrt.runtime.img2img_batch import run_images
 from sdrt.runtime.pipeline import GeneratedImage, GenerationRequest, Pipeline
 from sdrt.runtime.server.codec import encode_png
+from sdrt.runtime.server.models import ModelHost
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ class Job:
 
     request: GenerationRequest  # resolved: sizes, steps, seed filled
     init: ImageInput | None = None  # img2img / inpainting input
+    checkpoint: str | None = None  # override_settings.sd_model_checkpoint; None: the selected
+    more_inits: tuple[ImageInput, ...] = ()  # A1111's batch over several init_images
     id: str = field(default_factory=lambda: f"task({secrets.token_hex(8)})")
     created: float = field(default_factory=time.time)
     state: str = "queued"  # queued → running → finished
@@ -48,6 +55,7 @@ class Job:
     total: int = 0  # model calls of the run (known from the first step)
     started: float | None = None  # time.monotonic() when a worker took it
     interrupted: bool = False  # /interrupt: stop and return what there is (A1111)
+    skipped: bool = False  # /skip: the same for this job alone (A1111's state.skipped)
     cancelled: bool = False  # the client went away: stop and return nothing
     latents: np.ndarray | None = None  # (1, C, h, w): the first image's latents, for previews
     preview: tuple[int, float, str] | None = None  # (step, monotonic time, base64 PNG)
@@ -57,7 +65,7 @@ class Job:
         """The pipeline's step callback: record progress; True stops the run."""
         self.step, self.total = i + 1, n
         self.latents = latents[:1].copy()  # (1, C, h, w): the sampler may reuse its buffer
-        return self.interrupted or self.cancelled
+        return self.interrupted or self.skipped or self.cancelled
 
     @property
     def progress(self) -> float:
@@ -65,11 +73,12 @@ class Job:
 
 
 class JobQueue:
-    """At most `capacity` jobs admitted at once, run by `workers` threads in order."""
+    """`workers` jobs running and at most `max_queue` waiting, run in arrival order."""
 
-    def __init__(self, pipe: Pipeline, capacity: int, workers: int,
+    def __init__(self, host: ModelHost, max_queue: int, workers: int,
                  on_finish: FinishHook) -> None:
-        self.pipe, self.capacity, self.workers = pipe, capacity, workers
+        self.host, self.workers = host, workers
+        self.capacity = max_queue + workers  # jobs admitted at once
         self._on_finish = on_finish
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="sdrt-generate")
         self._lock = threading.Lock()
@@ -130,6 +139,16 @@ class JobQueue:
                 job.interrupted = True
             return len(jobs)
 
+    def skip(self) -> bool:
+        """Stop the current job (the oldest running) at its next step; it returns what there
+        is (A1111's /skip). False when none runs."""
+        job = self.current()
+        with self._lock:
+            if job is None or job.state != "running":
+                return False
+            job.skipped = True
+            return True
+
     def cancel(self, job: Job) -> None:
         """Forget a job whose client is gone: its slot frees now if it had not started."""
         with self._lock:
@@ -137,7 +156,7 @@ class JobQueue:
             if job.state != "queued":
                 return  # running: on_step stops it and _work frees the slot
             self._jobs.pop(job.id, None)
-            job.state, job.init = "finished", None
+            job.state, job.init, job.more_inits = "finished", None, ()
         if job.future is not None:
             job.future.cancel()
         self._on_finish("cancelled", 0.0)
@@ -150,7 +169,7 @@ class JobQueue:
         if cached and (cached[0] == job.step or now - cached[1] < PREVIEW_MIN_SECONDS):
             return cached[2]
         try:
-            image = self.pipe.decode(latents)  # the pipeline's own VAE step, one image
+            image = self.host.pipe.decode(latents)  # the pipeline's own VAE step, one image
         except GenerationError:  # early latents may not decode to finite pixels
             return cached[2] if cached else None
         job.preview = (job.step, now, encode_png(image))
@@ -168,17 +187,29 @@ class JobQueue:
             if job.cancelled:
                 return None
             job.state, job.started = "running", time.monotonic()
+        log.info(json.dumps({"job": job.id, "event": "started",
+                             "waited_s": round(time.time() - job.created, 3)}))
         outcome = "error"
         try:
-            results = self.pipe.run(job.request, callback=job.on_step, init=job.init)
+            with self.host.use(job.checkpoint) as pipe:  # may switch models first
+                results = _run(pipe, job)
             outcome = ("cancelled" if job.cancelled else
-                       "interrupted" if job.interrupted else "done")
+                       "interrupted" if job.interrupted or job.skipped else "done")
             return None if job.cancelled else results
         finally:
             elapsed = time.monotonic() - job.started
             with self._lock:
                 self._jobs.pop(job.id, None)
                 job.state, job.init, job.latents, job.preview = "finished", None, None, None
+                job.more_inits = ()
                 if outcome == "done":
                     self._durations.append(elapsed)
             self._on_finish(outcome, elapsed)
+
+
+def _run(pipe: Pipeline, job: Job) -> list[GeneratedImage]:
+    """The job's images: one init image (or none) through the pipeline, several as a batch
+    where image i starts from init i mod n (A1111's img2img over several init_images)."""
+    if not job.more_inits:
+        return pipe.run(job.request, callback=job.on_step, init=job.init)
+    return run_images(pipe, job.request, [job.init, *job.more_inits], job.on_step)

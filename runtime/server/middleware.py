@@ -1,6 +1,6 @@
 """ASGI layers around the API: JSON access log with Prometheus counts and security headers,
-the token check (Bearer, or HTTP Basic with the token as password, the way A1111's
-`--api-auth` clients send credentials), and the body-size cap, in that order."""
+the credentials check (a Bearer token, A1111's `--api-auth` HTTP Basic pairs, or Basic with the
+token as password), and the body-size cap, in that order."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from fastapi.security import HTTPBearer
+from fastapi.security import HTTPBasic, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,8 +28,11 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
-# Declares the scheme in the OpenAPI description; TokenGate does the checking, before FastAPI.
+# Declares the scheme in the OpenAPI description; AuthGate does the checking, before FastAPI.
 BEARER = HTTPBearer(auto_error=False, description="the token given to `sdrt serve`")
+BASIC = HTTPBasic(auto_error=False, realm="sdrt",
+                  description="a user:password of `--api-auth`, or any user with the token")
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by anyone
 PUBLIC_PATHS = frozenset({"/", "/health", "/openapi.json"})  # open even with a token
 # Job times on CPUs: under a second (embedded model) to minutes (SDXL at 1024²).
 JOB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -73,12 +77,12 @@ class AccessLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status, sent = time.perf_counter(), 500, 0
+        start, status, sent, started = time.perf_counter(), 500, 0, False
 
         async def send_logged(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -86,6 +90,11 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_logged)
+            if not started:  # the client went away before any answer (e.g. mid-upload)
+                status = CLIENT_CLOSED
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")  # a template: few labels
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
@@ -143,19 +152,27 @@ def error_body(kind: str, detail: str) -> dict[str, str]:
     return {"error": kind, "detail": detail}
 
 
-class TokenGate:
-    """401 for a request without the token, before its body is read, on every path but the
-    public ones (the page, its static files, /health, /openapi.json)."""
+class AuthGate:
+    """401 for a request without valid credentials, before its body is read, on every path but
+    the public ones (the page, its static files, /health, /openapi.json). Accepted: the token
+    (Bearer TOKEN, or HTTP Basic with it as password) and `--api-auth` user:password pairs
+    (HTTP Basic, as A1111). The 401 names each scheme that works (RFC 9110 §11.6.1)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.expected = app, token.encode()
+    def __init__(self, app: ASGIApp, token: str | None,
+                 credentials: tuple[tuple[str, str], ...] = ()) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.credentials = [(user.encode(), password.encode()) for user, password in credentials]
+        self.challenges = [*([(b"www-authenticate", b"Bearer")] if token else []),
+                           (b"www-authenticate", b'Basic realm="sdrt"')]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._public(scope["path"]) or self._allowed(scope):
             return await self.app(scope, receive, send)
-        response = JSONResponse(error_body("Unauthorized", "a valid token is required "
-                                           "(Authorization: Bearer TOKEN)"), 401,
-                                headers={"WWW-Authenticate": "Bearer"})
+        how = ("Authorization: Bearer TOKEN, or " if self.token else "") + "HTTP Basic"
+        response = JSONResponse(error_body("Unauthorized", f"valid credentials are required "
+                                           f"({how})"), 401)
+        response.raw_headers.extend(self.challenges)
         await response(scope, receive, send)
 
     @staticmethod
@@ -164,18 +181,19 @@ class TokenGate:
 
     def _allowed(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        offered = offered_token(header)
-        return offered is not None and secrets.compare_digest(offered, self.expected)
-
-
-def offered_token(header: str) -> bytes | None:
-    """The token in an Authorization header: Bearer TOKEN, or Basic with TOKEN as password."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip().encode()
-    if scheme.lower() == "basic":
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return self.token is not None and secrets.compare_digest(value.strip().encode(),
+                                                                     self.token)
+        if scheme.lower() != "basic":
+            return False
         try:
-            return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            user, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
         except (binascii.Error, ValueError):
-            return None
-    return None
+            return False
+        # every pair is compared, matched or not: the time taken does not say which one failed
+        matches = [secrets.compare_digest(user, u) & secrets.compare_digest(password, p)
+                   for u, p in self.credentials]
+        if self.token is not None:
+            matches.append(secrets.compare_digest(password, self.token))
+        return any(matches)

@@ -15,16 +15,17 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.runtime.adapters.library import LoraEntry
-from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.server.models import ModelHost
 from sdrt.runtime.server.schemas import EmbeddingsResponse, LoraItem
 
 
-def add_network_routes(api: APIRouter, pipe: Pipeline) -> None:
-    adapters = pipe.adapters
+def add_network_routes(api: APIRouter, host: ModelHost) -> None:
+    # each route reads the loaded model's adapters: a model switch replaces them
 
     @api.get("/sdapi/v1/loras", response_model=list[LoraItem])
     async def loras() -> list[LoraItem]:
         """The LoRA files of --lora-dir, by the names prompts use (none without one)."""
+        adapters = host.pipe.adapters
         if adapters is None:
             return []
         library = adapters.loras
@@ -33,6 +34,7 @@ def add_network_routes(api: APIRouter, pipe: Pipeline) -> None:
     @api.post("/sdapi/v1/refresh-loras")
     async def refresh_loras() -> None:
         """Scan --lora-dir again for files added or removed since (A1111 answers null)."""
+        adapters = host.pipe.adapters
         if adapters is not None:
             await run_in_threadpool(adapters.loras.refresh)
 
@@ -40,6 +42,7 @@ def add_network_routes(api: APIRouter, pipe: Pipeline) -> None:
     async def embeddings() -> EmbeddingsResponse:
         """The textual-inversion embeddings of --embeddings-dir this model takes, and those
         it skipped (both empty without one)."""
+        adapters = host.pipe.adapters
         if adapters is None or adapters.embeddings is None:
             return EmbeddingsResponse(loaded={}, skipped={})
         return EmbeddingsResponse.model_validate(adapters.embeddings.embeddings_response())

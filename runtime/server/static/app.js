@@ -55,6 +55,13 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// An error belongs to the input that caused it: once the form is valid again, it goes.
+function clearStaleError() {
+  if ($("status").classList.contains("error") && !taskId && $("form").checkValidity()) {
+    setStatus("Ready");
+  }
+}
+
 let polling = false;
 async function poll() {
   if (polling || !taskId) return;
@@ -150,6 +157,9 @@ async function loadConfig() {
   try {
     const config = await api("/sdrt/v1/config");
     $("model").textContent = config.model;
+    // a prompt this model was made for (its manifest's example), not one it cannot draw
+    if (config.example_prompt) $("prompt").placeholder = config.example_prompt;
+    clearStaleError();
     for (const [id, value] of [["width", config.default_width],
       ["height", config.default_height], ["steps", config.default_steps]]) {
       $(id).value = value;
@@ -162,6 +172,7 @@ async function loadConfig() {
 }
 
 $("form").addEventListener("submit", generate);
+$("form").addEventListener("input", clearStaleError);
 $("stop").addEventListener("click", stop);
 $("auth-form").addEventListener("submit", () => {
   token = $("token").value;
