@@ -33,7 +33,8 @@ from tests.runtime.test_sampler_parity import (
 torch = pytest.importorskip("torch")
 schedulers = pytest.importorskip("diffusers.schedulers")
 
-pytestmark = pytest.mark.parity
+# diffusers' schedulers call NumPy in ways NumPy 2 deprecates, thousands of times a run
+pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 # A1111's meaning of each name, as diffusers options (its sigmas at t uniform over [0, T − 1]:
 # "linspace"); DPM2's Automatic is Karras made for steps + 1 with the next-to-last sigma dropped.

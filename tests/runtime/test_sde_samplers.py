@@ -39,7 +39,8 @@ from tests.conftest import (
 torch = pytest.importorskip("torch")
 schedulers = pytest.importorskip("diffusers.schedulers")
 
-pytestmark = pytest.mark.parity
+# diffusers' schedulers call NumPy in ways NumPy 2 deprecates, thousands of times a run
+pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 # As tests/runtime/test_sampler_parity.py: float32 on both sides, ~1e-6 after a few steps; a
 # formula slip is ≥ 1e-3.
