@@ -1,7 +1,7 @@
 """AUTOMATIC1111's smaller `/sdapi/v1` routes: skip, memory, cmd-flags, png-info, upscalers,
 latent-upscale-modes, prompt-styles, and the lists of features sdrt has none of (scripts,
-face restorers, Real-ESRGAN models, hypernetworks), answered empty rather than 404 so A1111
-clients (webuiapi probes /scripts on start) carry on.
+face restorers, Real-ESRGAN models, hypernetworks, script info, extensions, SD modules),
+answered empty rather than 404 so A1111 clients (webuiapi probes /scripts on start) carry on.
 
 Shapes follow A1111's `modules/api/models.py`: MemoryResponse, UpscalerItem, LatentUpscalerModeItem,
 PromptStyleItem, PNGInfoResponse; /cmd-flags its argparse namespace, with sdrt's serve settings
@@ -91,7 +91,8 @@ def add_extra_routes(api: APIRouter, queue: JobQueue, settings: ServerSettings) 
         return [style_item(style) for style in settings.styles]
 
     for path in ("/sdapi/v1/face-restorers", "/sdapi/v1/realesrgan-models",
-                 "/sdapi/v1/hypernetworks"):
+                 "/sdapi/v1/hypernetworks", "/sdapi/v1/script-info", "/sdapi/v1/extensions",
+                 "/sdapi/v1/sd-modules"):
         api.add_api_route(path, _none, methods=["GET"],
                           summary=f"{path.rsplit('/', 1)[1]}: none in sdrt (an empty list)")
 

@@ -54,6 +54,7 @@ from sdrt.runtime.server.middleware import (
 from sdrt.runtime.server.models import ModelHost
 from sdrt.runtime.server.networks import add_network_routes
 from sdrt.runtime.server.options import Options, add_model_routes, override_checkpoint
+from sdrt.runtime.server.postprocess import add_postprocess_routes
 from sdrt.runtime.server.schemas import (
     ErrorBody,
     Health,
@@ -109,6 +110,7 @@ def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings) -> FastAPI:
     add_model_routes(api, options)
     add_network_routes(api, host)
     add_extra_routes(api, queue, settings)
+    add_postprocess_routes(api, settings)
     app.include_router(api)
     _add_public_routes(app, queue, settings)
     _add_error_handlers(app)

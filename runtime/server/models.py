@@ -91,8 +91,12 @@ class ModelHost:
 
     @property
     def pipe(self) -> Pipeline:
-        """The loaded model."""
+        """The loaded model; after an unload (or a failed switch) the selected one, loaded."""
         pipe = self._pipe
+        if pipe is None:
+            with self._cond:
+                self._ensure(lambda: self._selected)
+                pipe = self._pipe
         if pipe is None:
             raise ModelError("no model is loaded: the last switch failed (see the server log)")
         return pipe
@@ -155,6 +159,21 @@ class ModelHost:
         with self._cond:
             self._ensure(lambda: target)
             self._selected = target
+
+    def unload(self) -> None:
+        """Release the loaded model once no job runs on it (A1111's unload-checkpoint); the
+        next job, or `reload`, loads the selected one again."""
+        with self._cond:
+            while self._switching or self._active:
+                self._cond.wait()
+            self._pipe, self._loaded = None, None
+        gc.collect()
+
+    def reload(self) -> None:
+        """Load the selected model afresh (A1111's reload-checkpoint)."""
+        self.unload()
+        with self._cond:
+            self._ensure(lambda: self._selected)
 
     def refresh(self) -> None:
         """Scan --models-dir again (A1111's refresh-checkpoints)."""

@@ -159,6 +159,16 @@ def add_model_routes(api: APIRouter, options: Options) -> None:
         """Scan --models-dir again (A1111 answers null)."""
         await run_in_threadpool(host.refresh)
 
+    @api.post("/sdapi/v1/unload-checkpoint")
+    async def unload_checkpoint() -> None:
+        """Release the loaded model (A1111); the next job loads it again."""
+        await run_in_threadpool(host.unload)
+
+    @api.post("/sdapi/v1/reload-checkpoint")
+    async def reload_checkpoint() -> None:
+        """Load the selected model afresh (A1111)."""
+        await run_in_threadpool(host.reload)
+
     @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
     async def sd_vae() -> list[SDVaeItem]:
         """The tiny VAE loaded with --vae, if any (its name, never its path)."""

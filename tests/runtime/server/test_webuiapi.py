@@ -97,8 +97,12 @@ def every_call(api: webuiapi.WebUIApi) -> None:
                  api.util_get_scheduler_names):
         call()
     api.set_options({"samples_format": "png"})
-    api.session.post(f"{api.baseurl}/refresh-vae")
-    api.session.post(f"{api.baseurl}/refresh-loras")
+    api.extra_single_image(picture, upscaler_1="Lanczos", upscaling_resize=2)
+    api.extra_batch_images([picture, picture], upscaler_1="Nearest", upscaling_resize=1.5)
+    for route in ("refresh-vae", "refresh-loras", "unload-checkpoint", "reload-checkpoint"):
+        api.session.post(f"{api.baseurl}/{route}")
+    for route in ("script-info", "extensions", "sd-modules"):
+        api.session.get(f"{api.baseurl}/{route}")
 
 
 @pytest.mark.parametrize("which", ["open", "api-auth"])
@@ -108,7 +112,34 @@ def test_every_webuiapi_call_answers(which, request):
     every_call(api)
     failed = {urlsplit(r.url).path: r.status_code for r in answers if r.status_code != 200}
     assert failed == {}
-    assert len(answers) >= 30  # every call was made (webuiapi probes /scripts on start too)
+    assert len(answers) >= 37  # every call was made (webuiapi probes /scripts on start too)
+
+
+def test_extras_upscale_as_a1111_and_missing_features_are_4xx(server):
+    api, _ = client(server)
+    picture = Image.new("RGB", (SIZE, SIZE // 2), (10, 200, 30))
+    assert api.extra_single_image(picture, upscaler_1="Lanczos").image.size == (128, 64)
+    cropped = api.extra_single_image(picture, resize_mode=1, upscaling_resize_w=96,
+                                     upscaling_resize_h=96, upscaler_1="Nearest")
+    assert cropped.image.size == (96, 96)
+    assert api.extra_single_image(picture).image.size == picture.size  # "None": as it came
+    batch = api.extra_batch_images([picture] * 2, upscaler_1="Lanczos", upscaling_resize=3)
+    assert [image.size for image in batch.images] == [(192, 96)] * 2
+    for route, body, words in (
+            ("interrogate", {"image": b64(picture), "model": "clip"}, "no interrogator"),
+            ("extra-single-image", {"image": b64(picture), "upscaler_1": "ESRGAN_4x"},
+             "unknown upscaler_1 'ESRGAN_4x'"),
+            ("extra-single-image", {"image": b64(picture), "codeformer_visibility": 1},
+             "face restoration")):
+        answer = httpx.post(f"{api.baseurl}/{route}", json=body, timeout=WAIT_S)
+        assert answer.status_code == 422 and words in answer.json()["detail"]
+
+
+def test_an_unloaded_model_loads_again_for_the_next_job(server):
+    api, _ = client(server)
+    assert api.session.post(f"{api.baseurl}/unload-checkpoint").status_code == 200
+    assert api.txt2img(prompt="a red circle", seed=1, **FAST).image.size == (SIZE, SIZE)
+    assert api.util_get_current_model() in api.util_get_model_names()
 
 
 def test_api_auth_challenges_and_refuses(guarded):
