@@ -6,7 +6,11 @@ last_hidden_state, pooler_output`; unet `sample, timestep (rank-0 float), encode
 samples); vae_decoder `latent_sample → sample` (post_quant_conv included). Which graphs a model
 has, and the conditions its UNet takes, are its architecture's (sdrt.export.architectures); an
 LCM UNet (time_cond_proj_dim) takes `timestep_cond` (B, time_cond_proj_dim) last, the
-guidance-scale embedding, as optimum orders it. Dummy sizes come from sdrt.export.shapes.
+guidance-scale embedding, as optimum orders it. SD 1.x/2.x and SDXL UNets also take a
+ControlNet's residuals last (`down_block_residual_0 … _{n-1}`, `mid_block_residual`: see
+sdrt.runtime.control.residuals), added to the skip connections and the mid block's output as
+diffusers' down_block_additional_residuals / mid_block_additional_residual; zeros without control.
+Dummy sizes come from sdrt.export.shapes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ from sdrt.export.shapes import Side, Sizes, text_lengths
 from sdrt.export.source import SourceModel
 from sdrt.runtime.components import GUIDANCE_INPUT
 from sdrt.runtime.conditioning import HIDDEN_STATES
+from sdrt.runtime.control.residuals import (
+    residual_channels,
+    residual_levels,
+    residual_names,
+    residual_shapes,
+)
 from sdrt.runtime.errors import ModelError, first_line
 
 logger = logging.getLogger("sdrt.export")
@@ -35,6 +45,9 @@ _IGNORED_UNEXPECTED = ("position_ids",)
 SD_TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 _UNET_TIMESTEPS = (999.0, (981.0, 1.0))  # trace, checks: both ends of the schedule
+# Dummy residuals' scale: a ControlNet's residuals are small next to the skip samples they are
+# added to; non-zero so the checks prove the add path, small so the UNet's output stays in range.
+RESIDUAL_SCALE = 0.1
 # A UNet graph's extra inputs for (source, batch, latent side, generator), by name.
 ConditionInputs = Callable[[SourceModel, int, Side, torch.Generator], Inputs]
 
@@ -59,22 +72,31 @@ class TextEncoderGraph(torch.nn.Module):
 class UNetGraph(torch.nn.Module):
     """UNet2DConditionModel → out_sample (the noise/v prediction), fed the graph's extra inputs
     by name: those in `added` go to diffusers' added_cond_kwargs (SDXL's), `timestep_cond` to
-    timestep_cond (LCM's)."""
+    timestep_cond (LCM's); the last `residuals` inputs are a ControlNet's (downs, then mid)."""
 
     def __init__(self, model: torch.nn.Module, conditions: tuple[str, ...] = (),
-                 added: tuple[str, ...] = ()) -> None:
+                 added: tuple[str, ...] = (), residuals: int = 0) -> None:
         super().__init__()
         self.model = model
         self.conditions = conditions
         self.added = added
+        self.residuals = residuals
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
-        named = dict(zip(self.conditions, conditions, strict=True))
+        split = len(conditions) - self.residuals
+        named = dict(zip(self.conditions, conditions[:split], strict=True))
         added = {key: named[key] for key in self.added if key in named} or None
+        control = {}
+        if self.residuals:
+            *downs, mid = conditions[split:]
+            control = {"down_block_additional_residuals": tuple(downs),
+                       "mid_block_additional_residual": mid}
         return self.model(sample, timestep, encoder_hidden_states,
                           timestep_cond=named.get(GUIDANCE_INPUT), added_cond_kwargs=added,
-                          return_dict=False)[0]
+                          return_dict=False, **control)[0]
+
+
 class VaeEncoderGraph(torch.nn.Module):
     """AutoencoderKL.encode → latent_parameters (the diagonal Gaussian's mean ‖ logvar)."""
 
@@ -161,9 +183,13 @@ def guidance_inputs(src: SourceModel) -> tuple[str, ...]:
 
 def unet_graph(sizes: Sizes, conditions: tuple[str, ...] = (),
                added: tuple[str, ...] = (),
-               condition_inputs: ConditionInputs | None = None) -> GraphDef:
+               condition_inputs: ConditionInputs | None = None,
+               levels: tuple[int, ...] = ()) -> GraphDef:
     """The UNet's graph: SD's three inputs, then `conditions` by name (`added` ones, made by
-    `condition_inputs`, go to added_cond_kwargs; `timestep_cond` is LCM's)."""
+    `condition_inputs`, go to added_cond_kwargs; `timestep_cond` is LCM's), then, given the
+    residuals' `levels` (control_levels), a ControlNet's residual inputs."""
+    control = residual_names(len(levels) - 1) if levels else ()
+
     def feeds(s: SourceModel, batch: int, hw: Side, t: float) -> Inputs:
         gen = generator()
         text = s.text_encoder or s.text_encoder_2  # the SDXL refiner has the second alone
@@ -178,17 +204,35 @@ def unet_graph(sizes: Sizes, conditions: tuple[str, ...] = (),
         if GUIDANCE_INPUT in conditions:
             inputs[GUIDANCE_INPUT] = torch.randn(batch, s.unet["time_cond_proj_dim"],
                                                  generator=gen)  # (B, time_cond_proj_dim)
+        if control:
+            shapes = residual_shapes(levels, residual_channels(s.unet), batch, hw)
+            inputs.update({name: torch.randn(*shape, generator=gen) * RESIDUAL_SCALE
+                           for name, shape in shapes.items()})
         return inputs
 
     trace_t, check_t = _UNET_TIMESTEPS
     spatial = {0: "batch_size", 2: "height", 3: "width"}
     return GraphDef(
-        "unet", (*UNET_INPUTS, *conditions), ("out_sample",),
+        "unet", (*UNET_INPUTS, *conditions, *control), ("out_sample",),
         {"sample": spatial, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-         **{name: {0: "batch_size"} for name in conditions}, "out_sample": spatial},
+         **{name: {0: "batch_size"} for name in conditions},
+         **{name: residual_axes(level) for name, level in zip(control, levels, strict=True)},
+         "out_sample": spatial},
         lambda s: feeds(s, 2, sizes.trace, trace_t),
         lambda s: [feeds(s, b, hw, t) for (b, hw), t in zip(sizes.checks, check_t, strict=True)],
-        lambda model: UNetGraph(model, conditions, added))
+        lambda model: UNetGraph(model, conditions, added, len(control)))
+
+
+def control_levels(src: SourceModel) -> tuple[int, ...]:
+    """The levels of the ControlNet residuals `src`'s UNet takes (runtime.control.residuals)."""
+    return residual_levels(src.unet)
+
+
+def residual_axes(level: int) -> dict[int, str]:
+    """A residual's dynamic axes: batch, and the latent sides halved `level` times."""
+    if level == 0:
+        return {0: "batch_size", 2: "height", 3: "width"}
+    return {0: "batch_size", 2: f"height_{level}", 3: f"width_{level}"}
 
 
 def vae_graphs(src: SourceModel, sizes: Sizes) -> dict[str, GraphDef]:

@@ -34,6 +34,7 @@ import torch
 from sdrt.export.architectures import Architecture, architecture_of
 from sdrt.export.chunked_attention import ATTENTION_MODES, HeadChunkedAttention
 from sdrt.export.components import GraphDef, Inputs
+from sdrt.export.controlnet import write_controlnet
 from sdrt.export.lora import LORA_COMPONENTS, Lora, fuse_loras, read_loras
 from sdrt.export.lora_map import fingerprints, write_lora_map
 from sdrt.export.onnx_files import (
@@ -45,6 +46,7 @@ from sdrt.export.onnx_files import (
 from sdrt.export.source import SourceModel, read_source, source_info
 from sdrt.export.tiny_vae import write_tiny_vae
 from sdrt.export.validate import check_graph, reference_outputs
+from sdrt.runtime.control.manifest import is_controlnet_folder
 from sdrt.runtime.errors import ExportError, InputError
 from sdrt.runtime.model.families import get_family
 from sdrt.runtime.model.manifest import DEFAULT_KEYS, ComponentSpec, Manifest, scan_files
@@ -77,7 +79,7 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     the manifest over its family's; `attention` "sliced" exports the UNet's attention one head at
     a time (sdrt.export.chunked_attention), bounding its score tensor, and says so in the manifest.
     A lone AutoencoderTiny folder (TAESD) becomes a tiny VAE folder for `--vae`
-    (sdrt.export.tiny_vae).
+    (sdrt.export.tiny_vae), a ControlNetModel folder a control folder (sdrt.export.controlnet).
     """
     if attention not in ATTENTION_MODES:
         raise InputError(f"attention must be one of {', '.join(ATTENTION_MODES)}, "
@@ -87,6 +89,13 @@ def export_pipeline(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         raise ExportError(f"opset {opset} is not supported: use {TORCHSCRIPT_OPSETS.start}–"
                           f"{TORCHSCRIPT_OPSETS.stop - 1} (18 is optimum's default)")
     defaults = _model_defaults(defaults or {})
+    if is_controlnet_folder(src):
+        if loras or attention != "full" or family is not None or defaults:
+            raise InputError("--family, --lora, --attention and generation defaults apply to "
+                             "pipelines, not to a ControlNet")
+        return _export_folder(src, out, force, lambda work: write_controlnet(
+            src, work, opset=opset, check=check, threshold=external_data_threshold,
+            origin=origin, versions=_versions()))
     if is_tiny_vae_folder(src):
         if loras or attention != "full" or family is not None or defaults:
             raise InputError("--family, --lora, --attention and generation defaults apply to "

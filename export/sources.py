@@ -12,6 +12,10 @@
   it is not null), the VAE, the scheduler; never a safety checker or fp16/EMA variants.
 - A tiny autoencoder (AutoencoderTiny: config.json and weights at the top, as madebyollin/taesd),
   as a folder or a hub id, for `sdrt export` to make a `--vae` folder (sdrt.export.tiny_vae).
+- A ControlNet (ControlNetModel, laid out the same way, as lllyasviel/control_v11p_sd15_canny),
+  as a folder or a hub id, or a single `.safetensors` file in A1111's or diffusers' key layout
+  (sdrt.export.controlnet_file), for `sdrt export` to make a control folder
+  (sdrt.export.controlnet).
 """
 
 from __future__ import annotations
@@ -53,10 +57,10 @@ _COMPONENTS: dict[str, tuple[tuple[str, str] | None, tuple[str, ...]]] = {
     "tokenizer_2": (None, _CLIP_TOKENIZER),
     "tokenizer_3": (None, ("*.json",)),  # T5: the runtime reads tokenizer.json, not spiece.model
     "scheduler": (None, ("scheduler_config.json",)),
-    TOP: (_DIFFUSERS, _CONFIG),  # a lone AutoencoderTiny
+    TOP: (_DIFFUSERS, _CONFIG),  # a lone AutoencoderTiny or ControlNetModel
 }
 # The top configs, fetched first: they say what the repository holds (a pipeline's
-# model_index.json, whose components come next, or an AutoencoderTiny's config.json).
+# model_index.json, whose components come next, or a lone model's config.json).
 _HUB_CONFIGS = ("model_index.json", "config.json")
 _UNNAMED = (None, [None, None])  # model_index.json's entry of a component the pipeline lacks
 
@@ -67,7 +71,7 @@ def _prefix(component: str) -> str:
 
 
 def _named(components: Iterable[str]) -> str:
-    return ", ".join("the autoencoder" if name == TOP else name for name in components)
+    return ", ".join("the model" if name == TOP else name for name in components)
 
 
 @contextlib.contextmanager
@@ -104,11 +108,9 @@ def _is_checkpoint_name(path: Path) -> bool:
 
 
 def check_folder(folder: Path, *, allow_pickle: bool = False) -> Path:
-    """A diffusers pipeline folder, or a lone AutoencoderTiny's, whose weights are safetensors
-    (pickle only if allowed)."""
-    from sdrt.runtime.vae.tiny import is_tiny_vae_folder
-
-    if not (folder / "model_index.json").is_file() and not is_tiny_vae_folder(folder):
+    """A diffusers pipeline folder, or a lone AutoencoderTiny's or ControlNetModel's, whose weights
+    are safetensors (pickle only if allowed)."""
+    if not (folder / "model_index.json").is_file() and not _is_lone_model(folder):
         raise ModelError(f"folder '{folder}' has no model_index.json: not a diffusers pipeline "
                          "folder")
     pickled = [name for name in _needed(folder) if _weights_format(folder, name) == "pickle"]
@@ -131,14 +133,28 @@ def _weights_format(folder: Path, component: str) -> str | None:
 @contextlib.contextmanager
 def _converted(path: Path, *, allow_pickle: bool, config: str | None,
                scratch: Path | None) -> Iterator[tuple[Path, Origin]]:
+    from sdrt.export.controlnet_file import (
+        convert_controlnet_file,
+        global_pool_beside,
+        is_controlnet_checkpoint,
+    )
     from sdrt.export.single_file import convert_checkpoint, open_checkpoint
+    from sdrt.runtime.control.manifest import control_hash
 
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    control = is_controlnet_checkpoint(checkpoint.shapes)
+    if control and config is not None:
+        raise InputError(f"--config applies to SD checkpoints; '{path.name}' is a ControlNet")
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
     # Beside OUT_DIR rather than in /tmp: an SD checkpoint needs GBs, and /tmp is often RAM.
     with tempfile.TemporaryDirectory(prefix=".sdrt-convert-", dir=scratch) as tmp:
         folder = Path(tmp) / path.stem
+        if control:  # the extension titles it "name [hash]" by its own short hash
+            convert_controlnet_file(checkpoint, folder, global_pool=global_pool_beside(path))
+            yield folder, {"file": path.name, "sha256": sha256_file(path),
+                           "hash": control_hash(path)}
+            return
         name = convert_checkpoint(checkpoint, folder, config=config)
         # A1111's "Model hash" is the first 10 hex digits of this sha256 (A1111's `sd_models.py`).
         yield folder, {"file": path.name, "sha256": sha256_file(path), "config": name}
@@ -192,10 +208,8 @@ def _needed(folder: Path) -> list[str]:
 def _parts(folder: Path) -> list[str]:
     """The components export reads: those model_index.json names (null entries are absent
     components, as SD 3 without T5 or the SDXL refiner without text_encoder); a lone
-    AutoencoderTiny's at the top."""
-    from sdrt.runtime.vae.tiny import is_tiny_vae_folder
-
-    if is_tiny_vae_folder(folder):
+    AutoencoderTiny's or ControlNetModel's at the top."""
+    if _is_lone_model(folder):
         return [TOP]
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -204,6 +218,14 @@ def _parts(folder: Path) -> list[str]:
     if not isinstance(index, dict):
         return []  # check_folder or read_source says what is wrong with the folder
     return [name for name in _COMPONENTS if name != TOP and index.get(name) not in _UNNAMED]
+
+
+def _is_lone_model(folder: Path) -> bool:
+    """A model whose config.json and weights sit at the top: AutoencoderTiny, ControlNetModel."""
+    from sdrt.runtime.control.manifest import is_controlnet_folder
+    from sdrt.runtime.vae.tiny import is_tiny_vae_folder
+
+    return is_tiny_vae_folder(folder) or is_controlnet_folder(folder)
 
 
 def _file_patterns(components: Iterable[str]) -> list[str]:

@@ -3,13 +3,21 @@
 Names follow optimum's ONNX export (text encoder `input_ids → last_hidden_state`; UNet
 `sample, timestep, encoder_hidden_states → out_sample`; VAE decoder `latent_sample → sample`;
 VAE encoder `sample → latent_parameters`), and what varies between exporters (timestep rank
-and dtype, id dtype, the encoder's output) is read from the graph itself.
+and dtype, id dtype, the encoder's output, a UNet's ControlNet residual inputs) is read from
+the graph itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from sdrt.runtime.control.residuals import (
+    DOWN_RESIDUAL,
+    MID_RESIDUAL,
+    level_size,
+    residual_names,
+    zero_residuals,
+)
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.session import Session
 
@@ -56,30 +64,40 @@ class UNet:
     `added` names the graph's extra conditioning inputs (SDXL: text_embeds, time_ids), which
     each call must feed, row-aligned with the context. `guidance_dim` is the width of an LCM
     UNet's `timestep_cond` (its time_cond_proj_dim), None for a UNet without that input.
+    `residuals` names the ControlNet residual inputs the graph takes (runtime/control/
+    residuals.py; () for an export without them); a call without control feeds them zeros,
+    shaped from `residual_levels` (from unet/config.json: Pipeline.load passes them) and the
+    graph's channel dims.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, residual_levels: tuple[int, ...] = ()) -> None:
         _require(session, "unet", {"sample", "timestep", "encoder_hidden_states"}, {"out_sample"})
         self.session = session
         extra = set(session.inputs) - {"sample", "timestep", "encoder_hidden_states"}
-        unknown = extra - ADDED_CONDITIONS - {GUIDANCE_INPUT}
+        self.residuals = _residual_inputs(extra)
+        unknown = extra - ADDED_CONDITIONS - {GUIDANCE_INPUT} - set(self.residuals)
         if unknown:
             raise ModelError(f"unet: inputs {sorted(unknown)} are not supported")
         self.added = frozenset(extra & ADDED_CONDITIONS)
         self.guidance_dim = _guidance_dim(session) if GUIDANCE_INPUT in extra else None
         self._timestep_rank = len(session.inputs["timestep"].shape)
         self.in_channels = session.inputs["sample"].shape[1]
+        self.residual_levels = tuple(residual_levels) if self.residuals else ()
+        self.residual_channels = tuple(session.inputs[name].shape[1] for name in self.residuals)
 
     def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
                  added: dict[str, np.ndarray] | None = None,
-                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
-        return self.session.run(self.feeds(sample, t, context, added,
-                                           timestep_cond))["out_sample"]
+                 timestep_cond: np.ndarray | None = None,
+                 residuals: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return self.session.run(self.feeds(sample, t, context, added, timestep_cond,
+                                           residuals))["out_sample"]
 
     def feeds(self, sample: np.ndarray, t: float, context: np.ndarray,
               added: dict[str, np.ndarray] | None = None,
-              timestep_cond: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The graph's inputs for one call, checked against what the graph takes."""
+              timestep_cond: np.ndarray | None = None,
+              residuals: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one call, checked against what the graph takes; `residuals`
+        (a ControlNet's, summed over nets) or zeros where the graph takes them."""
         added = added or {}
         if set(added) != self.added:
             raise ModelError(f"unet: the graph takes added conditions {sorted(self.added)}, "
@@ -93,7 +111,20 @@ class UNet:
                  **added}
         if timestep_cond is not None:
             feeds[GUIDANCE_INPUT] = timestep_cond
+        if residuals is not None and not self.residuals:
+            raise ModelError(CONTROL_REFUSAL)
+        if self.residuals:
+            feeds.update(residuals if residuals is not None
+                         else self.zero_residuals(len(sample), sample.shape[2:]))
         return feeds
+
+    def zero_residuals(self, batch: int, latent_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The zeros a call without control feeds the residual inputs."""
+        if len(self.residual_levels) != len(self.residuals):
+            raise ModelError("unet: the graph takes ControlNet residuals but their levels are "
+                             "unknown (unet/config.json is missing from the model folder)")
+        return zero_residuals(self.residual_levels, self.residual_channels, batch,
+                              tuple(latent_hw))
 
     def feed_shapes(self, batch: int, latent_size: tuple[int, int],
                     context_length: int) -> dict[str, tuple[int, ...]] | None:
@@ -101,6 +132,11 @@ class UNet:
         read from the graph's fixed dims; None where another dim is left dynamic."""
         free = {"sample": {2: latent_size[0], 3: latent_size[1]},
                 "encoder_hidden_states": {1: context_length}}
+        if len(self.residual_levels) != len(self.residuals):
+            return None
+        for name, level in zip(self.residuals, self.residual_levels, strict=True):
+            free[name] = {2: level_size(latent_size[0], level),
+                          3: level_size(latent_size[1], level)}
         shapes = {}
         for name, spec in self.session.inputs.items():
             if name == "timestep":
@@ -113,6 +149,25 @@ class UNet:
                 return None
             shapes[name] = tuple(dims)
         return shapes
+
+
+CONTROL_REFUSAL = ("this model's UNet graph takes no ControlNet residuals; export it again "
+                   "with this sdrt")
+
+
+def _residual_inputs(names: set[str]) -> tuple[str, ...]:
+    """The ControlNet residual inputs among a UNet graph's, downs in order then mid; () if none,
+    ModelError where the downs are not numbered 0..n-1 or the mid one is missing."""
+    downs = sorted(name for name in names if name.startswith(DOWN_RESIDUAL.format("")))
+    if not downs and MID_RESIDUAL not in names:
+        return ()
+    expected = residual_names(len(downs))
+    found = {*downs, *(names & {MID_RESIDUAL})}
+    if not downs or set(expected) != found:
+        raise ModelError(f"unet: ControlNet residual inputs must be {DOWN_RESIDUAL.format(0)}, "
+                         f"{DOWN_RESIDUAL.format(1)}, … and {MID_RESIDUAL}; the graph has "
+                         f"{', '.join(sorted(found))}")
+    return expected
 
 
 def _guidance_dim(session: Session) -> int:

@@ -3,8 +3,9 @@ Models"), with their inpainting, LCM, LCM-LoRA and SD-Turbo families: what their
 
 Graphs, in optimum's layout: text_encoder (CLIP ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x)
 `input_ids → last_hidden_state, pooler_output`; unet `sample, timestep, encoder_hidden_states
-[, timestep_cond] → out_sample` (an inpainting UNet's sample has 9 channels: latents, mask,
-masked-image latents); vae_encoder and vae_decoder. The UNet traces and checks at sizes from
+[, timestep_cond], down_block_residual_0…, mid_block_residual → out_sample` (the last: a
+ControlNet's residuals, zeros without one; an inpainting UNet's sample has 9 channels: latents,
+mask, masked-image latents); vae_encoder and vae_decoder. The UNet traces and checks at sizes from
 its config (sdrt.export.shapes).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from sdrt.export.architectures.base import UNET_STEP, VAE_STEP, Architecture, Step
 from sdrt.export.components import (
     GraphDef,
+    control_levels,
     guidance_inputs,
     load_text_encoder,
     text_graph,
@@ -39,4 +41,5 @@ class StableDiffusion(Architecture):
     def graphs(self, src: SourceModel) -> dict[str, GraphDef]:
         sizes = unet_sizes(src.unet)
         return {"text_encoder": text_graph("text_encoder"),
-                "unet": unet_graph(sizes, guidance_inputs(src)), **vae_graphs(src, sizes)}
+                "unet": unet_graph(sizes, guidance_inputs(src), levels=control_levels(src)),
+                **vae_graphs(src, sizes)}

@@ -4,7 +4,8 @@ Synthesis"), with SDXL-Turbo, LCM-SDXL and LCM-LoRA SDXL: what their export writ
 Graphs, in optimum's SDXL layout: text_encoder (CLIP ViT-L) `input_ids → last_hidden_state,
 pooler_output, hidden_states.N`; text_encoder_2 (OpenCLIP bigG with projection) `input_ids →
 text_embeds, last_hidden_state, hidden_states.N`; unet `sample, timestep, encoder_hidden_states,
-text_embeds (B, projection_dim), time_ids (B, 6) [, timestep_cond] → out_sample`; vae_encoder
+text_embeds (B, projection_dim), time_ids (B, 6) [, timestep_cond], down_block_residual_0…,
+mid_block_residual → out_sample` (a ControlNet's residuals, zeros without one); vae_encoder
 and vae_decoder. optimum exports every `hidden_states.N` of both encoders; SDXL reads only the
 penultimate one (`hidden_states[-2]`, index num_hidden_layers − 1), so sdrt exports that one
 alone under optimum's name: 33 outputs of OpenCLIP bigG would only add graph outputs nobody
@@ -20,6 +21,7 @@ from sdrt.export.components import (
     SD_TEXT_OUTPUTS,
     GraphDef,
     Inputs,
+    control_levels,
     guidance_inputs,
     load_clip_with_projection,
     load_text_encoder,
@@ -56,7 +58,7 @@ class StableDiffusionXL(Architecture):
                 "text_encoder", (*SD_TEXT_OUTPUTS, penultimate_output(src.text_encoder))),
             "text_encoder_2": second_text_graph(src),
             "unet": unet_graph(sizes, (*ADDED_CONDITIONS, *guidance_inputs(src)),
-                               ADDED_CONDITIONS, self.added_inputs),
+                               ADDED_CONDITIONS, self.added_inputs, control_levels(src)),
             **vae_graphs(src, sizes),
         }
 

@@ -20,6 +20,9 @@ OV_ATOL = 5e-5
 # (batch, latent h, latent w): the native 64×64 px, and 48×82 px, which is not a multiple of 64
 # and has an odd latent side (the UNet's general upsample path).
 SIZES = [(2, 32, 32), (1, 24, 41)]
+# The tiny UNet's ControlNet residual inputs (2 blocks of 2 layers): name → (channels, level).
+RESIDUALS = {**{f"down_block_residual_{i}": (c, k) for i, (c, k) in enumerate(
+    [(32, 0), (32, 0), (32, 0), (32, 1), (64, 1), (64, 1)])}, "mid_block_residual": (64, 1)}
 
 
 # ---------------------------------------------------------------- helpers
@@ -31,7 +34,7 @@ def _torch_graphs(src: Path) -> dict:
     vae = comp.load_vae(src / "vae")
     return {
         "text_encoder": comp.TextEncoderGraph(comp.load_text_encoder(src / "text_encoder")),
-        "unet": comp.UNetGraph(comp.load_unet(src / "unet")),
+        "unet": comp.UNetGraph(comp.load_unet(src / "unet"), residuals=len(RESIDUALS)),
         "vae_encoder": comp.VaeEncoderGraph(vae),
         "vae_decoder": comp.VaeDecoderGraph(vae),
     }
@@ -46,7 +49,10 @@ def _feeds(component: str, batch: int, h: int, w: int) -> dict[str, np.ndarray]:
     if component == "unet":
         return {"sample": rng.standard_normal((batch, 4, h, w), dtype=np.float32),
                 "timestep": np.array(521.0, dtype=np.float32),
-                "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
+                "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+                **{name: 0.1 * rng.standard_normal((batch, c, -(-h // 2**k), -(-w // 2**k)),
+                                                   dtype=np.float32)
+                   for name, (c, k) in RESIDUALS.items()}}
     if component == "vae_encoder":
         return {"sample": rng.uniform(-1, 1, (batch, 3, 2 * h, 2 * w)).astype(np.float32)}
     return {"latent_sample": rng.standard_normal((batch, 4, h, w), dtype=np.float32)}
@@ -119,7 +125,9 @@ def test_manifest_contents(tiny_onnx_dir: Path) -> None:
                                    "pooler_output": ((None, 32), "float32")})
     assert io["unet"] == ({"sample": ((None, 4, None, None), "float32"),
                            "timestep": ((), "float32"),
-                           "encoder_hidden_states": ((None, None, 32), "float32")},
+                           "encoder_hidden_states": ((None, None, 32), "float32"),
+                           **{name: ((None, c, None, None), "float32")
+                              for name, (c, _) in RESIDUALS.items()}},
                           {"out_sample": ((None, 4, None, None), "float32")})
     assert io["vae_encoder"] == ({"sample": ((None, 3, None, None), "float32")},
                                  {"latent_parameters": ((None, 8, None, None), "float32")})

@@ -30,9 +30,10 @@ WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mo
            "text_encoder/model.safetensors")
 REPO, COMMIT = "tiny-org/tiny-sd", "0123456789abcdef0123456789abcdef01234567"
 # Dynamic axes of the exported graphs (sdrt.export.components) → sizes to feed: batch 2, the full
-# 77 tokens, and a 24×40 latent (not square, not a multiple of the UNet's downsampling factor).
+# 77 tokens, and a 24×40 latent (not square, not a multiple of the UNet's downsampling factor);
+# the UNet's ControlNet residuals at level 1 are that latent halved.
 DYNAMIC = {"batch_size": 2, "sequence_length": 77, "height": 24, "width": 40,
-           "height_latent": 24, "width_latent": 40}
+           "height_latent": 24, "width_latent": 40, "height_1": 12, "width_1": 20}
 
 
 @pytest.fixture(autouse=True)

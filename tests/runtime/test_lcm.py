@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdrt.runtime.control.residuals import residual_names
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.guidance import guidance_embedding
 from sdrt.runtime.model.families import check_override, detect_family
@@ -166,15 +167,17 @@ def test_export_adds_timestep_cond_and_records_the_family(tiny_lcm_onnx_dir,
     manifest = Manifest.load(tiny_lcm_onnx_dir)
     assert manifest.family == "lcm"
     unet = manifest.components["unet"]
-    assert list(unet.inputs) == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    inputs = list(unet.inputs)  # the guidance embedding, then ControlNet's residuals
+    assert inputs[:4] == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    assert inputs[4:] == list(residual_names(len(inputs) - 5))
     assert unet.inputs["timestep_cond"].shape == (None, 32)
     assert "validation" in unet.extra
     index = json.loads((tiny_lcm_onnx_dir / "model_index.json").read_text())
     assert index["_class_name"] == "LatentConsistencyModelPipeline"
     sdxl = Manifest.load(tiny_lcm_sdxl_onnx_dir)
     assert sdxl.family == "lcm-sdxl"
-    assert list(sdxl.components["unet"].inputs)[3:] == ["text_embeds", "time_ids",
-                                                        "timestep_cond"]
+    assert list(sdxl.components["unet"].inputs)[3:6] == ["text_embeds", "time_ids",
+                                                         "timestep_cond"]
 
 
 @pytest.mark.parametrize(("folder", "family"), [("tiny_lcm_onnx_dir", "lcm"),

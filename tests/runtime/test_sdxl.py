@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from sdrt.runtime.control.residuals import residual_names
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.model.families import detect_family
 from sdrt.runtime.model.manifest import Manifest
@@ -50,8 +51,12 @@ def test_export_writes_optimums_sdxl_layout(tiny_sdxl_onnx_dir):
                                   ["last_hidden_state", "pooler_output", "hidden_states.4"])
     assert io["text_encoder_2"] == (["input_ids"],
                                     ["text_embeds", "last_hidden_state", "hidden_states.4"])
-    assert io["unet"] == (["sample", "timestep", "encoder_hidden_states", "text_embeds",
-                           "time_ids"], ["out_sample"])
+    # ControlNet's residuals (runtime/control/residuals.py) follow SDXL's added conditions.
+    unet_inputs, unet_outputs = io["unet"]
+    assert unet_inputs[:5] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                               "time_ids"]
+    assert unet_inputs[5:] == list(residual_names(len(unet_inputs) - 6))
+    assert unet_outputs == ["out_sample"]
     assert manifest.components["unet"].inputs["time_ids"].shape == (None, 6)
     assert "validation" in manifest.components["text_encoder_2"].extra
     for name in ("tokenizer_2/vocab.json", "text_encoder_2/config.json"):
