@@ -53,7 +53,8 @@ def record_inputs(folder: Path, backend: str, components: tuple[str, ...], promp
     pipe = Pipeline.load(folder, backend)
     recorders = {name: RecordingSession(getattr(pipe, name).session) for name in components}
     if "unet" in recorders:
-        pipe = dataclasses.replace(pipe, denoiser=UNet(recorders["unet"]))
+        pipe = dataclasses.replace(pipe, denoiser=UNet(recorders["unet"],
+                                                       pipe.denoiser.residual_levels))
     if "vae_decoder" in recorders:
         pipe = dataclasses.replace(pipe, vae_decoder=VaeDecoder(recorders["vae_decoder"]))
     for i, prompt in enumerate(prompts):

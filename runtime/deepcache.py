@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime.components import UNet
+from sdrt.runtime.control.residuals import unet_levels
 from sdrt.runtime.errors import InputError, ModelError
 from sdrt.runtime.session import Session
 
@@ -30,8 +31,9 @@ PARAMETER = "DeepCache"  # the key in the PNG's A1111 parameters: the interval N
 class DeepCacheGraphs:
     """The full and shallow graphs, opened once per pipeline and shared between threads."""
 
-    def __init__(self, full: Session, shallow: Session) -> None:
-        self.full = UNet(full)
+    def __init__(self, full: Session, shallow: Session,
+                 residual_levels: tuple[int, ...] = ()) -> None:
+        self.full = UNet(full, residual_levels)  # zero ControlNet residuals where it takes them
         if FEATURE not in full.outputs or FEATURE not in shallow.inputs \
                 or "out_sample" not in shallow.outputs:
             raise ModelError(f"unet/deepcache: expected {FULL_GRAPH} to output {FEATURE!r} and "
@@ -109,7 +111,7 @@ class LazyDeepCache:
                 full, shallow = graph_paths(self._folder)
                 self._graphs = DeepCacheGraphs(
                     self._full if self._full is not None else self._open(full),
-                    self._open(shallow))
+                    self._open(shallow), unet_levels(self._folder))
             return self._graphs
 
 

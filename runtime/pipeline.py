@@ -5,6 +5,8 @@ Latent diffusion (Rombach et al., 2022) with classifier-free guidance (Ho & Sali
 for LCM UNets the guidance scale as an input (Luo et al., 2023), run from exported graphs;
 image-to-image is SDEdit (Meng et al., 2022). What differs between architectures (SD 1.x/2.x,
 SDXL, the SDXL refiner, SD 3's MMDiT) is each one's strategy (runtime/architectures/).
+ControlNets (Zhang et al., 2023) add their residuals to the UNet's at every model call
+(runtime/control/).
 `Pipeline.load` does all file I/O on a folder opened once (model/opened.py; the VAE encoder
 opens on first use); `Pipeline.run` reads as numbered steps and keeps all per-call state local,
 so several threads may generate at once.
@@ -31,12 +33,18 @@ from sdrt.runtime.architectures.base import (
 )
 from sdrt.runtime.components import VaeDecoder, VaeEncoder
 from sdrt.runtime.conditioning import TextConditioner
+from sdrt.runtime.control.apply import ControlRun, counting, prepare_controls
+from sdrt.runtime.control.folder import ControlNets, model_fit
+from sdrt.runtime.control.infotext import control_infotext
+from sdrt.runtime.control.library import ControlLibrary
+from sdrt.runtime.control.manifest import CONTROLNET
+from sdrt.runtime.control.residuals import unet_levels
 from sdrt.runtime.deepcache import PARAMETER as DEEPCACHE_KEY
 from sdrt.runtime.deepcache import LazyDeepCache, graph_paths
 from sdrt.runtime.errors import GenerationError, InputError, ModelError
 from sdrt.runtime.images import ImageSource
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
-from sdrt.runtime.memory.low_memory import Residency
+from sdrt.runtime.memory.low_memory import LOOP, LOW_MEMORY_BATCH, Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
 from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts
 from sdrt.runtime.model.opened import OpenedModel
@@ -45,7 +53,7 @@ from sdrt.runtime.prompts import PromptStyle
 from sdrt.runtime.refiner import DEFAULT_REFINER_START, refine
 from sdrt.runtime.request import MAX_SIDE, GenerationRequest
 from sdrt.runtime.rng import NoiseGenerator, make_generator, randn_rows
-from sdrt.runtime.samplers import display_name, sample
+from sdrt.runtime.samplers import display_name, num_model_calls, sample
 from sdrt.runtime.schedules import SchedulerConfig, schedule_infotext
 from sdrt.runtime.session import open_session
 from sdrt.runtime.tokenizer import ClipTokenizer
@@ -79,6 +87,7 @@ class Pipeline:
     vae_encoder: LazyEncoder | None = None  # image inputs only; opened on first use
     tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
     adapters: Adapters | None = None  # per-request LoRAs, embeddings (runtime/adapters/)
+    controlnets: ControlNets | None = None  # opened on a request's first use (runtime/control/)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -101,7 +110,8 @@ class Pipeline:
              low_memory: bool = False, device: str = "cpu",
              vram_limit: int | None = None, vae: str | Path | None = None,
              deepcache: bool = False, lora_dir: str | Path | None = None,
-             embeddings_dir: str | Path | None = None) -> Pipeline:
+             embeddings_dir: str | Path | None = None,
+             controlnet_dir: str | Path | None = None) -> Pipeline:
         """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`; default
         "ort"), by default sdrt's embedded shapes model, or load one already opened (an
         OpenedModel, which brings its backend and precision). `precision` names a variant
@@ -114,7 +124,9 @@ class Pipeline:
         from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
         `deepcache=N` requests add only the small shallow graph's memory. `lora_dir` is where
         requests' LoRA names (and `<lora:NAME>` tags) are looked up, `embeddings_dir` holds
-        textual-inversion embeddings triggered by their file names (runtime/adapters/)."""
+        textual-inversion embeddings triggered by their file names (runtime/adapters/).
+        `controlnet_dir` is where requests' ControlNet model names are looked up (runtime/
+        control/library.py); a unit may also name a control folder by its path."""
         model = _opened(folder, backend, precision)
         folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
         backend = model.backend
@@ -123,9 +135,13 @@ class Pipeline:
         adapters = Adapters.prepare(model, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                     low_memory=low_memory)
 
-        def graph(path: Path, component: str, weights=None):  # as the variant runs `component`
-            return opener(path, backend, threads=threads, execution=variant.execution(component),
-                          device=device, vram_limit=vram_limit, weights=weights)
+        def graph(path: Path, component: str, weights=None, execution: str | None = None):
+            # as the variant runs `component`; the loop's graphs stay resident together
+            group = {"group": LOOP} if residency and component in (arch.denoiser_graph,
+                                                                   CONTROLNET) else {}
+            return opener(path, backend, threads=threads,
+                          execution=execution or variant.execution(component), device=device,
+                          vram_limit=vram_limit, weights=weights, **group)
 
         def session(component: str, weights=None):
             return graph(variant.graph_path(folder, component), component,
@@ -134,7 +150,7 @@ class Pipeline:
         def adapted(weights):  # the denoiser and conditioner with a LoRA set's weights
             def patched(component: str):
                 return session(component, weights.get(component))
-            denoiser = arch.open_denoiser(patched(arch.denoiser_graph))
+            denoiser = arch.open_denoiser(patched(arch.denoiser_graph), levels)
             return denoiser, adapters.with_embeddings(
                 arch.load_conditioner(folder, patched, denoiser))
 
@@ -148,7 +164,9 @@ class Pipeline:
         if deepcache and refusal:
             raise InputError(refusal)
         full = unet_graph(graph_paths(folder)[0]) if deepcache else None
-        denoiser = arch.open_denoiser(full if full is not None else session(arch.denoiser_graph))
+        levels = unet_levels(folder) if arch.denoiser_graph == "unet" else ()
+        denoiser = arch.open_denoiser(full if full is not None else session(arch.denoiser_graph),
+                                      levels)
         conditioner = adapters.with_embeddings(arch.load_conditioner(folder, session, denoiser))
         adapters.bind(folder, {name: variant.graph_path(folder, name) for name in
                                lora_components(arch.denoiser_graph,
@@ -169,10 +187,16 @@ class Pipeline:
                 decoder, facts.vae_scale_factor,
                 split and tuple(session(name) for name in SPLIT_COMPONENTS),
                 stages and stages.open(decoder_graph))
+        controlnets = ControlNets(
+            lambda path, execution: graph(path, CONTROLNET, execution=execution),
+            model_fit(denoiser, facts.family.architecture), backend=backend,
+            precision=variant.precision,
+            library=None if controlnet_dir is None else ControlLibrary.open(controlnet_dir),
+            rows=LOW_MEMORY_BATCH if residency else None)
         return cls(folder, backend, facts, model.scheduler, conditioner, denoiser, decoder,
                    LazyDeepCache(folder, unet_graph, refusal, full), precision=variant.precision,
                    vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
-                   adapters=adapters)
+                   adapters=adapters, controlnets=controlnets)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
@@ -263,6 +287,10 @@ class Pipeline:
         """`run` from step 3 on, for a resolved request and the caller's generators (outpainting
         continues their streams from window to window)."""
         check_request(self.architecture, req, init)  # what the architecture cannot run
+        if init is not None:  # a ControlNet unit without an image takes the input picture
+            req = replace(req, controls=tuple(
+                unit if unit.image is not None else replace(unit, image=init.image)
+                for unit in req.controls))
         shown = init  # what the metadata reports; an inpainting UNet may get a stand-in below
         init = self._fit_unet(req, init)
         if init is not None and init.strength == 0.0:  # no denoising step: the input as it is
@@ -302,17 +330,30 @@ class Pipeline:
         cond = conditioner(req.encoded_prompt, req.negative_prompt, guided=guided, width=req.width,
                            height=req.height, style=PromptStyle(req.prompt_syntax, req.emphasis),
                            ).repeat(req.num_images)
-        # 5. Sampler loop over the guided denoiser; DeepCache keeps one cache per generation.
+        # 5. Sampler loop over the guided denoiser; DeepCache keeps one cache per generation;
+        #    ControlNets get their control images at this size and act per model call.
         if req.deepcache is not None:
             denoiser = self.deepcache().unet(req.deepcache)
+        control = self.prepare_controls(req, num_model_calls(req.sampler, req.steps,
+                                                             start.start_step))
         model = self.architecture.model_fn(denoiser, cond, req, guided=guided,
-                                           image_channels=start.image_channels)
+                                           image_channels=start.image_channels, control=control)
         return sample(model,
                       start.noise, config=self.scheduler, sampler=req.sampler,
                       steps=req.steps, step_noise=lambda shape: randn_rows(generators, shape),
-                      callback=callback, start_step=start.start_step,
+                      callback=counting(control, callback), start_step=start.start_step,
                       init_latents=start.init_latents, keep=start.keep, end_step=end_step,
                       add_noise=start.add_noise, schedule=req.schedule)
+
+    def prepare_controls(self, req: GenerationRequest, calls: int) -> ControlRun | None:
+        """The request's ControlNets opened and their control images made at its size, for a
+        run of `calls` model calls; None without controls."""
+        if not req.controls:
+            return None
+        if self.controlnets is None:
+            raise ModelError("this pipeline was built without ControlNet support")
+        return prepare_controls(req.controls, self.controlnets, width=req.width,
+                                height=req.height, calls=calls)
 
     def graphs(self, req: GenerationRequest) -> tuple[DenoiserGraph, TextConditioner]:
         """The denoiser and conditioner a request runs: with its LoRA set's weights where it
@@ -398,6 +439,9 @@ class Pipeline:
             extra[DEEPCACHE_KEY] = req.deepcache
         if self.adapters is not None:
             extra.update(self.adapters.infotext(req, self.tokenizer))  # Lora and TI hashes
+        if req.controls and self.controlnets is not None:  # the extension's "ControlNet i"
+            extra.update(control_infotext(req.controls, [self.controlnets.title(unit.model)
+                                                         for unit in req.controls]))
         if req.skip_layers:  # SD 3's skip-layer guidance (quoted: the layers hold commas)
             extra["Skip layers"] = ",".join(map(str, req.skip_layers))
             extra["Skip layer scale"] = req.skip_layer_scale

@@ -90,7 +90,7 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
     check_pair(base, refiner)
     req = request.resolve(base.facts, base.scheduler)
     check_request(base.architecture, req)  # before the base runs, not once it has
-    check_request(refiner.architecture, req)
+    check_request(refiner.architecture, base_only(req))
     if SAMPLERS[req.sampler].second_order:  # the handover counts steps as single model calls
         raise InputError(f"sampler '{display_name(req.sampler)}' makes two model calls a step; "
                          "the refiner takes first-order and multistep samplers only")
@@ -124,5 +124,6 @@ def refine(base: Pipeline, refiner: Pipeline, request: GenerationRequest, refine
 
 
 def base_only(req: GenerationRequest) -> GenerationRequest:
-    """The request as the refiner runs it: without the base's LoRAs, its prompt's tags out."""
-    return replace(req, loras=(), prompt=req.encoded_prompt)
+    """The request as the refiner runs it: without the base's LoRAs and ControlNets (the
+    refiner takes no control), its prompt's tags out."""
+    return replace(req, loras=(), controls=(), prompt=req.encoded_prompt)

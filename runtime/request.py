@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from sdrt.runtime import variation
 from sdrt.runtime.adapters.adapted import LoraRequest
+from sdrt.runtime.control.unit import ControlUnit, control_units
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.hires import HiresFix
 from sdrt.runtime.model.folder import ModelFacts
@@ -53,6 +54,8 @@ class GenerationRequest:
     subseed: int | None = None  # None: random when subseed_strength > 0
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None  # (width, height); None or (0, 0): off
+    # ControlNets (runtime/control/): ControlUnits, or dicts of their fields, checked in resolve
+    controls: tuple[ControlUnit, ...] = ()
 
     @property
     def encoded_prompt(self) -> str:
@@ -75,6 +78,7 @@ class GenerationRequest:
             self, hires=self.hires and self.hires.checked(MAX_SIDE), subseed=subseed,
             subseed_strength=strength, seed_resize_from=resize,
             loras=tuple(lora_request(item) for item in self.loras),
+            controls=control_units(self.controls),
             steps=family.steps if self.steps is None else self.steps,
             guidance_scale=family.guidance_scale if self.guidance_scale is None
             else self.guidance_scale,

@@ -21,6 +21,7 @@ from sdrt.runtime.session import Session
 
 if TYPE_CHECKING:
     from sdrt.runtime.components import VaeDecoder
+    from sdrt.runtime.control.apply import ControlRun
     from sdrt.runtime.img2img import ImageInput
     from sdrt.runtime.pipeline import GenerationRequest
 
@@ -36,7 +37,12 @@ FEATURES = {
     "refiner": "refining another model's latents",
     "lora": "LoRA at run time",
     "embeddings": "textual inversion",
+    "controlnet": "ControlNet",
 }
+# One line for DeepCache with ControlNet: the shallow calls reuse a deep feature computed
+# without the residuals of the calls they stand for.
+DEEPCACHE_CONTROL = ("DeepCache cannot run with ControlNet (its cached features would miss the "
+                     "control residuals); drop deepcache or the ControlNet units")
 
 
 class DenoiserGraph(Protocol):
@@ -63,14 +69,18 @@ class Architecture(Protocol):
     def graphs(self, folder: Path) -> tuple[str, ...]:
         """The graphs one generation opens, in the order it runs them."""
 
-    def open_denoiser(self, session: Session) -> DenoiserGraph: ...
+    def open_denoiser(self, session: Session,
+                      residual_levels: tuple[int, ...] = ()) -> DenoiserGraph:
+        """The denoiser component; a UNet taking ControlNet residuals gets their levels."""
 
     def load_conditioner(self, folder: Path, open_graph: GraphOpener,
                          denoiser: DenoiserGraph) -> TextConditioner: ...
 
     def model_fn(self, denoiser: DenoiserGraph, cond: Conditioning, req: GenerationRequest, *,
-                 guided: bool, image_channels: np.ndarray | None = None) -> ModelFn:
-        """(x, t) → the guided raw output the sampler's model-kind wrapper reads."""
+                 guided: bool, image_channels: np.ndarray | None = None,
+                 control: ControlRun | None = None) -> ModelFn:
+        """(x, t) → the guided raw output the sampler's model-kind wrapper reads; `control`:
+        the request's ControlNets (runtime/control/apply.py)."""
 
     def low_memory(self, denoiser: DenoiserGraph) -> DenoiserGraph:
         """The denoiser as low-memory mode runs it (how it splits the CFG batch)."""
@@ -104,3 +114,7 @@ def check_request(architecture: Architecture, req: GenerationRequest,
         require(architecture, "skip_layers")
     if req.deepcache is not None:
         require(architecture, "deepcache")
+    if req.controls:
+        require(architecture, "controlnet")
+        if req.deepcache is not None:
+            raise InputError(DEEPCACHE_CONTROL)

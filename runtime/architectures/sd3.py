@@ -26,6 +26,7 @@ from sdrt.runtime.session import Session
 
 if TYPE_CHECKING:
     from sdrt.runtime.architectures.base import GraphOpener
+    from sdrt.runtime.control.apply import ControlRun
     from sdrt.runtime.pipeline import GenerationRequest
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -49,7 +50,8 @@ class Sd3Architecture:
         t5 = (T5_ENCODER,) if (folder / T5_ENCODER).is_dir() else ()
         return (*TEXT_ENCODERS, *t5, self.denoiser_graph, "vae_decoder")
 
-    def open_denoiser(self, session: Session) -> Transformer:
+    def open_denoiser(self, session: Session,
+                      residual_levels: tuple[int, ...] = ()) -> Transformer:
         return Transformer(session)
 
     def load_conditioner(self, folder: Path, open_graph: GraphOpener,
@@ -57,7 +59,9 @@ class Sd3Architecture:
         return load_sd3_conditioner(folder, open_graph, denoiser.context_width)
 
     def model_fn(self, denoiser: Transformer, cond: Conditioning, req: GenerationRequest, *,
-                 guided: bool, image_channels: np.ndarray | None = None) -> ModelFn:
+                 guided: bool, image_channels: np.ndarray | None = None,
+                 control: ControlRun | None = None) -> ModelFn:
+        """SD 3's velocity under guidance; `control` is never set (the feature is refused)."""
         slg = SkipLayerGuidance(req.skip_layers, req.skip_layer_scale) if req.skip_layers \
             else None
         return velocity_fn(denoiser, cond, req.guidance_scale, guided, req.steps, slg)

@@ -69,4 +69,4 @@ def load_refiner_conditioner(folder: Path, open_graph: GraphOpener) -> RefinerCo
 
 SDXL_REFINER = UNetArchitecture(
     "sdxl-refiner", "SDXL refiner", ("text_encoder_2",), load_refiner_conditioner,
-    features=(UNET_FEATURES - {"lora", "embeddings"}) | {"refiner"})
+    features=(UNET_FEATURES - {"lora", "embeddings", "controlnet"}) | {"refiner"})

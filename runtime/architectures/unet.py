@@ -28,12 +28,14 @@ from sdrt.runtime.session import Session
 
 if TYPE_CHECKING:
     from sdrt.runtime.architectures.base import GraphOpener
+    from sdrt.runtime.control.apply import ControlRun
     from sdrt.runtime.pipeline import GenerationRequest
 
 CHUNK_LENGTH = 77  # tokens of one CLIP chunk, the context of a prompt up to 75 tokens
 # What SD 1.x/2.x and SDXL run; the refiner drops the LoRA and embedding support (its single
 # encoder is SDXL's second, which LoRA and embedding files name only beside the first).
-UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache", "lora", "embeddings"})
+UNET_FEATURES = frozenset({"img2img", "inpainting", "deepcache", "lora", "embeddings",
+                           "controlnet"})
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class UNetArchitecture:
     def graphs(self, folder: Path) -> tuple[str, ...]:
         return self.required
 
-    def open_denoiser(self, session: Session) -> UNet:
-        return UNet(session)
+    def open_denoiser(self, session: Session, residual_levels: tuple[int, ...] = ()) -> UNet:
+        return UNet(session, residual_levels)
 
     def load_conditioner(self, folder: Path, open_graph: GraphOpener,
                          denoiser: UNet) -> TextConditioner:
@@ -70,8 +72,9 @@ class UNetArchitecture:
         return conditioner
 
     def model_fn(self, denoiser: UNet, cond: Conditioning, req: GenerationRequest, *,
-                 guided: bool, image_channels: np.ndarray | None = None) -> ModelFn:
-        return guided_unet(denoiser, cond, req.guidance_scale, guided, image_channels)
+                 guided: bool, image_channels: np.ndarray | None = None,
+                 control: ControlRun | None = None) -> ModelFn:
+        return guided_unet(denoiser, cond, req.guidance_scale, guided, image_channels, control)
 
     def low_memory(self, denoiser: UNet) -> UNet:
         return SplitBatchUNet(denoiser)
@@ -83,10 +86,12 @@ class UNetArchitecture:
 
 
 def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bool,
-                image_channels: np.ndarray | None = None) -> ModelFn:
+                image_channels: np.ndarray | None = None,
+                control: ControlRun | None = None) -> ModelFn:
     """(x, t) → the UNet's raw output under classifier-free guidance (module docstring); a
     negative prompt whose context length differs from the prompt's (`Conditioning.uncond`) is
-    its own UNet call, as A1111 runs it by default."""
+    its own UNet call, as A1111 runs it by default. `control` gives each UNet call the
+    ControlNets' residuals for its rows (runtime/control/apply.py)."""
     context, added, apart = conditioning.context, conditioning.added, conditioning.uncond
     if guided and apart is not None and isinstance(unet, CachedUNet):
         # DeepCache caches one feature for the whole CFG batch; two calls would mix theirs.
@@ -98,15 +103,26 @@ def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bo
         embedded = np.repeat(guidance.guidance_embedding(scale, unet.guidance_dim)[None],
                              len(context), axis=0)
 
-    def model(x_in: np.ndarray, t: float) -> np.ndarray:
+    def call(x: np.ndarray, t: float, context: np.ndarray, added: dict[str, np.ndarray],
+             uncond_rows: int, timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        """One UNet call on latents x, with the control residuals for its rows, if any."""
+        residuals = None if control is None else \
+            control.residuals(x, t, context, added, uncond_rows)
         if image_channels is not None:  # inpainting UNet: latents ‖ mask ‖ masked latents
-            x_in = np.concatenate([x_in, image_channels], axis=1)  # (B, 9, h, w)
+            channels = image_channels if len(x) == len(image_channels) \
+                else np.concatenate([image_channels] * (len(x) // len(image_channels)))
+            x = np.concatenate([x, channels], axis=1)  # (rows, 9, h, w)
+        if residuals is None:
+            return unet(x, t, context, added, timestep_cond)
+        return unet(x, t, context, added, timestep_cond, residuals=residuals)
+
+    def model(x_in: np.ndarray, t: float) -> np.ndarray:
         if not guided:
-            return unet(x_in, t, context, added, embedded)
+            return call(x_in, t, context, added, 0, embedded)
         if apart is not None:
-            return guidance.cfg_combine(unet(x_in, t, apart.context, apart.added),
-                                        unet(x_in, t, context, added), scale)
-        out = unet(np.concatenate([x_in, x_in]), t, context, added)  # (2B, C, h, w)
+            return guidance.cfg_combine(call(x_in, t, apart.context, apart.added, len(x_in)),
+                                        call(x_in, t, context, added, 0), scale)
+        out = call(np.concatenate([x_in, x_in]), t, context, added, len(x_in))  # (2B, C, h, w)
         uncond, cond = np.split(out, 2)
         return guidance.cfg_combine(uncond, cond, scale)
 
@@ -114,22 +130,26 @@ def guided_unet(unet: UNet, conditioning: Conditioning, scale: float, guided: bo
 
 
 class SplitBatchUNet(UNet):
-    """UNet that runs its batch `rows` at a time (the CFG pair as batch-1 calls), same result."""
+    """UNet that runs its batch `rows` at a time (the CFG pair as batch-1 calls), same result;
+    ControlNet residuals are split with their rows."""
 
     def __init__(self, unet: UNet, rows: int = LOW_MEMORY_BATCH) -> None:
-        super().__init__(unet.session)
+        super().__init__(unet.session, unet.residual_levels)
         self.rows = rows
 
     def __call__(self, sample: np.ndarray, t: float, context: np.ndarray,
                  added: dict[str, np.ndarray] | None = None,
-                 timestep_cond: np.ndarray | None = None) -> np.ndarray:
+                 timestep_cond: np.ndarray | None = None,
+                 residuals: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if len(sample) <= self.rows:
-            return super().__call__(sample, t, context, added, timestep_cond)
+            return super().__call__(sample, t, context, added, timestep_cond, residuals)
         parts = []
         for i in range(0, len(sample), self.rows):
             rows = slice(i, i + self.rows)
             parts.append(super().__call__(
                 sample[rows], t, context[rows],
                 {name: value[rows] for name, value in (added or {}).items()},
-                None if timestep_cond is None else timestep_cond[rows]))
+                None if timestep_cond is None else timestep_cond[rows],
+                None if residuals is None else {name: value[rows]
+                                                for name, value in residuals.items()}))
         return np.concatenate(parts)  # (B, C, h, w)

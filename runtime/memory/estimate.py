@@ -70,6 +70,13 @@ ATTENTION_COPIES = 2
 # OpenVINO bf16 189-203 MiB above in four pairs (34 MiB of weights, 19-21 KiB per latent pixel-row,
 # no score tensor: its CPU plugin fuses the attention).
 DEEPCACHE_SHALLOW = "unet (shallow)"  # its row in the estimate
+# ControlNets (runtime/control/): one row per unit, "controlnet 0", "controlnet 1", … A ControlNet
+# is the UNet's down path and mid block, so it holds about half the UNet's feature maps per call
+# and the same finest-level attention scores (not fitted: an architectural share). Low-memory
+# mode keeps the denoiser and the ControlNets resident together through the loop (they run at
+# every step), so that plan's peak counts their weights side by side.
+CONTROLNET_ROW = "controlnet {}"
+CONTROLNET_FEATURE_SHARE = 0.5
 SHALLOW_BYTES_PER_LATENT_PIXEL = 19 * 1024
 SHALLOW_HOLDS_SCORES = {"ort": True, "openvino": False}
 # VAE decoder working memory per output pixel (its 128-channel full-resolution blocks), plus one
@@ -236,8 +243,13 @@ class MemoryEstimate:
 
     @property
     def low_memory_peak(self) -> int:
-        """One graph resident at a time: the largest single component's peak."""
-        return self.base + max(c.peak for c in self.low_components)
+        """One graph resident at a time (the largest single component's peak), but the denoiser
+        and ControlNets together: their weights and the largest one's working memory."""
+        peaks = [c.peak for c in self.low_components]
+        loop = [c for c in self.low_components if _in_loop(c.name)]
+        if len(loop) > 1:  # the denoiser with its ControlNets
+            peaks.append(sum(c.resident for c in loop) + max(c.working for c in loop))
+        return self.base + max(peaks)
 
     def table(self) -> str:
         """The estimate as lines of text for `--dry-run`."""
@@ -253,6 +265,16 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def is_controlnet(component: str) -> bool:
+    """Whether an estimate row is a ControlNet's."""
+    return component.startswith(CONTROLNET_ROW.format(""))
+
+
+def _in_loop(component: str) -> bool:
+    """The graphs the low-memory plan keeps resident together through the sampler loop."""
+    return component in ("unet", "transformer") or is_controlnet(component)
+
+
 def working_bytes(component: str, shapes: Shapes, unet: UNetShape | None,
                   backend: str = "ort") -> int:
     """Working memory of one call of `component` at `shapes` on `backend`."""
@@ -265,10 +287,12 @@ def working_bytes(component: str, shapes: Shapes, unet: UNetShape | None,
             if unet and SHALLOW_HOLDS_SCORES[backend] else 0
         return (shapes.batch * shapes.latent_pixels * SHALLOW_BYTES_PER_LATENT_PIXEL
                 + ATTENTION_COPIES * scores)
-    if component in ("unet", "transformer"):  # SD 3's MMDiT: no attention levels read (yet)
+    if component in ("unet", "transformer") or is_controlnet(component):
+        # SD 3's MMDiT: no attention levels read (yet)
         scores = unet.score_bytes(latent_h, latent_w, shapes.batch) if unet else 0
-        return (shapes.batch * shapes.latent_pixels * UNET_BYTES_PER_LATENT_PIXEL
-                + ATTENTION_COPIES * scores)
+        share = CONTROLNET_FEATURE_SHARE if is_controlnet(component) else 1.0
+        return int(share * shapes.batch * shapes.latent_pixels * UNET_BYTES_PER_LATENT_PIXEL
+                   + ATTENTION_COPIES * scores)
     if shapes.tile is not None and shapes.staged_decoder and component == "vae_decoder":
         pixels = latent_h * latent_w * factor * factor
         return max(pixels * STAGED_DECODER_BYTES_PER_PIXEL,  # the maps and one window
@@ -303,9 +327,9 @@ def estimate(graphs: dict[str, Path], backend: str, *, shapes: Shapes, low_shape
              unet: UNetShape | None, compressed: frozenset[str] = frozenset(),
              halved: frozenset[str] = frozenset()) -> MemoryEstimate:
     """The estimate for `graphs` (component → graph file; DEEPCACHE_SHALLOW: DeepCache's shallow
-    graph); `compressed` names components whose graphs hold int8/int4 weights, `halved` those
-    read from a float16 copy (runtime/compile_cache.py); `low_shapes` are the low-memory plan's
-    (batch 1, tiles)."""
+    graph; CONTROLNET_ROW: a ControlNet's); `compressed` names components whose graphs hold
+    int8/int4 weights, `halved` those read from a float16 copy (runtime/compile_cache.py);
+    `low_shapes` are the low-memory plan's (batch 1, tiles)."""
     def rows(at: Shapes) -> tuple[ComponentEstimate, ...]:
         out = []
         for name, path in graphs.items():

@@ -3,8 +3,10 @@
 `Residency` keeps at most one session open: opening a component's session (text encoder, then
 UNet, then VAE decoder, as a generation uses them) first releases the one before, so the peak is
 one component's weights and working memory instead of all of them (memory/estimate.py estimates both
-plans). A `LazySession` reads its graph's input/output specs once at load, then opens and
-releases the real session as the residency decides. Calls through one residency are serialised:
+plans). Members of one group stay open together: the UNet and the ControlNets (group LOOP), which
+run at every step and would otherwise reload each other twice a step. A `LazySession` reads its
+graph's input/output specs once at load, then opens and releases the real session as the
+residency decides. Calls through one residency are serialised:
 several threads may share a low-memory pipeline, but they take turns, and a component another
 thread needs is reopened (low memory trades time for the bound). How the denoiser runs its CFG
 pair is its architecture's call (runtime/architectures/: batch-1 calls for a UNet).
@@ -47,6 +49,7 @@ MODES = ("auto", "default", "low")
 # grows with the batch (SD 1.5's int8 UNet at 512²: 178 MiB at batch 1, 367 MiB at batch 2); the
 # price is time, one call's overhead per extra row.
 LOW_MEMORY_BATCH = 1
+LOOP = "loop"  # the residency group of the sampler loop's graphs: the denoiser and ControlNets
 
 
 # glibc malloc's M_MMAP_THRESHOLD (mallopt parameter -3) and the value the low-memory plan sets:
@@ -68,25 +71,31 @@ def map_large_allocations() -> bool:
 
 
 class Residency:
-    """At most one open session among its members; opening one releases the other."""
+    """At most one open session among its members, or the members of one group; opening one
+    releases the others."""
 
     def __init__(self) -> None:
         if not map_large_allocations():
             log.info("could not fix the C allocator's mmap threshold; peaks may be higher")
         self.lock = threading.RLock()
-        self._open: LazySession | None = None
+        self._open: list[LazySession] = []
 
     def activate(self, member: LazySession) -> Session:
-        """The member's open session, after releasing whichever other member was open."""
-        if self._open is not member:
-            if self._open is not None:
-                self._open.release()
-            self._open = member
+        """The member's open session, after releasing the open members outside its group."""
+        if member not in self._open:
+            if member.group is None or any(other.group != member.group for other in self._open):
+                for other in self._open:
+                    other.release()
+                self._open = []
+            self._open.append(member)
         return member.session()
 
-    def open_session(self, path: Path, backend: str, **options) -> LazySession:
-        """open_session's signature; the session opens with low-memory backend options."""
-        return LazySession(lambda: open_session(path, backend, low_memory=True, **options), self)
+    def open_session(self, path: Path, backend: str, *, group: str | None = None,
+                     **options) -> LazySession:
+        """open_session's signature; the session opens with low-memory backend options, and
+        stays open beside the other members of its `group` (None: alone)."""
+        return LazySession(lambda: open_session(path, backend, low_memory=True, **options), self,
+                           group)
 
     @staticmethod
     def vae(decoder: VaeDecoder, factor: int,
@@ -102,17 +111,19 @@ class Residency:
 
     def release_all(self) -> None:
         with self.lock:
-            if self._open is not None:
-                self._open.release()
-            self._open = None
+            for member in self._open:
+                member.release()
+            self._open = []
 
 
 class LazySession:
     """A Session whose backend session lives only while its residency lets it."""
 
-    def __init__(self, opener: Callable[[], Session], residency: Residency) -> None:
+    def __init__(self, opener: Callable[[], Session], residency: Residency,
+                 group: str | None = None) -> None:
         self._opener = opener
         self._residency = residency
+        self.group = group
         self._session: Session | None = None
         with residency.lock:  # specs once; this session stays open until another one opens
             session = residency.activate(self)
@@ -150,16 +161,21 @@ class Plan:
 
 def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, images: int,
                  guided: bool, vae_scale_factor: int, tile: int,
-                 components: tuple[str, ...], deepcache: bool = False) -> memory.MemoryEstimate:
+                 components: tuple[str, ...], deepcache: bool = False,
+                 controls: tuple[tuple[Path, bool], ...] = ()) -> memory.MemoryEstimate:
     """The memory estimate of one generation with `variant`'s graphs from `folder`; with
-    `deepcache`, DeepCache's shallow graph beside them (its full graph is the UNet's weights)."""
+    `deepcache`, DeepCache's shallow graph beside them (its full graph is the UNet's weights);
+    `controls`: each ControlNet's graph and whether its weights are int8/int4-compressed."""
     graphs = {name: variant.graph_path(folder, name) for name in components}
     if deepcache:
         graphs[memory.DEEPCACHE_SHALLOW] = deepcache_graphs(folder)[1]
+    nets = {memory.CONTROLNET_ROW.format(i): item for i, item in enumerate(controls)}
+    graphs.update({name: path for name, (path, _) in nets.items()})
     compressed = frozenset(name for name in components
                            if variant.precision in ("int8", "int8-hybrid", "int4")
                            and variant.components.get(name) is not None
-                           and variant.components[name].file)
+                           and variant.components[name].file) | frozenset(
+        name for name, (_, packed) in nets.items() if packed)
     # OpenVINO reads float16 copies of external-weight graphs at 16-bit executions
     cached = variant.backend == "openvino" and compile_cache.cache_dir() is not None
     halved = frozenset(

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrt.runtime.architectures.base import check_request
+from sdrt.runtime.control.folder import control_graph, resolve_control
+from sdrt.runtime.control.library import ControlLibrary
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.hires import planned_size
 from sdrt.runtime.memory import estimate as memory
@@ -22,16 +24,19 @@ if TYPE_CHECKING:
 
 
 def plan_model(model: OpenedModel, request: GenerationRequest, *, mode: str,
-               budget: int | None) -> Plan:
-    """The plan (low_memory.plan_for's modes) for a request on an opened model folder."""
+               budget: int | None, library: ControlLibrary | None = None) -> Plan:
+    """The plan (low_memory.plan_for's modes) for a request on an opened model folder, its
+    ControlNets included (`library`: the control dir their names are looked up in)."""
     req = request.resolve(model.facts, model.scheduler)
     check_request(model.architecture, req)
     width, height = planned_size(req, model.facts)  # a hires fix's larger pass
+    controls = tuple(control_graph(resolve_control(unit.model, library), model.precision,
+                                   model.backend) for unit in req.controls)
     found = estimate_for(model.folder, model.variant, width=width, height=height,
                          images=req.num_images, guided=req.guidance_scale > 1.0,
                          vae_scale_factor=model.facts.vae_scale_factor, tile=DEFAULT_TILE,
                          components=model.architecture.graphs(model.folder),
-                         deepcache=req.deepcache is not None)
+                         deepcache=req.deepcache is not None, controls=controls)
     return plan_for(found, mode, budget)
 
 
