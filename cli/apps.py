@@ -60,12 +60,16 @@ from sdrt.runtime.server import settings as serve_defaults
               help="Folder of exported models (one per subfolder, or NAME/onnx/) that clients "
                    "list and switch between (sd_model_checkpoint); one is loaded at a time. "
                    "--model then names the first (default: the first by name).")
+@click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of exported ControlNets (one per subfolder) that requests' "
+                   "alwayson_scripts.controlnet units name, titled \"name [hash]\" as the A1111 "
+                   "ControlNet extension lists them (/controlnet/model_list).")
 @run_options
 @prompt_options
 @reports_errors
-def serve(model_dir: Path, models_dir: Path | None, run: RunOptions,
-          cors_origins: tuple[str, ...], api_auth: str | None, styles_file: Path | None,
-          **limits) -> None:
+def serve(model_dir: Path, models_dir: Path | None, controlnet_dir: Path | None,
+          run: RunOptions, cors_origins: tuple[str, ...], api_auth: str | None,
+          styles_file: Path | None, **limits) -> None:
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, ...) and a
     kiosk web page at / (needs the serve extra: pip install 'sdrt[serve]').
 
@@ -74,6 +78,7 @@ def serve(model_dir: Path, models_dir: Path | None, run: RunOptions,
     image at the model's native size.
     """
     from sdrt.cli.running import load_pipeline
+    from sdrt.runtime.control.library import ControlLibrary
     from sdrt.runtime.errors import InputError
     from sdrt.runtime.model.opened import OpenedModel
     from sdrt.runtime.pipeline import GenerationRequest
@@ -90,6 +95,7 @@ def serve(model_dir: Path, models_dir: Path | None, run: RunOptions,
                               styles=read_styles(styles_file) if styles_file else (),
                               **limits)
     settings.validate()  # before loading a model: a refused bind costs nothing
+    controls = ControlLibrary.open(controlnet_dir) if controlnet_dir is not None else None
     if models_dir is not None:
         given = click.get_current_context().get_parameter_source("model_dir")
         model_dir = first_model(models_dir, None if given is ParameterSource.DEFAULT
@@ -111,7 +117,7 @@ def serve(model_dir: Path, models_dir: Path | None, run: RunOptions,
     host = ModelHost(pipe, models_dir, lambda folder: load_pipeline(  # the same run options
         OpenedModel.open(folder, run.backend, run.precision), run, every))
     del pipe, model  # the host alone holds the model: a switch can release it
-    serve_app(host, settings)
+    serve_app(host, settings, controls)
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

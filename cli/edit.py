@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from sdrt.cli.control_options import control_options
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.options import RunOptions, request_options, run_options
 from sdrt.cli.prompt_options import prompt_options
@@ -84,6 +85,7 @@ def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path,
 @request_options(sized=True)
 @run_options
 @prompt_options
+@control_options(needs_image=False)
 @reports_errors
 def img2img(image: Path, prompt: str, strength: float, resize_mode: str,
             noise_multiplier: float, model_dir: Path, output: Path, run: RunOptions,
@@ -120,6 +122,7 @@ def img2img(image: Path, prompt: str, strength: float, resize_mode: str,
 @request_options(sized=True)
 @run_options
 @prompt_options
+@control_options(needs_image=False)
 @reports_errors
 def inpaint(image: Path, mask: Path, prompt: str, strength: float, mask_blur: float,
             paste_back: bool, inpaint_area: str, masked_padding: int, inpainting_fill: str,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sdrt.cli.control_options import control_options
 from sdrt.cli.errors import reports_errors
 from sdrt.cli.hires_options import hires_options
 from sdrt.cli.options import RunOptions, request_options, run_options
@@ -20,6 +21,7 @@ from sdrt.cli.running import StepProgress, output_paths, plan_run, save_all
 @run_options
 @prompt_options
 @hires_options
+@control_options(needs_image=True)
 @click.option("--refiner", "refiner_dir", type=click.Path(path_type=Path), default=None,
               help="An exported SDXL refiner folder: the base model stops at --refiner-start "
                    "of the schedule and the refiner finishes and decodes (diffusers' "
@@ -48,6 +50,8 @@ def generate(prompt: str, model_dir: Path, output: Path, run: RunOptions,
         raise InputError("--deepcache does not combine with --refiner")
     if "hires" in options and refiner_dir is not None:
         raise InputError("the hires fix (--hires-*) does not combine with --refiner")
+    if "controls" in options and refiner_dir is not None:
+        raise InputError("--controlnet does not combine with --refiner")
     refiner_start = check_refiner_start(
         DEFAULT_REFINER_START if refiner_start is None else refiner_start)
     if skip_layers is not None:

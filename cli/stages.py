@@ -59,7 +59,8 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
 
     SOURCE is a diffusers SD 1.x/2.x/XL or LCM folder, an A1111/civitai single-file checkpoint
     (.safetensors; .ckpt with --allow-pickle), or a Hugging Face hub id ORG/NAME, taken from the
-    cache when HF_HUB_OFFLINE is set.
+    cache when HF_HUB_OFFLINE is set. A ControlNet (a diffusers ControlNetModel folder or hub id,
+    or an A1111 ControlNet .safetensors) becomes a control folder for --control.
     """
     from sdrt.export.lora import pair_scales
     from sdrt.export.onnx_export import export_pipeline
@@ -99,19 +100,25 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
 @click.option("--force", is_flag=True,
               help="Replace a variant the manifest already lists (unlisted first: if the new "
                    "one fails its gate, neither is listed).")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="When MODEL_DIR is a ControlNet folder (fp16, bf16 or int8): the model folder "
+                   "its gate generates with, fp32, the control applied.")
 @reports_errors
 def quantize(model_dir: Path, precision: str, backend: str | None, components: str | None,
              prompt_set: str, steps: int | None, size: int | None, adherence: int | None,
-             force: bool) -> None:
+             force: bool, base: Path | None) -> None:
     """Make a PRECISION variant of MODEL_DIR's graphs, gate it against fp32, list it if it passes.
 
-    A variant that fails its gate is removed and not listed; the command then exits 1.
+    MODEL_DIR may be a ControlNet folder (`sdrt export` of a ControlNet): its graph's variant is
+    gated by generating with --base and the control applied, the control graph fp32 and then
+    the variant. A variant that fails its gate is removed and not listed; the command then
+    exits 1.
     """
     from sdrt.quantize.stage import QuantizeOptions, quantize_model
 
     options = QuantizeOptions(
         precision=precision, backend=backend, prompt_set=prompt_set, steps=steps, size=size,
-        adherence=adherence, force=force,
+        adherence=adherence, force=force, base=base,
         components=tuple(components.split(",")) if components else None)
     entry = quantize_model(model_dir, options)
     click.echo(f"listed {entry['precision']} ({entry['backend']}) in {model_dir / 'manifest.json'}"
