@@ -1,7 +1,8 @@
 """The FastAPI app: AUTOMATIC1111's `/sdapi/v1` txt2img, img2img (generation.py), progress,
 interrupt, samplers, schedulers; skip, memory, cmd-flags, png-info, upscalers, prompt-styles and
 other small ones (a1111_extras.py); loras, refresh-loras and embeddings (networks.py); options,
-sd-models, sd-vae and their refreshes (options.py, over models.py's ModelHost); `/health`,
+sd-models, sd-vae and their refreshes (options.py, over models.py's ModelHost); the ControlNet
+extension's units and `/controlnet/*` routes (controlnet.py); `/health`,
 `/metrics` (Prometheus text), `/sdrt/v1/config`; the kiosk page at `/`.
 
 Every error is JSON `{"error", "detail"}` with a 4xx status (or a bare 500 "internal error",
@@ -24,16 +25,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from sdrt.runtime.control.library import ControlLibrary
+from sdrt.runtime.control.unit import ControlUnit
 from sdrt.runtime.errors import InputError, SdrtError, first_line
 from sdrt.runtime.model.manifest import Manifest
 from sdrt.runtime.pipeline import GeneratedImage, Pipeline
 from sdrt.runtime.samplers import SAMPLERS, resolve_pair, schedules_for
 from sdrt.runtime.schedules import SCHEDULES
 from sdrt.runtime.server.a1111_extras import add_extra_routes
+from sdrt.runtime.server.controlnet import (
+    ControlModels,
+    add_controlnet_routes,
+    control_units,
+    controlnet_args,
+    input_limit,
+)
 from sdrt.runtime.server.generation import (
     build_request,
     image_inputs,
@@ -85,9 +96,12 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings) -> FastAPI:
-    """The server's ASGI app around a loaded pipeline, or a ModelHost of several models."""
+def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings,
+               controls: ControlLibrary | None = None) -> FastAPI:
+    """The server's ASGI app around a loaded pipeline, or a ModelHost of several models, with
+    the control folders of `controls` (`--controlnet-dir`) for ControlNet units."""
     host = pipe if isinstance(pipe, ModelHost) else ModelHost(pipe)
+    control_models = ControlModels(controls)
     options = Options(host)
     metrics = Metrics()
     queue = JobQueue(host, settings.max_queue, settings.workers, metrics.finished)
@@ -105,12 +119,13 @@ def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings) -> FastAPI:
     auth = ([Security(BEARER)] if settings.token else []) + (
         [Security(BASIC)] if settings.token or settings.api_auth else [])
     api = APIRouter(dependencies=auth, responses=ERRORS)
-    _add_generation_routes(api, options, settings, queue, metrics)
+    _add_generation_routes(api, options, settings, queue, metrics, control_models)
     _add_info_routes(api, host, settings, metrics)
     add_model_routes(api, options)
     add_network_routes(api, host)
     add_extra_routes(api, queue, settings)
     add_postprocess_routes(api, settings)
+    add_controlnet_routes(api, control_models, settings)
     app.include_router(api)
     _add_public_routes(app, queue, settings)
     _add_error_handlers(app)
@@ -126,9 +141,17 @@ def create_app(pipe: Pipeline | ModelHost, settings: ServerSettings) -> FastAPI:
 
 
 def _add_generation_routes(api: APIRouter, options: Options, settings: ServerSettings,
-                           queue: JobQueue, metrics: Metrics) -> None:
+                           queue: JobQueue, metrics: Metrics, models: ControlModels) -> None:
     host = options.host
     decoding = anyio.CapacityLimiter(DECODES_AT_ONCE)
+
+    async def controls(body: Txt2ImgRequest, init: Image.Image | None = None
+                       ) -> tuple[ControlUnit, ...]:
+        """The body's ControlNet units, their images decoded off the event loop."""
+        if not controlnet_args(body.alwayson_scripts):
+            return ()
+        return await anyio.to_thread.run_sync(control_units, body.alwayson_scripts, models,
+                                              input_limit(settings), init, limiter=decoding)
 
     def refuse() -> QueueFull:
         metrics.rejected.inc()
@@ -153,8 +176,11 @@ def _add_generation_routes(api: APIRouter, options: Options, settings: ServerSet
     async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
         """Text to image (A1111's body; unknown fields are ignored)."""
         checkpoint = override_checkpoint(options, body.override_settings)
+        if queue.full() and controlnet_args(body.alwayson_scripts):
+            raise refuse()  # before decoding control images for a job that cannot be admitted
+        units = await controls(body)
         return await run(request, body, Job(build_request(host, settings, body,
-                                                          checkpoint=checkpoint),
+                                                          checkpoint=checkpoint, controls=units),
                                             checkpoint=checkpoint))
 
     @api.post("/sdapi/v1/img2img", response_model=ImageResponse)
@@ -165,7 +191,8 @@ def _add_generation_routes(api: APIRouter, options: Options, settings: ServerSet
         checkpoint = override_checkpoint(options, body.override_settings)
         inits = await anyio.to_thread.run_sync(image_inputs, host.pipe, settings, body,
                                                limiter=decoding)
-        job = Job(build_request(host, settings, body, inits, checkpoint), init=inits[0],
+        units = await controls(body, inits[0].image)
+        job = Job(build_request(host, settings, body, inits, checkpoint, units), init=inits[0],
                   checkpoint=checkpoint, more_inits=tuple(inits[1:]))
         return await run(request, body, job)
 
@@ -324,12 +351,14 @@ def example_prompt(folder: Path) -> str | None:
     return text[:MAX_EXAMPLE_CHARS] if isinstance(text, str) else None
 
 
-def serve(pipe: Pipeline | ModelHost, settings: ServerSettings) -> None:
+def serve(pipe: Pipeline | ModelHost, settings: ServerSettings,
+          controls: ControlLibrary | None = None) -> None:
     """Listen until interrupted (Ctrl-C / SIGTERM: running jobs stop, then the workers)."""
     import uvicorn
 
     settings.validate()
-    config = uvicorn.Config(create_app(pipe, settings), host=settings.host, port=settings.port,
-                            log_config=None, access_log=False, server_header=False,
-                            proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(create_app(pipe, settings, controls), host=settings.host,
+                            port=settings.port, log_config=None, access_log=False,
+                            server_header=False, proxy_headers=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     uvicorn.Server(config).run()

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from PIL import ImageOps
 
+from sdrt.runtime.control.unit import ControlUnit
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.hires import HiresFix, planned_size
 from sdrt.runtime.images import MAX_INPUT_PIXELS, read_image, read_mask
@@ -37,11 +38,12 @@ MAX_CFG_SCALE = 100.0
 
 
 def build_request(host: ModelHost, settings: ServerSettings, body: Txt2ImgRequest,
-                  inits: list[ImageInput] | None = None, checkpoint: str | None = None
-                  ) -> GenerationRequest:
+                  inits: list[ImageInput] | None = None, checkpoint: str | None = None,
+                  controls: tuple[ControlUnit, ...] = ()) -> GenerationRequest:
     """The request's generation parameters, checked against this server's caps first (so a
     message names the server's limit, not the library's), then resolved against the model it
-    runs on (`checkpoint`, else the selected one)."""
+    runs on (`checkpoint`, else the selected one); `controls`: its ControlNet units
+    (runtime/server/controlnet.py)."""
     if body.unsupported():
         raise InputError(f"not supported by sdrt: {', '.join(body.unsupported())} "
                          "(leave them at A1111's defaults)")
@@ -67,7 +69,7 @@ def build_request(host: ModelHost, settings: ServerSettings, body: Txt2ImgReques
                "schedule": body.scheduler or None,
                "seed": None if body.seed == -1 else body.seed,
                "num_images": batch * body.n_iter, **_variation(body),
-               **settings.request_fields()}
+               **settings.request_fields(), **({"controls": controls} if controls else {})}
     if body.enable_hr and not inits:  # A1111's hires fix is txt2img's alone
         options["hires"] = hires_fix(body)
     request = (Pipeline.request_for(inits[0], prompt, **options) if inits else

@@ -76,9 +76,12 @@ class Txt2ImgRequest(BaseModel):
                                                      "/sdapi/v1/options checks them")
 
     def unsupported(self) -> list[str]:
-        """The A1111 features this request asks for that sdrt does not implement."""
-        return [name for name in ("restore_faces", "tiling", "script_name", "alwayson_scripts")
-                if getattr(self, name)]
+        """The A1111 features this request asks for that sdrt does not implement (of the
+        always-on scripts, ControlNet is: runtime/server/controlnet.py)."""
+        scripts = [title for title in self.alwayson_scripts or {}
+                   if title.lower() != "controlnet"]
+        return [name for name in ("restore_faces", "tiling", "script_name") if getattr(self, name)
+                ] + (["alwayson_scripts"] if scripts else [])
 
 
 class Img2ImgRequest(Txt2ImgRequest):
