@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from sdrt.runtime.memory.estimate import available_memory
 from sdrt.runtime.memory.plan import plan_request
 from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
+
+if TYPE_CHECKING:
+    from sdrt.runtime.control.unit import ControlUnit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class GateSettings:
     size: int | None = None  # square image side in pixels; None: the model's native size
     adherence_captions: tuple[str, ...] = ()
     deepcache: int | None = None  # DeepCache interval N (runtime/deepcache.py); None: off
+    controls: tuple[ControlUnit, ...] = ()  # ControlNet units on every image (control.py)
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ def render(pipe: Pipeline, settings: GateSettings) -> Outputs:
         for seed in settings.seeds:
             request = GenerationRequest(prompt, seed=seed, steps=settings.steps,
                                         width=settings.size, height=settings.size,
-                                        deepcache=settings.deepcache)
+                                        deepcache=settings.deepcache,
+                                        controls=settings.controls)
             image, final = _generate(pipe, request)
             where = f"'{prompt}' seed {seed}"
             if not np.isfinite(final).all():
@@ -154,7 +160,7 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings,
     """Measure `variant` against fp32 on its backend; its gate record, or QuantizeError.
     One pipeline is loaded at a time (fp32 first), each in low-memory mode where its default
     plan exceeds `budget` bytes (default: the free memory; SDXL's fp32 pipeline alone is 14 GB)."""
-    reference_pipe = _load(folder, variant.backend, "fp32", settings, budget)
+    reference_pipe = load_pipeline(folder, variant.backend, "fp32", settings, budget)
     facts = reference_pipe.facts
     try:
         reference = render(reference_pipe, settings)
@@ -166,7 +172,7 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings,
         figures["adherence_fp32"] = adherence(reference_pipe, settings.adherence_captions,
                                               settings.steps)
     del reference_pipe
-    candidate_pipe = _load(folder, variant.backend, variant, settings, budget)
+    candidate_pipe = load_pipeline(folder, variant.backend, variant, settings, budget)
     try:
         figures = {**compare(reference, render(candidate_pipe, settings)), **figures}
     except UnusableOutput as exc:
@@ -175,14 +181,14 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings,
     if settings.adherence_captions:
         figures["adherence"] = adherence(candidate_pipe, settings.adherence_captions,
                                          settings.steps)
-    summary = _summary(figures)
-    log.info("%s gate: %s", variant.key, summary)
+    text = summary(figures)
+    log.info("%s gate: %s", variant.key, text)
     reasons = failures(variant.precision, figures)
     if reasons:
-        raise QuantizeError(f"{variant.key} failed its gate: {'; '.join(reasons)} ({summary}); "
+        raise QuantizeError(f"{variant.key} failed its gate: {'; '.join(reasons)} ({text}); "
                             "its files were removed and it is not listed")
     return {
-        "figures": figures, "summary": summary,
+        "figures": figures, "summary": text,
         "thresholds": {"min_image_psnr_db": MIN_IMAGE_PSNR_DB[variant.precision],
                        **({"max_adherence_drop": MAX_ADHERENCE_DROP}
                           if settings.adherence_captions else {})},
@@ -193,11 +199,12 @@ def run_gate(folder: Path, variant: Variant, settings: GateSettings,
     }
 
 
-def _load(folder: Path, backend: str, precision: str | Variant, settings: GateSettings,
-          budget: int | None) -> Pipeline:
-    """A pipeline for the gate: low-memory where the default plan exceeds the budget."""
+def load_pipeline(folder: Path, backend: str, precision: str | Variant, settings: GateSettings,
+                  budget: int | None = None) -> Pipeline:
+    """A pipeline for the gate: low-memory where the default plan (with the settings' controls)
+    exceeds `budget` bytes (default: the free memory)."""
     request = GenerationRequest("gate", steps=settings.steps, width=settings.size,
-                                height=settings.size)
+                                height=settings.size, controls=settings.controls)
     plan = plan_request(folder, backend, precision, request, mode="auto",
                         budget=budget or available_memory())
     if plan.low_memory:
@@ -205,7 +212,8 @@ def _load(folder: Path, backend: str, precision: str | Variant, settings: GateSe
     return Pipeline.load(folder, backend, precision=precision, low_memory=plan.low_memory)
 
 
-def _summary(figures: dict[str, float]) -> str:
+def summary(figures: dict[str, float]) -> str:
+    """The figures in one line, as logs and `sdrt quantize` show them."""
     text = (f"image PSNR {figures['image_psnr_db']:.1f} dB (worst "
             f"{figures['worst_image_psnr_db']:.1f}), latent PSNR "
             f"{figures['latent_psnr_db']:.1f} dB vs fp32")

@@ -5,9 +5,9 @@
   runtime feeds and reads the same tensors as for fp32.
 - int8, dynamic (text encoders): int8 weights, activation ranges measured per call
   (`onnxruntime.quantization.quantize_dynamic`; Jacob et al. 2018's affine scheme).
-- int8, static QDQ (UNet, and the VAE decoder if asked): int8 weights and activations of the
-  compute-heavy ops with ranges calibrated on recorded pipeline inputs
-  (`onnxruntime.quantization.quantize_static`, QuantizeLinear/DequantizeLinear pairs).
+- int8, static QDQ (UNet, a control folder's ControlNet, and the VAE decoder if asked): int8
+  weights and activations of the compute-heavy ops with ranges calibrated on recorded pipeline
+  inputs (`onnxruntime.quantization.quantize_static`, QuantizeLinear/DequantizeLinear pairs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sdrt.runtime.memory.estimate import graph_bytes
 GRAPH_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one serialised ONNX message; bigger graphs keep external data
 # Graphs quantized statically (calibrated on recorded inputs); others get dynamic int8.
-STATIC_COMPONENTS = ("unet", "vae_decoder")
+STATIC_COMPONENTS = ("unet", "vae_decoder", "controlnet")
 # Dynamic int8: the text encoder's projections and its token embedding (a third of SD's CLIP).
 DYNAMIC_OPS = ["MatMul", "Gather"]
 # Static int8: only the ops that carry the compute; normalisations, softmax and element-wise ops
@@ -37,7 +37,7 @@ STREAM_ABOVE = 4 * 1024**3
 METHODS = {
     "fp16": "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)",
     "int8": "onnxruntime.quantization: quantize_static QDQ, per-channel int8 weights, uint8 "
-            "activations, MinMax ranges from recorded inputs (unet, vae_decoder); "
+            "activations, MinMax ranges from recorded inputs (unet, vae_decoder, controlnet); "
             "quantize_dynamic int8 MatMul/Gather weights (text encoders); graphs over 4 GB (the "
             f"SDXL UNet): {WEIGHT_ONLY}",
 }

@@ -4,7 +4,8 @@ Steps: check the request against what each backend makes (SUPPORTED); record cal
 from fp32 pipeline runs where a recipe needs them; write the variant's graphs under
 `variants/<precision>-<backend>/`; run the fidelity gate (quantize/gates.py); then list the
 variant in manifest.json with its files' sha256, sizes, gate figures and the command, or remove
-its files and raise QuantizeError with the reason.
+its files and raise QuantizeError with the reason. A ControlNet folder (`sdrt export` of a
+ControlNet) gets the same, gated with its --base model and the control applied (control.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import dataclasses
 import importlib.metadata
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from sdrt.quantize import gates, prompts
+from sdrt.runtime.control.manifest import is_control_export
 from sdrt.runtime.errors import InputError, ModelError, QuantizeError, first_line
 from sdrt.runtime.model.folder import check_folder
 from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest, scan_files
@@ -57,11 +60,14 @@ class QuantizeOptions:
     size: int | None = None  # square side of calibration and gate images; None: native size
     adherence: int | None = None  # captions; None: SCENES_ADHERENCE_CAPTIONS for scenes, else 0
     force: bool = False
+    base: str | Path | None = None  # a ControlNet folder's base model (quantize/control.py)
 
-    def command(self, folder: Path, backend: str, components: tuple[str, ...]) -> str:
-        """The `sdrt quantize` line that makes this variant (folder by name, never a path)."""
+    def command(self, folder: Path, backend: str, components: tuple[str, ...] | None) -> str:
+        """The `sdrt quantize` line that makes this variant (folders by name, never a path);
+        components None: a ControlNet folder, made with its --base."""
         parts = [f"sdrt quantize {folder.name} --precision {self.precision} --backend {backend}",
-                 f"--components {','.join(components)} --prompts {self.prompt_set}"]
+                 f"--components {','.join(components)}" if components is not None
+                 else f"--base {Path(self.base or '').name}", f"--prompts {self.prompt_set}"]
         if self.steps:
             parts.append(f"--steps {self.steps}")
         if self.size:
@@ -74,34 +80,52 @@ class QuantizeOptions:
 def quantize_model(folder: str | Path, options: QuantizeOptions) -> dict:
     """Make, gate and list one variant; returns its manifest entry (QuantizeError if it fails)."""
     folder = Path(folder)
-    backend = _backend(options.precision, options.backend)
+    backend = backend_for(options.precision, options.backend)
+    if is_control_export(folder):
+        from sdrt.quantize.control import quantize_control
+
+        return quantize_control(folder, options, backend)
+    if options.base is not None:
+        raise InputError(f"--base is for ControlNet folders; '{folder.name}' is a model folder")
     check_folder(folder)
     if not (folder / MANIFEST_NAME).is_file():
         raise ModelError(f"'{folder.name}' has no {MANIFEST_NAME}: quantize works on folders "
                          "`sdrt export` wrote")
     manifest = Manifest.load(folder)
     components = _components(manifest, options.components)
-    key = Variant(options.precision, backend).key
-    settings = _gate_settings(options)
+    settings = gate_settings(options)
+
+    def build(manifest: Manifest, out: Path) -> tuple[Variant, str, dict]:
+        variant, method = _make_variant(folder, manifest, options, backend, components, out)
+        return variant, method, gates.run_gate(folder, variant, settings)
+
+    return make_and_list(folder, manifest, Variant(options.precision, backend).key, options.force,
+                         options.command(folder, backend, components), build)
+
+
+def make_and_list(folder: Path, manifest: Manifest, key: str, force: bool, command: str,
+                  build: Callable[[Manifest, Path], tuple[Variant, str, dict]]) -> dict:
+    """Make variant `key` with `build(manifest, out)` (the variant, its method and gate record)
+    and list it; a listed one is replaced only with `force`; on failure its files are removed
+    and nothing is listed. `manifest` is a model folder's or a ControlNet folder's."""
     if any(Variant.from_json(v).key == key for v in manifest.variants):
-        if not options.force:
+        if not force:
             raise QuantizeError(f"'{folder.name}' already lists {key}; pass --force to replace it")
-        manifest = _unlist(folder, manifest, key)  # if the new one fails, neither is listed
+        manifest = unlist_variant(folder, manifest, key)  # if the new one fails, neither is listed
     out = folder / VARIANTS_DIR / key
     shutil.rmtree(out, ignore_errors=True)  # a replaced variant's, or an interrupted run's
     try:
-        variant, method = _make_variant(folder, manifest, options, backend, components, out)
-        gate = gates.run_gate(folder, variant, settings)
+        variant, method, gate = build(manifest, out)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    entry = _entry(folder, manifest, variant, method, gate,
-                   options.command(folder, backend, components))
-    _list(folder, manifest, variant, entry)
+    entry = variant_entry(folder, manifest, variant, method, gate, command)
+    list_variant(folder, manifest, variant, entry)
     return entry
 
 
-def _backend(precision: str, backend: str | None) -> str:
+def backend_for(precision: str, backend: str | None) -> str:
+    """The backend that makes `precision`: the one asked for, else SUPPORTED's first."""
     if precision not in SUPPORTED:
         raise InputError(f"unknown precision '{precision}' for quantize; choose one of: "
                          f"{', '.join(p for p in PRECISIONS if p in SUPPORTED)}")
@@ -128,7 +152,8 @@ def _components(manifest: Manifest, asked: tuple[str, ...] | None) -> tuple[str,
     return tuple(dict.fromkeys(asked))
 
 
-def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
+def gate_settings(options: QuantizeOptions) -> gates.GateSettings:
+    """What the gate generates for these options (InputError on a bad --steps/--size/...)."""
     count = options.adherence
     if count is None:
         count = SCENES_ADHERENCE_CAPTIONS if options.prompt_set == "scenes" else 0
@@ -148,7 +173,8 @@ def _gate_settings(options: QuantizeOptions) -> gates.GateSettings:
         steps=options.steps, size=options.size, adherence_captions=tuple(captions))
 
 
-def _maker(backend: str) -> ModuleType:
+def maker_for(backend: str) -> ModuleType:
+    """The module that makes `backend`'s graphs (quantize/ort.py or quantize/openvino.py)."""
     if backend == "ort":
         from sdrt.quantize import ort
 
@@ -161,11 +187,9 @@ def _maker(backend: str) -> ModuleType:
 def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, backend: str,
                   components: tuple[str, ...], out: Path) -> tuple[Variant, str]:
     """Write the variant's graphs into `out` (none for bf16); the Variant and its method."""
-    maker = _maker(backend)
+    maker = maker_for(backend)
     if options.precision == "bf16":
-        if not maker.bf16_supported():
-            raise QuantizeError("this CPU has no native bf16 (OpenVINO's "
-                                "OPTIMIZATION_CAPABILITIES lacks BF16): bf16 would run as fp32")
+        native_bf16(maker)
         chosen = {name: ComponentVariant(execution="bf16") for name in components}
         return Variant("bf16", backend, chosen), maker.METHODS["bf16"]
     calibrated = tuple(c for c in components if maker.needs_calibration(
@@ -178,25 +202,39 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
                               prompts.calibration_prompts(options.prompt_set,
                                                           CALIBRATION_PROMPT_COUNT),
                               steps=options.steps, size=options.size)
-    chosen = {}
-    for name in components:
-        (out / name).mkdir(parents=True)
-        try:
-            path = maker.make_graph(options.precision, name, manifest.component_path(folder, name),
-                                    out / name, feeds.get(name))
-        except ModuleNotFoundError:
-            raise  # the CLI names the extra to install
-        except Exception as exc:  # the libraries raise many types; the user needs one line
-            raise QuantizeError(f"making the {options.precision} {name} failed: "
-                                f"{type(exc).__name__}: {first_line(exc)}") from exc
-        chosen[name] = ComponentVariant(file=path.relative_to(folder).as_posix(),
-                                        execution=maker.execution(options.precision, name))
+    chosen = {name: make_graph(maker, options.precision, name,
+                               manifest.component_path(folder, name), folder, out, feeds.get(name))
+              for name in components}
     return Variant(options.precision, backend, chosen), maker.METHODS[options.precision]
 
 
-def _entry(folder: Path, manifest: Manifest, variant: Variant, method: str, gate: dict,
+def native_bf16(maker: ModuleType) -> None:
+    """QuantizeError unless this CPU runs bf16 natively (else a bf16 variant runs as fp32)."""
+    if not maker.bf16_supported():
+        raise QuantizeError("this CPU has no native bf16 (OpenVINO's "
+                            "OPTIMIZATION_CAPABILITIES lacks BF16): bf16 would run as fp32")
+
+
+def make_graph(maker: ModuleType, precision: str, name: str, src: Path, folder: Path, out: Path,
+               feeds: list | None) -> ComponentVariant:
+    """Write component `name`'s variant of graph `src` under `out`/`name`; QuantizeError in one
+    line when the library fails."""
+    (out / name).mkdir(parents=True)
+    try:
+        path = maker.make_graph(precision, name, src, out / name, feeds)
+    except ModuleNotFoundError:
+        raise  # the CLI names the extra to install
+    except Exception as exc:  # the libraries raise many types; the user needs one line
+        raise QuantizeError(f"making the {precision} {name} failed: "
+                            f"{type(exc).__name__}: {first_line(exc)}") from exc
+    return ComponentVariant(file=path.relative_to(folder).as_posix(),
+                            execution=maker.execution(precision, name))
+
+
+def variant_entry(folder: Path, manifest: Manifest, variant: Variant, method: str, gate: dict,
            command: str) -> dict:
-    """The manifest `variants` entry (see runtime/model/manifest.py for its keys)."""
+    """The manifest `variants` entry (see runtime/model/manifest.py for its keys); `manifest`
+    is a model folder's or a ControlNet folder's, both keep `files` and `variants`."""
     sizes = {}
     for name in variant.components:
         fp32 = sum(e.bytes for p, e in manifest.files.items()
@@ -212,7 +250,7 @@ def _entry(folder: Path, manifest: Manifest, variant: Variant, method: str, gate
     }
 
 
-def _list(folder: Path, manifest: Manifest, variant: Variant, entry: dict) -> None:
+def list_variant(folder: Path, manifest: Manifest, variant: Variant, entry: dict) -> None:
     """Add the variant's files and entry to manifest.json."""
     prefix = f"{VARIANTS_DIR}/{variant.key}/"
     made = folder / VARIANTS_DIR / variant.key
@@ -224,7 +262,7 @@ def _list(folder: Path, manifest: Manifest, variant: Variant, entry: dict) -> No
     updated.save(folder)
 
 
-def _unlist(folder: Path, manifest: Manifest, key: str) -> Manifest:
+def unlist_variant(folder: Path, manifest: Manifest, key: str) -> Manifest:
     """manifest.json without variant `key` and its files' entries, saved; the files stay."""
     prefix = f"{VARIANTS_DIR}/{key}/"
     updated = dataclasses.replace(
