@@ -188,5 +188,5 @@ def _control_folder(text: str) -> Path:
         raise InputError(f"--controlnet '{text}' is not a folder")
     if not is_control_export(folder):
         raise InputError(f"--controlnet '{text}' is not an exported ControlNet folder; make one "
-                         "with `sdrt export SOURCE -o DIR`")
+                         "with `sdrt export SOURCE OUT_DIR`")
     return folder
