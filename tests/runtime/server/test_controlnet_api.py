@@ -339,9 +339,11 @@ def test_webuiapi_controlnet_unit_equals_diffusers(tiny_sd_dir, tiny_onnx_dir, p
         port = int(server.url.rsplit(":", 1)[1])
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
         assert api.controlnet_model_list() == [title]
+        # webuiapi writes the units into its mutable default `alwayson_scripts={}`, which every
+        # later call of every client would send again: pass a dict of this call's own.
         result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=4,
                              cfg_scale=6.0, width=SIZE, height=SIZE, sampler_name="Euler",
-                             controlnet_units=[unit])
+                             alwayson_scripts={}, controlnet_units=[unit])
     base = load_reference(tiny_sd_dir)
     use_sampler(base, "euler")
     reference = StableDiffusionControlNetPipeline(
