@@ -28,6 +28,7 @@ from sdrt.runtime.model.manifest import (
     FileEntry,
     file_problem,
     read_manifest_json,
+    write_manifest_json,
 )
 
 CONTROL_FORMAT = "sdrt-controlnet"
@@ -121,11 +122,7 @@ class ControlManifest:
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Validate, then write `folder/manifest.json` via a temporary file and os.replace."""
         self.validate()
-        path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", "utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_manifest_json(folder, self.to_json())
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, check_files: bool = True) -> ControlManifest:

@@ -207,11 +207,7 @@ class Manifest:
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Validate, then write `folder/manifest.json` via a temporary file and os.replace."""
         self.validate()
-        path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", "utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_manifest_json(folder, self.to_json())
 
     def validate(self) -> Manifest:
         """Check types, ranges and paths; returns self, raises a one-line ModelError."""
@@ -374,3 +370,12 @@ def _is_int(value: Any) -> bool:
 def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise ModelError(f"{MANIFEST_NAME}: {message}")
+
+
+def write_manifest_json(folder: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write `folder/manifest.json` via a temporary file and os.replace (never half-written)."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+    os.replace(tmp, path)
+    return path
