@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.benchmarks.flops import graph_macs
 from sdrt.runtime.control.residuals import (
     DOWN_RESIDUAL,
     MID_RESIDUAL,
@@ -65,10 +66,6 @@ ZERO_CONV_STD = 0.02  # non-zero "zero convolutions": control changes the latent
 SEED = 0
 NO_RESIDUALS = "no_residuals.onnx"  # the UNet graph without residual inputs, beside model.onnx
 EMBEDDING_WIDTHS = (16, 32, 96, 256)  # diffusers' ControlNet conditioning embedding, SD's
-# Ops whose multiply-accumulates are counted; the rest (norms, activations, adds) are a few
-# per element and do not move the ratio.
-MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-SHAPE_CONSTANT = 4096  # elements: external tensors up to this are read for shape inference
 logger = logging.getLogger("sdrt.benchmarks.controlnet_step")
 
 
@@ -173,67 +170,6 @@ def without_residuals(graph: Path, name: str) -> Path:
 
 
 # --- Multiply-accumulates per call, from the graphs --------------------------------------
-
-def graph_macs(graph: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Multiply-accumulates of one call of `graph` with inputs of these shapes (its weights are
-    not read): Conv, ConvTranspose, MatMul and Gemm, at the shapes ORT's symbolic shape
-    inference gives every tensor."""
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    model = onnx.load(str(graph), load_external_data=False)
-    for graph_input in model.graph.input:
-        dims = graph_input.type.tensor_type.shape.dim
-        for dim, size in zip(dims, shapes[graph_input.name], strict=True):
-            dim.Clear()
-            dim.dim_value = size
-    # Shape arithmetic reads small constants' values: those are read; the weights become
-    # inputs of their shape, so that no value of theirs is ever asked for.
-    inline = []
-    for tensor in model.graph.initializer:
-        if not uses_external_data(tensor):
-            inline.append(tensor)
-        elif math.prod(tensor.dims) <= SHAPE_CONSTANT:
-            load_external_data_for_tensor(tensor, str(graph.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-            inline.append(tensor)
-        else:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, tensor.data_type, tensor.dims))
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inline)
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    known = {info.name: _dims(info) for info in (*inferred.graph.value_info,
-                                                  *inferred.graph.input, *inferred.graph.output)}
-    known.update({t.name: tuple(t.dims) for t in inferred.graph.initializer})
-    return sum(_node_macs(node, known) for node in inferred.graph.node
-               if node.op_type in MAC_OPS)
-
-
-def _dims(info) -> tuple[int, ...]:
-    return tuple(d.dim_value if d.HasField("dim_value") else -1
-                 for d in info.type.tensor_type.shape.dim)
-
-
-def _node_macs(node, known: dict[str, tuple[int, ...]]) -> int:
-    """One Conv/ConvTranspose/MatMul/Gemm node's multiply-accumulates."""
-    out = known[node.output[0]]
-    if node.op_type in ("MatMul", "Gemm"):
-        a = known[node.input[0]]
-        trans_a = any(x.name == "transA" and x.i for x in node.attribute)
-        inner = a[-2] if trans_a else a[-1]
-        shape = (*out, inner)
-    else:  # Conv: every output element sums Cin/groups · kernel products; ConvTranspose:
-        # every input element scatters Cout/groups · kernel of them
-        weight = known[node.input[1]]
-        shape = ((*out[:1], *out[2:], *weight) if node.op_type == "Conv"
-                 else (*known[node.input[0]], *weight[1:]))
-    if min(shape) < 0:
-        raise SystemExit(f"error: shape inference left {node.op_type} {node.name} unknown")
-    return math.prod(shape)
-
 
 def step_macs(folders: dict[str, Path], size: int) -> dict:
     """The UNet's and the ControlNet's multiply-accumulates at one guided step (batch 2)."""

@@ -146,14 +146,19 @@ def quantize(model_dir: Path, precision: str, backend: str | None, components: s
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help=VAE_HELP)
 @click.option("--deepcache", type=click.IntRange(1), default=None,
               help="end_to_end with DeepCache at this interval N (sdrt generate --deepcache).")
+@click.option("--remeasure-ceilings", is_flag=True,
+              help="Measure this machine's matmul ceilings again (else measured once and "
+                   "cached).")
 @reports_errors
 def bench(model_dir: Path, backend: str, precision: str, steps: int | None, width: int | None,
           height: int | None, threads: int | None, num_runs: int, scenarios: str | None,
           json_path: Path | None, plot: Path | None, vae: Path | None,
-          deepcache: int | None) -> None:
+          deepcache: int | None, remeasure_ceilings: bool) -> None:
     """Time each stage of MODEL_DIR: text encoder, UNet at batch 1 and 2, VAE decode and
     encode, end to end; each in a fresh process (its own peak RSS), first run apart from the
-    steady-state median and p90."""
+    steady-state median and p90; GFLOP/s and the fraction of this machine's matmul ceiling.
+    Files the unet_b2 median (a guided step) in MODEL_DIR's manifest.json for --precision
+    auto."""
     import json
 
     from sdrt.benchmarks import bench as bench_module
@@ -167,11 +172,17 @@ def bench(model_dir: Path, backend: str, precision: str, steps: int | None, widt
                                      deepcache=deepcache)
     report = bench_module.bench(opts, chosen,
                                 progress=lambda name: click.echo(f"running {name} ...",
-                                                                 err=True))
+                                                                 err=True),
+                                remeasure=remeasure_ceilings)
     click.echo(bench_module.table(report))
+    click.echo(bench_module.ceilings_line(report))
     machine = report["machine"]
     click.echo(f"{machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores; "
                f"{backend} {precision}; commit {machine['git_commit']}")
+    if report["recorded"]:
+        recorded = report["recorded"]
+        click.echo(f"recorded the {recorded['variant']} step ({recorded['step_s']:.3f} s at "
+                   f"{'×'.join(map(str, recorded['shape']))}) in manifest.json", err=True)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
     if plot:

@@ -4,8 +4,10 @@ Steps: check the request against what each backend makes (SUPPORTED); record cal
 from fp32 pipeline runs where a recipe needs them; write the variant's graphs under
 `variants/<precision>-<backend>/`; run the fidelity gate (quantize/gates.py); then list the
 variant in manifest.json with its files' sha256, sizes, gate figures and the command, or remove
-its files and raise QuantizeError with the reason. A ControlNet folder (`sdrt export` of a
-ControlNet) gets the same, gated with its --base model and the control applied (control.py).
+its files and raise QuantizeError with the reason; last, time a listed variant's denoiser step
+against fp32's on its backend (speed_record.py). A ControlNet folder (`sdrt export` of a
+ControlNet) gets the same but the timing, gated with its --base model and the control applied
+(control.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from sdrt.quantize import gates, prompts
+from sdrt.quantize.speed_record import record_speed
 from sdrt.runtime.control.manifest import is_control_export
 from sdrt.runtime.errors import InputError, ModelError, QuantizeError, first_line
 from sdrt.runtime.model.folder import check_folder
@@ -99,8 +102,9 @@ def quantize_model(folder: str | Path, options: QuantizeOptions) -> dict:
         variant, method = _make_variant(folder, manifest, options, backend, components, out)
         return variant, method, gates.run_gate(folder, variant, settings)
 
-    return make_and_list(folder, manifest, Variant(options.precision, backend).key, options.force,
-                         options.command(folder, backend, components), build)
+    entry = make_and_list(folder, manifest, Variant(options.precision, backend).key,
+                          options.force, options.command(folder, backend, components), build)
+    return record_speed(folder, entry)  # its step and fp32's, timed and recorded
 
 
 def make_and_list(folder: Path, manifest: Manifest, key: str, force: bool, command: str,

@@ -72,6 +72,7 @@ class CheckedSession:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     label: str
+    path: Path  # the graph file it was loaded from
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = set(self.inputs) - set(feeds)
@@ -120,6 +121,7 @@ class OrtSession(CheckedSession):
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
         self._weights = _override_initializers(ort, options, path, weights or {})
+        self.path = path
         self.label = f"{path.parent.name}/{path.name}"
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(providers))
@@ -201,6 +203,7 @@ class OpenVinoSession(CheckedSession):
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
         import openvino as ov
 
+        self.path = path
         self.label = f"{path.parent.name}/{path.name}"
         self._core = ov.Core()
         # OpenVINO picks bf16 by itself on AMX CPUs; fp32 must be asked for explicitly.

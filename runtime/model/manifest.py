@@ -23,7 +23,9 @@ openvino), components {name: {file? (relative to the model folder, under
 `variants/<precision>-<backend>/<name>/`; absent: the fp32 graph), execution (OpenVINO
 INFERENCE_PRECISION_HINT, f32 or bf16)}}, method (how the graphs were made), bytes {name:
 {variant, fp32}}, gate {figures, thresholds, prompts, seeds, steps}, command (what made it),
-versions {package: version}. Every variant file is also in `files`, so `verify_files` covers it.
+versions {package: version}, speed? {step_s, reference_step_s, ratio, machine} (its guided step
+against fp32's on this backend: quantize/speed_record.py). Every variant file is also in
+`files`, so `verify_files` covers it.
 """
 
 from __future__ import annotations
