@@ -100,7 +100,8 @@ def serve(model_dir: Path, models_dir: Path | None, controlnet_dir: Path | None,
         given = click.get_current_context().get_parameter_source("model_dir")
         model_dir = first_model(models_dir, None if given is ParameterSource.DEFAULT
                                 else model_dir)
-    model = OpenedModel.open(model_dir, run.backend, run.precision)
+    model = OpenedModel.open(model_dir, run.backend, run.precision,
+                             keeps_unet=run.keeps_unet(limits.get("loras", ())))
     every = GenerationRequest(prompt="", **settings.request_fields())
     pipe = load_pipeline(model, run, every)
     if pipe is None:  # --dry-run
@@ -115,7 +116,8 @@ def serve(model_dir: Path, models_dir: Path | None, controlnet_dir: Path | None,
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).propagate = False
     host = ModelHost(pipe, models_dir, lambda folder: load_pipeline(  # the same run options
-        OpenedModel.open(folder, run.backend, run.precision), run, every))
+        OpenedModel.open(folder, run.backend, run.precision,
+                         keeps_unet=run.keeps_unet(limits.get("loras", ()))), run, every))
     del pipe, model  # the host alone holds the model: a switch can release it
     serve_app(host, settings, controls)
 
@@ -231,7 +233,8 @@ def _plan_batch(jobs: Path, defaults: dict, run: RunOptions) -> bool | None:
             raise InputError(f"job {first.id} (line {first.line}): {exc}") from None
         if run.memory.dry_run:
             ids = ", ".join(job.id for job in alike)
-            click.echo(f"{model} ({backend} {precision}) {width}×{height}: jobs {ids}\n"
+            why = f"; {first.choice}" if first.choice else ""
+            click.echo(f"{model} ({backend} {precision}{why}) {width}×{height}: jobs {ids}\n"
                        f"{describe(plan)}")
         elif plan.low_memory and switched is None:
             switched = plan.reason

@@ -42,11 +42,13 @@ def a1111_options(command):
     )(command)
 
 
-def _open(model_dir: Path, run: RunOptions):
-    """The model folder opened once (checked, facts, variant) for the plan and the load."""
+def _open(model_dir: Path, run: RunOptions, loras=()):
+    """The model folder opened once (checked, facts, variant; auto resolved) for the plan and
+    the load."""
     from sdrt.runtime.model.opened import OpenedModel
 
-    return OpenedModel.open(model_dir, run.backend, run.precision)
+    return OpenedModel.open(model_dir, run.backend, run.precision,
+                            keeps_unet=run.keeps_unet(loras))
 
 
 def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path, output: Path,
@@ -60,7 +62,7 @@ def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path,
     drawn = None if mask is None else read_mask(mask)
     paths = output_paths(output, options["num_images"])
     options.update(deepcache=run.deepcache, generator=run.generator)
-    model = _open(model_dir, run)
+    model = _open(model_dir, run, options.get("loras", ()))
     step = max(8, model.facts.vae_scale_factor)  # as Pipeline.image_input sizes
     size = output_size(picture.size, width, height, step, MAX_SIDE)  # "Only masked" too
     pipe = load_pipeline(model, run, GenerationRequest(prompt=prompt, width=size[0],
@@ -178,7 +180,7 @@ def outpaint(image: Path, prompt: str, left: int, right: int, top: int, bottom: 
     paths = output_paths(output, options["num_images"])
     extension = Extension(left, right, top, bottom).validate(MAX_SIDE)
     options.update(deepcache=run.deepcache, generator=run.generator)
-    model = _open(model_dir, run)
+    model = _open(model_dir, run, options.get("loras", ()))
     facts = model.facts
     step = max(8, facts.vae_scale_factor)
     # Each image is painted alone, window by window, a window at most the native size a side.

@@ -61,7 +61,8 @@ def generate(prompt: str, model_dir: Path, output: Path, run: RunOptions,
     request = GenerationRequest(prompt=prompt, deepcache=run.deepcache, generator=run.generator,
                                 **options)
     paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
-    model = OpenedModel.open(model_dir, run.backend, run.precision)  # read once, here
+    model = OpenedModel.open(model_dir, run.backend, run.precision,  # read once, here
+                             keeps_unet=run.keeps_unet(request.loras))
     plan = plan_run(model, run, request)
     if plan is None:  # --dry-run
         return

@@ -18,6 +18,7 @@ import click
 from sdrt.cli.memory_options import MemoryOptions, memory_options
 from sdrt.cli.prompt_options import EMBEDDINGS_DIR_HELP, LORA_DIR_HELP
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.model.auto import AUTO
 from sdrt.runtime.model.families import FAMILIES
 from sdrt.runtime.model.folder import EMBEDDED_MODEL
 from sdrt.runtime.model.variants import PRECISIONS
@@ -79,6 +80,11 @@ class RunOptions:
         return {name: str(folder.expanduser().absolute()) for name, folder in folders.items()
                 if folder is not None}
 
+    def keeps_unet(self, loras=()) -> bool:
+        """Whether the run needs the fp32 denoiser graph (DeepCache, LoRAs), which auto's
+        precision then keeps to (model/auto.py)."""
+        return self.deepcache is not None or self.lora_dir is not None or bool(loras)
+
     def refuse_deepcache(self, command: str, why: str) -> None:
         """InputError when --deepcache was given to a command it does not apply to."""
         if self.deepcache is not None:
@@ -86,10 +92,13 @@ class RunOptions:
 
 
 _RUN_OPTIONS = [
-    click.option("--backend", default="ort", show_default=True, help="ort or openvino."),
-    click.option("--precision", default="fp32", show_default=True,
+    click.option("--backend", default=AUTO, show_default=True,
+                 help="ort, openvino, or auto: openvino where installed, except for small "
+                      "models (ort starts faster); see docs/auto.md."),
+    click.option("--precision", default=AUTO, show_default=True,
                  help=f"{', '.join(PRECISIONS)}: a variant `sdrt quantize` listed for this "
-                      "backend."),
+                      "backend; auto: bf16 where the CPU has it natively and its gate passed, "
+                      "else fp32, or a gated variant recorded faster on this machine."),
     click.option("--threads", type=int, default=None,
                  help="Backend threads (default: all cores; batch: per worker, the cores / "
                       "--workers)."),

@@ -19,11 +19,17 @@ def plan_run(model, run: RunOptions, request):
     plan = plan_generation(model, request, low_memory=run.memory.low_memory,
                            budget=run.memory.budget())
     if run.memory.dry_run:
-        click.echo(describe(plan))
+        click.echo(f"{choice_line(model)}\n{describe(plan)}")
         return None
     if plan.low_memory and not run.memory.low_memory:
         click.echo(f"switching to --low-memory: {plan.reason}", err=True)
     return plan
+
+
+def choice_line(model) -> str:
+    """What runs an opened model, and why where "auto" chose it (the --dry-run line)."""
+    why = f" ({model.choice.reason})" if model.choice is not None else ""
+    return f"runs on: {model.backend} {model.precision}{why}"
 
 
 def check_loras(run: RunOptions, loras) -> None:

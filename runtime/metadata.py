@@ -14,7 +14,8 @@ others follow the fixed keys in the order given, as A1111 appends `extra_generat
 
 A PNG gets the text as a `parameters` chunk (tEXt when latin-1 encodable, else iTXt, as Pillow
 and A1111 decide) and the same facts as JSON under the `sdrt` keyword, because the A1111 text is
-lossy (lines are stripped, a value spelt `"x"` reads back as `x`). Neither ever holds a path.
+lossy (lines are stripped, a value spelt `"x"` reads back as `x`); the JSON also says why backend
+and precision "auto" chose what ran ("Backend" and "Precision" in both). Neither ever holds a path.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class GenerationInfo:
     model_hash: str | None = None
     denoising_strength: float | None = None  # image-to-image only
     extra: Mapping[str, ExtraValue] = field(default_factory=dict, hash=False)
+    choice: str | None = None  # why "auto" ran this backend and precision (JSON only)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt", "sampler"):
@@ -129,6 +131,8 @@ class GenerationInfo:
         if self.model_name is not None:
             _check_str("model_name", self.model_name)
             _check_not_a_path("model_name", self.model_name)
+        if self.choice is not None:
+            _check_str("choice", self.choice)
         if self.model_hash is not None:
             _check_str("model_hash", self.model_hash)
             if not re.fullmatch(r"[0-9a-fA-F]{8,64}", self.model_hash):

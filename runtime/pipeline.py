@@ -46,6 +46,7 @@ from sdrt.runtime.images import ImageSource
 from sdrt.runtime.img2img import Encoder, ImageInput, LazyEncoder, Start
 from sdrt.runtime.memory.low_memory import LOOP, LOW_MEMORY_BATCH, Residency
 from sdrt.runtime.metadata import GenerationInfo, format_parameters
+from sdrt.runtime.model.auto import AUTO, Choice
 from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts
 from sdrt.runtime.model.opened import OpenedModel
 from sdrt.runtime.model.variants import Variant
@@ -88,6 +89,7 @@ class Pipeline:
     tiny_vae: TinyVae | None = None  # `vae=`: a tiny autoencoder in the VAE's place
     adapters: Adapters | None = None  # per-request LoRAs, embeddings (runtime/adapters/)
     controlnets: ControlNets | None = None  # opened on a request's first use (runtime/control/)
+    choice: Choice | None = None  # what backend/precision "auto" resolved to, and why
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -112,22 +114,24 @@ class Pipeline:
              deepcache: bool = False, lora_dir: str | Path | None = None,
              embeddings_dir: str | Path | None = None,
              controlnet_dir: str | Path | None = None) -> Pipeline:
-        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`; default
-        "ort"), by default sdrt's embedded shapes model, or load one already opened (an
-        OpenedModel, which brings its backend and precision). `precision` names a variant
-        manifest.json lists for this backend (default fp32; quantize's gate passes a Variant it
-        has not listed yet). `low_memory` keeps one graph resident at a time, runs the denoiser
-        as its architecture says (a UNet's CFG pair as batch-1 calls) and the VAE in tiles
-        (memory/low_memory.py); `device` "gpu", `vram_limit` bytes: runtime/devices.py.
-        `vae` is an exported tiny autoencoder folder (runtime/vae/tiny.py) that replaces the
-        model's VAE decoder, and its encoder where the folder has one. `deepcache` runs the UNet
-        from the DeepCache full graph (the same UNet plus one output, runtime/deepcache.py), so
-        `deepcache=N` requests add only the small shallow graph's memory. `lora_dir` is where
-        requests' LoRA names (and `<lora:NAME>` tags) are looked up, `embeddings_dir` holds
+        """Open a model folder (sdrt/optimum ONNX layout, or OpenVINO IR for `openvino`), by
+        default sdrt's embedded shapes model, or load one already opened (an OpenedModel,
+        which brings its backend and precision). `backend` ort, openvino or auto;
+        `precision` auto or a variant manifest.json lists for this backend (quantize's gate
+        passes a Variant it has not listed yet); both default to auto, the fastest gated
+        configuration (model/auto.py), but a named backend alone runs fp32. `low_memory`
+        keeps one graph resident at a time, runs the denoiser as its architecture says (a
+        UNet's CFG pair as batch-1 calls) and the VAE in tiles (memory/low_memory.py);
+        `device` "gpu", `vram_limit` bytes: runtime/devices.py. `vae` is an exported tiny
+        autoencoder folder (runtime/vae/tiny.py) that replaces the model's VAE decoder, and
+        its encoder where the folder has one. `deepcache` runs the UNet from the DeepCache
+        full graph (the same UNet plus one output, runtime/deepcache.py), so `deepcache=N`
+        requests add only the small shallow graph's memory. `lora_dir` is where requests'
+        LoRA names (and `<lora:NAME>` tags) are looked up, `embeddings_dir` holds
         textual-inversion embeddings triggered by their file names (runtime/adapters/).
-        `controlnet_dir` is where requests' ControlNet model names are looked up (runtime/
-        control/library.py); a unit may also name a control folder by its path."""
-        model = _opened(folder, backend, precision)
+        `controlnet_dir` is where requests' ControlNet model names are looked up
+        (runtime/control/library.py); a unit may also name a control folder by its path."""
+        model = _opened(folder, backend, precision, keeps_unet=deepcache or lora_dir is not None)
         folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
         backend = model.backend
         residency = Residency() if low_memory else None
@@ -196,7 +200,7 @@ class Pipeline:
         return cls(folder, backend, facts, model.scheduler, conditioner, denoiser, decoder,
                    LazyDeepCache(folder, unet_graph, refusal, full), precision=variant.precision,
                    vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
-                   adapters=adapters, controlnets=controlnets)
+                   adapters=adapters, controlnets=controlnets, choice=model.choice)
 
     def generate(self, prompt: str, *, callback: StepCallback | None = None,
                  refiner: Pipeline | None = None, refiner_start: float = DEFAULT_REFINER_START,
@@ -452,6 +456,7 @@ class Pipeline:
             model_name=self.facts.name,
             model_hash=self.facts.unet_sha256[:10] if self.facts.unet_sha256 else None,
             denoising_strength=None if init is None else init.strength, extra=extra,
+            choice=self.choice.reason if self.choice else None,
         )
 
 
@@ -473,13 +478,17 @@ def _check_channels(denoiser: DenoiserGraph, facts: ModelFacts) -> None:
 
 
 def _opened(folder: str | Path | OpenedModel, backend: str | None,
-            precision: str | Variant | None) -> OpenedModel:
-    """`folder` opened with the backend and precision (default ort, fp32); an OpenedModel as it
-    is, when the ones given (if any) are its own."""
+            precision: str | Variant | None, *, keeps_unet: bool) -> OpenedModel:
+    """`folder` opened with the backend and precision (default auto; with a backend named, fp32:
+    what quantize's calibration and the benchmarks that name one measure); an OpenedModel as it
+    is, when the ones given (if any, auto included) are its own."""
     if not isinstance(folder, OpenedModel):
-        return OpenedModel.open(folder, backend or "ort", precision or "fp32")
+        backend = backend or AUTO
+        return OpenedModel.open(folder, backend, precision or (AUTO if backend == AUTO else "fp32"),
+                                keeps_unet=keeps_unet)
     asked = precision.precision if isinstance(precision, Variant) else precision
-    if backend not in (None, folder.backend) or asked not in (None, folder.precision):
+    if backend not in (None, AUTO, folder.backend) or asked not in (None, AUTO,
+                                                                   folder.precision):
         raise InputError(f"the model was opened for {folder.backend} {folder.precision}, not "
                          f"{backend or folder.backend} {asked or folder.precision}")
     return folder

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 200
 PAGES = ("models-and-export", "generation-and-samplers", "image-editing", "quantization",
          "memory", "server-api", "batch-and-ray", "benchmarks", "python-api", "architecture",
-         "controlnet")
+         "controlnet", "auto")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -21,7 +21,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from PIL import Image
 from sdrt.runtime.batch.job_loras import JobLoras
 from sdrt.runtime.errors import InputError, SdrtError, first_line
 from sdrt.runtime.metadata import AUTOV2_HEX_CHARS, GenerationInfo, load_info, save_png
+from sdrt.runtime.model.auto import AUTO, Choice, choose
 from sdrt.runtime.model.folder import EMBEDDED_MODEL, ModelFacts, check_folder, read_facts
 from sdrt.runtime.model.variants import select_variant
 from sdrt.runtime.pipeline import GenerationRequest, Pipeline
@@ -71,6 +72,7 @@ class Job:
     request: GenerationRequest
     expected: Mapping[str, Any]  # metadata its PNG must carry (`verify`)
     load: tuple[tuple[str, Any], ...] = ()  # Pipeline.load options: low_memory, device, vae, …
+    choice: str = ""  # why "auto" chose backend and precision ("" when the job named both)
 
     @property
     def key(self) -> tuple[str, str, str, tuple[tuple[str, Any], ...]]:
@@ -247,12 +249,15 @@ def parse_job(data: object, line: int, models: _Models, *,
     if not JOB_ID.fullmatch(job_id) or len(job_id) > MAX_JOB_ID_CHARS:
         raise InputError(f"id must be 1-{MAX_JOB_ID_CHARS} letters, digits, '.', '_' or '-', "
                          f"not starting with '.', got {job_id!r}")
-    backend = data.get("backend") or "ort"
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    precision = data.get("precision") or "fp32"
+    backend = data.get("backend") or AUTO
+    if backend not in (*BACKENDS, AUTO):
+        raise InputError(f"unknown backend '{backend}'; choose one of: "
+                         f"{', '.join((AUTO, *BACKENDS))}")
     folder = Path(data.get("model") or EMBEDDED_MODEL).expanduser().absolute()
-    facts, scheduler = models.get(folder, backend, precision)
+    keeps_unet = bool(data.get("loras")) or (load or {}).get("lora_dir") is not None
+    facts, scheduler, choice = models.get(folder, backend, data.get("precision") or AUTO,
+                                          keeps_unet)
+    backend, precision = choice.backend, choice.precision
     width, height = _size(data)
     loras = loras or JobLoras(load)
     request = GenerationRequest(
@@ -266,7 +271,7 @@ def parse_job(data: object, line: int, models: _Models, *,
     expected = {**_expected(request, facts, backend, precision, seed=data.get("seed") is not None),
                 **loras.expected(request)}
     return Job(job_id, line, str(folder), backend, precision, request, expected,
-               tuple(sorted((load or {}).items())))
+               tuple(sorted((load or {}).items())), choice.reason)
 
 
 def _size(data: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -302,23 +307,25 @@ def _expected(request: GenerationRequest, facts: ModelFacts, backend: str, preci
 
 
 class _Models:
-    """Each model's facts and scheduler, read once per (folder, backend, precision); a bad
-    model's error is remembered too, so each of its lines fails fast with the same message."""
+    """Each model's facts and scheduler, and what "auto" chose, read once per (folder, backend,
+    precision, keeps_unet); a bad model's error is remembered too, so each of its lines fails
+    fast with the same message."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[Path, str, str], tuple[ModelFacts, SchedulerConfig] | SdrtError] = {}
+        self._seen: dict[tuple, tuple[ModelFacts, SchedulerConfig, Choice] | SdrtError] = {}
 
-    def get(self, folder: Path, backend: str, precision: str
-            ) -> tuple[ModelFacts, SchedulerConfig]:
-        key = (folder, backend, precision)
+    def get(self, folder: Path, backend: str, precision: str, keeps_unet: bool = False
+            ) -> tuple[ModelFacts, SchedulerConfig, Choice]:
+        key = (folder, backend, precision, keeps_unet)
         if key not in self._seen:
             try:
                 check_folder(folder)
-                select_variant(folder, precision, backend)  # the precision is listed
+                choice = choose(folder, backend, precision, keeps_unet=keeps_unet)
+                select_variant(folder, choice.precision, choice.backend)  # it is listed
                 scheduler = SchedulerConfig.from_file(folder / "scheduler" /
                                                       "scheduler_config.json")
                 scheduler.validate()
-                self._seen[key] = (read_facts(folder), scheduler)
+                self._seen[key] = (read_facts(folder), scheduler, choice)
             except SdrtError as exc:
                 self._seen[key] = exc
         found = self._seen[key]
@@ -374,7 +381,8 @@ class Worker:
         pipe, load_s = self._pipeline(job.key)
         start = time.perf_counter()
         [result] = pipe.run(job.request)
-        return JobOutput(np.asarray(result.image), result.info, load_s,
+        info = replace(result.info, choice=job.choice) if job.choice else result.info
+        return JobOutput(np.asarray(result.image), info, load_s,
                          time.perf_counter() - start, _here())
 
     def _pipeline(self, key: tuple) -> tuple[Pipeline, float]:

@@ -1,6 +1,7 @@
 """A model folder opened once: checked, its facts, scheduler and precision variant read, its
-architecture's strategy found. The memory planner (memory/plan.py) and `Pipeline.load` both take
-one, so a folder is read once per run and what it can do is decided in one place.
+architecture's strategy found, "auto" backend and precision resolved (model/auto.py). The memory
+planner (memory/plan.py) and `Pipeline.load` both take one, so a folder is read once per run and
+what it can do is decided in one place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from sdrt.runtime.architectures import architecture_for
 from sdrt.runtime.architectures.base import Architecture, refusal
 from sdrt.runtime.errors import InputError
+from sdrt.runtime.model.auto import AUTO, Choice, choose
 from sdrt.runtime.model.check import check_on_load
 from sdrt.runtime.model.folder import ModelFacts, read_facts
 from sdrt.runtime.model.variants import Variant, resolve_variant
@@ -28,22 +30,30 @@ class OpenedModel:
     facts: ModelFacts
     scheduler: SchedulerConfig
     architecture: Architecture
+    choice: Choice | None = None  # what "auto" resolved to and why (None: both were given)
 
     @classmethod
-    def open(cls, folder: str | Path, backend: str = "ort",
-             precision: str | Variant = "fp32") -> OpenedModel:
-        """Check `folder` (model/check.py's one-line refusals), then read what it is. `precision`
-        names a variant manifest.json lists for this backend (quantize's gate passes a Variant it
-        has not listed yet)."""
+    def open(cls, folder: str | Path, backend: str = AUTO, precision: str | Variant = AUTO, *,
+             keeps_unet: bool = False) -> OpenedModel:
+        """Check `folder` (model/check.py's one-line refusals), then read what it is. `backend`
+        ort, openvino or auto; `precision` auto, or names a variant manifest.json lists for this
+        backend (quantize's gate passes a Variant it has not listed yet). `keeps_unet`: the run
+        needs the fp32 denoiser graph (LoRAs, DeepCache), so auto picks no variant with its own."""
         folder = Path(folder)
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        if backend not in (*BACKENDS, AUTO):
+            raise InputError(f"unknown backend '{backend}'; choose one of: "
+                             f"{', '.join((AUTO, *BACKENDS))}")
         check_on_load(folder)  # model_index.json, paths, file heads and sizes
+        choice = None
+        if AUTO in (backend, precision):
+            choice = choose(folder, backend, precision, keeps_unet=keeps_unet)
+            backend, precision = choice.backend, choice.precision
         variant = resolve_variant(folder, precision, backend)
         facts = read_facts(folder)
         scheduler = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
         scheduler.validate()
-        return cls(folder, backend, variant, facts, scheduler, architecture_for(facts.family))
+        return cls(folder, backend, variant, facts, scheduler, architecture_for(facts.family),
+                   choice)
 
     @property
     def precision(self) -> str:

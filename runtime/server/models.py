@@ -75,9 +75,11 @@ class ModelHost:
     def __init__(self, pipe: Pipeline, models_dir: Path | None = None,
                  load: Callable[[Path], Pipeline] | None = None) -> None:
         self.models_dir = models_dir
-        # by default a model loads as the first did: same backend and precision (the lambda
-        # must not hold `pipe`, or the first model could never be released)
-        backend, precision = pipe.backend, pipe.precision
+        # by default a model loads as the first did: same backend and precision, or "auto"
+        # where the first was chosen so (the lambda must not hold `pipe`, or the first model
+        # could never be released)
+        backend, precision = pipe.choice.asked if pipe.choice else (pipe.backend,
+                                                                     pipe.precision)
         self._load = load or (lambda folder: Pipeline.load(folder, backend, precision=precision))
         self._cond = threading.Condition()
         self._pipe: Pipeline | None = pipe

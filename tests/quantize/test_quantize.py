@@ -23,6 +23,7 @@ from sdrt.quantize.calibration import RecordingSession, record_inputs
 from sdrt.quantize.stage import SUPPORTED, QuantizeOptions, quantize_model
 from sdrt.runtime import pipeline as pipeline_module
 from sdrt.runtime.errors import InputError, ModelError, QuantizeError
+from sdrt.runtime.model.auto import choose
 from sdrt.runtime.model.manifest import Manifest, sha256_file
 from sdrt.runtime.model.variants import Variant, select_variant
 from sdrt.runtime.pipeline import Pipeline
@@ -151,10 +152,10 @@ def test_cli_quantize_then_generate_names_the_precision(tiny_onnx_dir, tmp_path)
                  STEPS, "--seed", 1, "-o", out)
     assert result.exit_code == 0, result.output
     assert "Precision: int8" in Image.open(out).info["parameters"]
-    fp32 = tmp_path / "fp32.png"
+    default = tmp_path / "default.png"  # precision auto: fp32 unless int8 was recorded faster
     assert run("generate", "a cat", "--model", folder, "--steps", STEPS, "--seed", 1,
-               "-o", fp32).exit_code == 0
-    assert "Precision: fp32" in Image.open(fp32).info["parameters"]
+               "-o", default).exit_code == 0
+    assert f"Precision: {choose(folder).precision}" in Image.open(default).info["parameters"]
 
 
 def test_a_failed_gate_lists_nothing_and_removes_the_files(tiny_onnx_dir, tmp_path,
