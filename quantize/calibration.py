@@ -2,9 +2,10 @@
 
 Static int8 quantization (Jacob et al. 2018) fixes each activation's range ahead of time, so the
 ranges must come from the inputs the graph really sees: the UNet's latents at every noise level,
-its timesteps and text conditioning over a prompt set. They are recorded by wrapping the
-component's Session (capture is a decorator around a Session, so the sampler loop stays as it
-runs in production).
+its timesteps and text conditioning over a prompt set; the VAE decoder's, the final latents of
+the same runs, unscaled as the decoder receives them (one call per image). They are recorded by
+wrapping the component's Session (capture is a decorator around a Session, so the sampler loop
+stays as it runs in production).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 - int8-hybrid (UNet): optimum-intel's recipe for diffusion models. First weight-only int8 of the
   layers convolutions are not (MatMul, embeddings), then `nncf.quantize` with calibration data for
   the rest, weights and activations (convolutions above all), ignoring those MatMuls and with
-  SmoothQuant off for them, since their weights are already compressed. Other graphs get int8.
+  SmoothQuant off for them, since their weights are already compressed. The VAE decoder, when
+  named, gets int8 convolutions (decoder_int8.py); other graphs get int8 weights.
   On CPUs with native bf16 the hybrid UNet's float remainder (the weight-only MatMuls,
   normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs: its step
   took 0.36× fp32's time here against 0.44× in f32 (benchmarks/quantize_gates.md).
@@ -24,11 +25,15 @@ from types import ModuleType
 
 import numpy as np
 
+from sdrt.quantize.decoder_int8 import METHOD as DECODER_METHOD
+from sdrt.quantize.decoder_int8 import decoder_int8
+
 log = logging.getLogger(__name__)
 
 GRAPH_NAME = "openvino_model.xml"
 INT4_GROUP_SIZE = 64  # NNCF's usual group for 4-bit weights; smaller groups cost size
 HYBRID_COMPONENTS = ("unet",)
+DECODER = "vae_decoder"  # int8-hybrid: a static int8 decoder (decoder_int8.py), when named
 METHODS = {
     "fp16": "openvino.save_model(compress_to_fp16=True)",
     "int8": "nncf.compress_weights(INT8_ASYM), weight-only per-channel",
@@ -37,14 +42,14 @@ METHODS = {
     "int8-hybrid": "unet: nncf.compress_weights(INT8_ASYM) of MatMul/embeddings, then "
                    "nncf.quantize(model_type=TRANSFORMER) of the rest with recorded inputs "
                    "(optimum-intel's hybrid quantization), float ops in bf16 where the CPU "
-                   "has it; other graphs INT8_ASYM weights",
+                   "has it; vae_decoder: " + DECODER_METHOD + "; other graphs INT8_ASYM weights",
     "bf16": "OpenVINO INFERENCE_PRECISION_HINT=bf16 on the fp32 graphs",
 }
 
 
 def needs_calibration(precision: str, component: str, src: Path | None = None) -> bool:
     """Whether making this graph needs recorded inputs (at any size of graph `src`)."""
-    return precision == "int8-hybrid" and component in HYBRID_COMPONENTS
+    return precision == "int8-hybrid" and component in (*HYBRID_COMPONENTS, DECODER)
 
 
 def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
@@ -55,6 +60,8 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
     model = ov.Core().read_model(str(src))
     if precision == "fp16":
         compressed = model
+    elif precision == "int8-hybrid" and component == DECODER:
+        compressed = decoder_int8(model, feeds or [])
     elif needs_calibration(precision, component):
         compressed = hybrid_int8(model, feeds or [])
     elif precision in ("int8", "int8-hybrid"):
