@@ -85,7 +85,8 @@ def export(source: str, out_dir: Path, opset: int, force: bool, family: str | No
               help="ort or openvino; default: ort where it makes the precision, else openvino.")
 @click.option("--components", default=None,
               help="Comma-separated graphs, e.g. unet,text_encoder; default: the text encoder(s) "
-                   "and the UNet (the VAE decoder stays fp32 unless named here and gated).")
+                   "and the UNet (int8-hybrid: the UNet alone; bf16: the VAE decoder too, "
+                   "which otherwise stays fp32 unless named here and gated).")
 @click.option("--prompts", "prompt_set", default="general", show_default=True,
               help="Calibration and gate prompts: general, or scenes (sdrt's simple-scenes "
                    "captions, for the embedded model).")

@@ -18,6 +18,7 @@ import numpy as np
 
 from sdrt.runtime.components import UNet, VaeDecoder
 from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.request import GenerationRequest
 from sdrt.runtime.session import Session
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,13 @@ class RecordingSession:
 
 
 def record_inputs(folder: Path, backend: str, components: tuple[str, ...], prompts: list[str], *,
-                  steps: int | None = None, size: int | None = None,
-                  seed: int = 0) -> dict[str, list[Feeds]]:
+                  steps: int | None = None, size: int | None = None, seed: int = 0,
+                  guidance_factors: tuple[float, ...] = (1.0,)) -> dict[str, list[Feeds]]:
     """Every feed the fp32 pipeline gives each of `components` while generating `prompts`
-    (image i with seed seed+i, the family's sampler and guidance; `size`² pixels or native)."""
+    (image i with seed seed+i, the family's sampler, and guidance_factors[i % n] × the model's
+    guidance scale; `size`² pixels or native). Several factors record the UNet under the
+    guidance scales users set: its activations change with the scale as with the timestep
+    (Q-Diffusion, Li et al. 2023, calibrates over the whole trajectory for that reason)."""
     unknown = sorted(set(components) - set(RECORDABLE))
     if unknown:
         raise ValueError(f"cannot record calibration inputs of {unknown}")
@@ -58,8 +62,10 @@ def record_inputs(folder: Path, backend: str, components: tuple[str, ...], promp
                                                        pipe.denoiser.residual_levels))
     if "vae_decoder" in recorders:
         pipe = dataclasses.replace(pipe, vae_decoder=VaeDecoder(recorders["vae_decoder"]))
+    scale = GenerationRequest("").resolve(pipe.facts, pipe.scheduler).guidance_scale
     for i, prompt in enumerate(prompts):
-        pipe.generate(prompt, seed=seed + i, steps=steps, width=size, height=size)
+        pipe.generate(prompt, seed=seed + i, steps=steps, width=size, height=size,
+                      guidance_scale=scale * guidance_factors[i % len(guidance_factors)])
     recorded = {name: recorder.feeds for name, recorder in recorders.items()}
     log.info("calibration: %s", ", ".join(f"{len(v)} {k} calls" for k, v in recorded.items()))
     return recorded

@@ -6,11 +6,9 @@
 - int4: weight-only compression, symmetric in groups of INT4_GROUP_SIZE input channels
   (INT4_SYM; NNCF keeps convolutions and the embedding at int8), group sizes adjusted down
   where a layer's width is not a multiple.
-- int8-hybrid (UNet): optimum-intel's recipe for diffusion models. First weight-only int8 of the
-  layers convolutions are not (MatMul, embeddings), then `nncf.quantize` with calibration data for
-  the rest, weights and activations (convolutions above all), ignoring those MatMuls and with
-  SmoothQuant off for them, since their weights are already compressed. The VAE decoder, when
-  named, gets int8 convolutions (decoder_int8.py); other graphs get int8 weights.
+- int8-hybrid: the UNet with int8 convolutions and MatMul weights, its most sensitive
+  convolutions kept float by measurement (unet_int8.py); the VAE decoder, when named, with int8
+  convolutions (decoder_int8.py); other graphs get int8 weights.
   On CPUs with native bf16 the hybrid UNet's float remainder (the weight-only MatMuls,
   normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs: its step
   took 0.36× fp32's time here against 0.44× in f32 (benchmarks/quantize_gates.md).
@@ -27,6 +25,8 @@ import numpy as np
 
 from sdrt.quantize.decoder_int8 import METHOD as DECODER_METHOD
 from sdrt.quantize.decoder_int8 import decoder_int8
+from sdrt.quantize.unet_int8 import METHOD as UNET_METHOD
+from sdrt.quantize.unet_int8 import unet_int8
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,8 @@ METHODS = {
     "int8": "nncf.compress_weights(INT8_ASYM), weight-only per-channel",
     "int4": f"nncf.compress_weights(INT4_SYM, group_size={INT4_GROUP_SIZE}, ratio=1, "
             "group_size_fallback_mode=ADJUST); convolutions and embeddings int8",
-    "int8-hybrid": "unet: nncf.compress_weights(INT8_ASYM) of MatMul/embeddings, then "
-                   "nncf.quantize(model_type=TRANSFORMER) of the rest with recorded inputs "
-                   "(optimum-intel's hybrid quantization), float ops in bf16 where the CPU "
-                   "has it; vae_decoder: " + DECODER_METHOD + "; other graphs INT8_ASYM weights",
+    "int8-hybrid": UNET_METHOD + "; float ops in bf16 where the CPU has it; vae_decoder: "
+                   + DECODER_METHOD + "; other graphs INT8_ASYM weights",
     "bf16": "OpenVINO INFERENCE_PRECISION_HINT=bf16 on the fp32 graphs",
 }
 
@@ -63,7 +61,7 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
     elif precision == "int8-hybrid" and component == DECODER:
         compressed = decoder_int8(model, feeds or [])
     elif needs_calibration(precision, component):
-        compressed = hybrid_int8(model, feeds or [])
+        compressed = unet_int8(model, feeds or [])
     elif precision in ("int8", "int8-hybrid"):
         compressed = weights_int8(model)
     elif precision == "int4":
@@ -96,23 +94,6 @@ def weights_int4(model):
             group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
 
 
-def hybrid_int8(model, feeds: list[dict[str, np.ndarray]]):
-    """Weight-only int8 for MatMuls and embeddings, full int8 (calibrated) for the rest."""
-    nncf = _nncf()
-    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
-
-    if not feeds:
-        raise ValueError("hybrid quantization needs recorded calibration inputs")
-    weighted_matmuls = _weighted_ops(model)
-    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
-    return nncf.quantize(
-        compressed, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(feeds), ignored_scope=nncf.IgnoredScope(names=weighted_matmuls),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
-
-
 def execution(precision: str, component: str) -> str:
     """The INFERENCE_PRECISION_HINT a variant's graph runs with (see the module docstring)."""
     if needs_calibration(precision, component) and bf16_supported():
@@ -125,17 +106,6 @@ def bf16_supported() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def _weighted_ops(model) -> list[str]:
-    """Names of the MatMuls with a constant operand and of embedding Gathers (float tables)."""
-    names = []
-    for op in model.get_ops():
-        kind = op.get_type_name()
-        ports = (0, 1) if kind == "MatMul" else (0,) if kind == "Gather" else ()
-        if any(op.input_value(i).get_node().get_type_name() == "Constant" for i in ports):
-            names.append(op.get_friendly_name())
-    return names
 
 
 def _nncf() -> ModuleType:
