@@ -9,9 +9,9 @@
 - int8-hybrid: the UNet with int8 convolutions and MatMul weights, its most sensitive
   convolutions kept float by measurement (unet_int8.py); the VAE decoder, when named, with int8
   convolutions (decoder_int8.py); other graphs get int8 weights.
-  On CPUs with native bf16 the hybrid UNet's float remainder (the weight-only MatMuls,
-  normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs: its step
-  took 0.36× fp32's time here against 0.44× in f32 (benchmarks/quantize_gates.md).
+  On CPUs with native bf16 the hybrid graphs' float remainder (the MatMuls' compute,
+  normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs (the earlier
+  hybrid recipe's step took 0.36× fp32's time so against 0.44× in f32 on AVX-512 BF16).
 - bf16 is an execution precision (INFERENCE_PRECISION_HINT), not a file: see `bf16_supported`.
 """
 
