@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from sdrt.runtime.batch.runner import run_batch
+from sdrt.runtime.machine import cpu_facts
 
 DEFAULT_SCENARIOS = "local-1x2,local-2x1,ray-1x2,ray-2x1"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
@@ -80,13 +81,7 @@ def machine() -> dict[str, object]:
     import onnxruntime
     import ray
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_facts()["cpu"], "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "ray": ray.__version__}
 
 
