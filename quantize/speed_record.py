@@ -22,8 +22,7 @@ import numpy as np
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.guidance import guidance_embedding
 from sdrt.runtime.machine import machine_id
-from sdrt.runtime.model.manifest import read_manifest_json, write_manifest_json
-from sdrt.runtime.model.speed import StepTime, record_time
+from sdrt.runtime.model.speed import StepTime, record_times
 from sdrt.runtime.model.variants import REFERENCE, Variant
 from sdrt.runtime.pipeline import Pipeline
 
@@ -81,24 +80,16 @@ def record_speed(folder: Path, entry: dict) -> dict:
     except SdrtError as exc:  # the variant is listed and gated; only its speed is unknown
         log.warning("the %s step was not timed: %s", variant.key, exc)
         return entry
-    for key, found in times.items():
-        record_time(folder, key, found)
     step, base = times[variant.key].step_s, times[reference].step_s
     speed = {"step_s": round(step, 4), "reference_step_s": round(base, 4),
              "ratio": round(step / base, 3), "machine": machine_id()}
     log.info("%s step %.3f s, %.2f× %s's", variant.key, step, step / base, reference)
-    return _with_speed(folder, variant.key, entry, speed)
 
+    def add_speed(data: dict) -> None:
+        for listed in data.get("variants", []):
+            if Variant.from_json(listed).key == variant.key:
+                listed["speed"] = speed
 
-def _with_speed(folder: Path, key: str, entry: dict, speed: dict) -> dict:
-    """`entry` with `speed`, written into manifest.json's entry for variant `key`."""
-    data = read_manifest_json(folder)
-    for listed in data.get("variants", []):
-        if Variant.from_json(listed).key == key:
-            listed["speed"] = speed
-    try:
-        write_manifest_json(folder, data)
-    except OSError as exc:
-        log.info("speed of %s not written to '%s': %s", key, folder.name, exc)
+    if not record_times(folder, times, add_speed):
         return entry
     return {**entry, "speed": speed}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,13 +61,24 @@ def recorded_times(folder: str | Path) -> dict[str, StepTime]:
 def record_time(folder: str | Path, variant_key: str, time: StepTime) -> bool:
     """File `time` for `variant_key` on this machine in folder/manifest.json; False (and a log
     line) where the manifest cannot be written, e.g. a read-only model folder."""
+    return record_times(folder, {variant_key: time})
+
+
+def record_times(folder: str | Path, times: dict[str, StepTime],
+                 edit: Callable[[dict], None] | None = None) -> bool:
+    """File each variant key's time on this machine in folder/manifest.json, and apply `edit` to
+    the manifest's data, in one read and one write; False (and a log line) where it cannot be
+    written."""
     try:
         data = read_manifest_json(folder)
-        machines = data.setdefault(SPEED_KEY, {})
-        machines.setdefault(machine_id(), {})[variant_key] = time.to_json()
+        records = data.setdefault(SPEED_KEY, {}).setdefault(machine_id(), {})
+        records.update({key: time.to_json() for key, time in times.items()})
+        if edit is not None:
+            edit(data)
         write_manifest_json(folder, data)
     except (OSError, ModelError) as exc:
-        log.info("step time for %s not recorded in '%s': %s", variant_key, Path(folder).name, exc)
+        log.info("step times of %s not recorded in '%s': %s", ", ".join(times),
+                 Path(folder).name, exc)
         return False
     return True
 
