@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from sdrt.cli.main import main
 from sdrt.quantize import control as control_stage
-from sdrt.quantize import gates
+from sdrt.quantize import gates, stage
 from sdrt.quantize import ort as ort_recipes
-from sdrt.quantize.stage import CALIBRATION_PROMPT_COUNT, QuantizeOptions, quantize_model
+from sdrt.quantize.stage import QuantizeOptions, quantize_model
 from sdrt.runtime import pipeline as pipeline_module
 from sdrt.runtime.control.manifest import CONTROLNET, ControlManifest
 from sdrt.runtime.control.unit import ControlUnit
@@ -112,7 +112,7 @@ def test_int8_calibrates_on_the_controlnets_own_inputs(quantized, tiny_onnx_dir)
     """Every ControlNet call of the calibration runs, with the calibration map, not the gate's."""
     folder, _, recorded = quantized
     session = Pipeline.load(tiny_onnx_dir).controlnets.open(folder).net.session
-    assert len(recorded) >= CALIBRATION_PROMPT_COUNT * STEPS
+    assert len(recorded) >= stage.CALIBRATION_PROMPT_COUNT * STEPS
     assert all(set(feeds) == set(session.inputs) for feeds in recorded)
     cond = recorded[0]["controlnet_cond"]
     assert cond.shape[-2:] == (SIZE, SIZE)
