@@ -22,9 +22,15 @@ encoder compiled 0.1–0.7 s slower from a float16 one.
 
 Compiled models: OpenVINO's model cache (`CACHE_DIR`). Its blobs are written by default for GPU
 devices only, where compiling kernels is what that cache is for. On the CPU they bought
-nothing: with the IR copies, 4.3–4.5 s with warm blobs against 3.7–3.8 s without; there they
-are written only when `SDRT_CACHE_DIR` names a folder. The default folder is
-`$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`; `SDRT_CACHE_DIR=off` turns both off.
+nothing for float graphs: with the IR copies, 4.3–4.5 s with warm blobs against 3.7–3.8 s
+without; there they are written only when `SDRT_CACHE_DIR` names a folder. Quantized graphs
+(FakeQuantize nodes: sdrt's int8 and int8-hybrid variants) are the exception: compiling one
+runs OpenVINO's low-precision transformations, which a blob holding its weights skips. SD 1.5's
+int8-hybrid UNet (512², batch 2, 2-core AVX2 EPYC) compiled in 6.4–9.0 s and imported its
+826 MB blob in 3.6–4.1 s, alternating in fresh processes; a weightless blob imported no faster
+than compiling. So such graphs keep full blobs on the CPU too, pruned oldest first past
+`MAX_BLOB_BYTES`. The default folder is `$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`;
+`SDRT_CACHE_DIR=off` turns both off.
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ OFF = "off"
 # graph's own files on import: a few MB per shape instead of a copy of the weights (3.3 GB for
 # the SD 1.5 UNet in fp32); on the CPU its import took as long as the full blob's (~2 s).
 CACHE_MODE = "OPTIMIZE_SIZE"
+# Quantized graphs' blobs keep their weights: only those import faster than compiling (module
+# docstring). One per graph and shape (~0.8 GB for SD 1.5's int8-hybrid UNet), so the folder's
+# blobs are pruned, oldest first, past MAX_BLOB_BYTES: five such shapes.
+QUANTIZED_CACHE_MODE = "OPTIMIZE_SPEED"
+MAX_BLOB_BYTES = 4 * 2**30
+BLOB_SUFFIX = ".blob"
 
 
 # An .onnx file at least this large keeps its weights inside it (sdrt's and optimum's exports
@@ -80,12 +92,43 @@ def cache_dir() -> Path | None:
     return folder
 
 
-def options(folder: Path | None, device: str = "cpu") -> dict[str, str]:
-    """OpenVINO compile options that keep compiled blobs in `folder`: for GPU devices, and for the
-    CPU only when `SDRT_CACHE_DIR` names the folder; none for None."""
-    if folder is None or (device.lower() == "cpu" and not os.environ.get(ENV_VAR)):
+def options(folder: Path | None, device: str = "cpu", quantized: bool = False) -> dict[str, str]:
+    """OpenVINO compile options that keep compiled blobs in `folder`: for GPU devices, for
+    `quantized` graphs (with their weights), and on the CPU when `SDRT_CACHE_DIR` names the
+    folder; none for None (module docstring)."""
+    if folder is None:
+        return {}
+    if quantized:
+        return {"CACHE_DIR": str(folder), "CACHE_MODE": QUANTIZED_CACHE_MODE}
+    if device.lower() == "cpu" and not os.environ.get(ENV_VAR):
         return {}
     return {"CACHE_DIR": str(folder), "CACHE_MODE": CACHE_MODE}
+
+
+def is_quantized(model) -> bool:
+    """Whether an OpenVINO model holds FakeQuantize nodes (NNCF's static int8)."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
+def prune_blobs(folder: Path, limit: int = MAX_BLOB_BYTES) -> None:
+    """Delete `folder`'s compiled blobs, oldest written first, until they total at most
+    `limit` bytes; the newest is always kept. A blob another process removes first is skipped."""
+    blobs = []
+    for path in folder.glob(f"*{BLOB_SUFFIX}"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        blobs.append((stat.st_mtime_ns, stat.st_size, path))
+    blobs.sort()
+    total = sum(size for _, size, _ in blobs)
+    for _, size, path in blobs[:-1]:
+        if total <= limit:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        log.info("compile cache: removed %s (%d MB) to stay under %d MB", path.name,
+                 size // 2**20, limit // 2**20)
 
 
 def half_weights(graph: Path, execution: str) -> bool:

@@ -34,6 +34,8 @@ def test_by_default_under_xdg_cache_home_with_blobs_for_gpus_only(tmp_path, monk
     assert folder.parent == tmp_path / "sdrt"
     assert compile_cache.options(folder, "gpu")["CACHE_DIR"] == str(folder)
     assert compile_cache.options(folder, "cpu") == {}  # measured: blobs buy nothing on the CPU
+    quantized = compile_cache.options(folder, "cpu", quantized=True)  # except quantized graphs'
+    assert quantized == {"CACHE_DIR": str(folder), "CACHE_MODE": "OPTIMIZE_SPEED"}
     monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path))
     assert compile_cache.options(folder, "cpu")["CACHE_DIR"] == str(folder)  # asked for
 
@@ -183,3 +185,45 @@ def test_bf16_copies_external_weight_graphs_transformed_with_float16_weights(
                                   second.run({"latent_sample": latent})["sample"])
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert compile_cache.converted_graph(folder, graph, half=True) != converted  # new weights
+
+
+def test_quantized_graphs_keep_full_blobs_on_the_cpu_by_default(
+        tiny_onnx_dir, tmp_path, monkeypatch):
+    """An int8 IR (FakeQuantize nodes) gets a blob with its weights; its image equals the
+    freshly compiled one's, and a float graph beside it gets none."""
+    nncf = pytest.importorskip("nncf")
+    import openvino as ov
+
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    source = ov.Core().read_model(str(tiny_onnx_dir / "vae_decoder" / "model.onnx"))
+    latents = np.random.default_rng(0).standard_normal((1, 4, 32, 32), dtype=np.float32)
+    quantized = nncf.quantize(source, nncf.Dataset([{"latent_sample": latents}]), subset_size=1)
+    assert compile_cache.is_quantized(quantized) and not compile_cache.is_quantized(source)
+    graph = tmp_path / "int8" / "openvino_model.xml"
+    ov.save_model(quantized, str(graph))
+    ov.save_model(source, str(tmp_path / "fp32" / "openvino_model.xml"))
+    from sdrt.runtime.session import open_session
+
+    fp32 = open_session(tmp_path / "fp32" / "openvino_model.xml", "openvino")
+    fp32.run({"latent_sample": latents})
+    assert not list(tmp_path.rglob("*.blob"))
+    compiled = open_session(graph, "openvino").run({"latent_sample": latents})
+    blobs = list(tmp_path.rglob("*.blob"))
+    assert len(blobs) == 1
+    imported = open_session(graph, "openvino").run({"latent_sample": latents})
+    assert list(tmp_path.rglob("*.blob")) == blobs  # found, not compiled again
+    for name, value in compiled.items():
+        np.testing.assert_array_equal(imported[name], value)
+
+
+def test_blobs_are_pruned_oldest_first_past_the_limit(tmp_path):
+    for age, name in enumerate(["new", "mid", "old"]):
+        blob = tmp_path / f"{name}.blob"
+        blob.write_bytes(b"x" * 100)
+        os.utime(blob, ns=(10**18 - age * 10**9,) * 2)
+    (tmp_path / "graphs").mkdir()  # IR copies are never pruned
+    compile_cache.prune_blobs(tmp_path, limit=250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs", "mid.blob", "new.blob"]
+    compile_cache.prune_blobs(tmp_path, limit=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs", "new.blob"]  # newest kept
