@@ -200,7 +200,8 @@ class OpenVinoSession(CheckedSession):
     def __init__(self, path: Path, *, device: str = "CPU", precision_hint: str = "f32",
                  cache_dir: Path | None = None, threads: int | None = None,
                  vram_limit: int | None = None,
-                 weights: Mapping[str, np.ndarray] | None = None) -> None:
+                 weights: Mapping[str, np.ndarray] | None = None,
+                 quantized_blobs: bool = True) -> None:
         import openvino as ov
 
         self.path = path
@@ -224,8 +225,10 @@ class OpenVinoSession(CheckedSession):
                       or f"OpenVINO cannot read it: {_first_line(exc)}")
             raise ModelError(f"{self.label}: {reason}") from exc
         # sdrt's quantized variants are IR; scanning an ONNX graph's ops (~0.07 s for SD 1.5's
-        # UNet) would only find none
-        quantized = path.suffix == ".xml" and compile_cache.is_quantized(self._model)
+        # UNet) would only find none. An imported blob stays in memory (+0.8 GiB peak RSS for
+        # SD 1.5's int8-hybrid UNet), so low-memory mode (`quantized_blobs` False) compiles.
+        quantized = (quantized_blobs and path.suffix == ".xml"
+                     and compile_cache.is_quantized(self._model))
         self._config.update(compile_cache.options(cache_dir, device, quantized=quantized))
         self.inputs = {p.any_name: _ov_spec(p) for p in self._model.inputs}
         self.outputs = {p.any_name: _ov_spec(p) for p in self._model.outputs}
@@ -351,7 +354,9 @@ def open_session(path: Path, backend: str, *, threads: int | None = None,
     """Load one graph file with the named backend, after vetting it (graph_files.vet_graph);
     `execution` is OpenVINO's precision hint; `device` "gpu" runs on CUDA (ORT) or an Intel GPU
     (OpenVINO) where present, capped at `vram_limit` bytes (runtime/devices.py). `weights`
-    replace the graph's initializers of those names (runtime/adapters/: LoRA-patched weights)."""
+    replace the graph's initializers of those names (runtime/adapters/: LoRA-patched weights).
+    `low_memory`: ONNX Runtime frees activations as it goes; OpenVINO compiles quantized graphs
+    instead of importing their blobs (runtime/compile_cache.py)."""
     if backend in BACKENDS:  # version stamps are asked about only if the backend refuses
         vet_graph(path, backend, versions=False)
     if backend == "ort":
@@ -363,7 +368,7 @@ def open_session(path: Path, backend: str, *, threads: int | None = None,
         return OpenVinoSession(path, threads=threads, precision_hint=execution,
                                cache_dir=compile_cache.cache_dir(),
                                device=device.upper(), vram_limit=vram_limit,
-                               weights=weights)
+                               weights=weights, quantized_blobs=not low_memory)
     raise InputError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 

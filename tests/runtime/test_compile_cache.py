@@ -215,6 +215,9 @@ def test_quantized_graphs_keep_full_blobs_on_the_cpu_by_default(
     assert list(tmp_path.rglob("*.blob")) == blobs  # found, not compiled again
     for name, value in compiled.items():
         np.testing.assert_array_equal(imported[name], value)
+    blobs[0].unlink()
+    open_session(graph, "openvino", low_memory=True).run({"latent_sample": latents})
+    assert not list(tmp_path.rglob("*.blob"))  # low-memory mode: no blob held in memory
 
 
 def test_blobs_are_pruned_oldest_first_past_the_limit(tmp_path):
