@@ -26,7 +26,7 @@ nothing for float graphs: with the IR copies, 4.3–4.5 s with warm blobs agains
 without; there they are written only when `SDRT_CACHE_DIR` names a folder. Quantized graphs
 (FakeQuantize nodes: sdrt's int8 and int8-hybrid variants) are the exception: compiling one
 runs OpenVINO's low-precision transformations, which a blob holding its weights skips. SD 1.5's
-int8-hybrid UNet (512², batch 2, 2-core AVX2 EPYC) compiled in 6.4–9.0 s and imported its
+int8-hybrid UNet (512², batch 2, 2-core AVX2 EPYC) compiled in 6.8–9.4 s and imported its
 826 MB blob in 3.6–4.1 s, alternating in fresh processes; a weightless blob imported no faster
 than compiling. So such graphs keep full blobs on the CPU too, pruned oldest first past
 `MAX_BLOB_BYTES`. The default folder is `$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`;
