@@ -227,7 +227,7 @@ class OpenVinoSession(CheckedSession):
         # sdrt's quantized variants are IR; scanning an ONNX graph's ops (~0.07 s for SD 1.5's
         # UNet) would only find none. An imported blob stays in memory (+0.8 GiB peak RSS for
         # SD 1.5's int8-hybrid UNet), so low-memory mode (`quantized_blobs` False) compiles.
-        quantized = (quantized_blobs and path.suffix == ".xml"
+        quantized = (quantized_blobs and cache_dir is not None and path.suffix == ".xml"
                      and compile_cache.is_quantized(self._model))
         self._config.update(compile_cache.options(cache_dir, device, quantized=quantized))
         self.inputs = {p.any_name: _ov_spec(p) for p in self._model.inputs}

@@ -27,7 +27,8 @@ def test_folder_is_per_openvino_version_under_the_chosen_root(tmp_path, monkeypa
     assert "/" not in folder.name
 
 
-def test_by_default_under_xdg_cache_home_with_blobs_for_gpus_only(tmp_path, monkeypatch):
+def test_by_default_under_xdg_cache_home_with_blobs_for_gpus_and_quantized_graphs(
+        tmp_path, monkeypatch):
     monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = compile_cache.cache_dir()
