@@ -101,7 +101,7 @@ def serve(model_dir: Path, models_dir: Path | None, controlnet_dir: Path | None,
         model_dir = first_model(models_dir, None if given is ParameterSource.DEFAULT
                                 else model_dir)
     model = OpenedModel.open(model_dir, run.backend, run.precision,
-                             keeps_unet=run.keeps_unet(limits.get("loras", ())))
+                             **run.needs(limits.get("loras", ())))
     every = GenerationRequest(prompt="", **settings.request_fields())
     pipe = load_pipeline(model, run, every)
     if pipe is None:  # --dry-run
@@ -117,7 +117,7 @@ def serve(model_dir: Path, models_dir: Path | None, controlnet_dir: Path | None,
         logging.getLogger(name).propagate = False
     host = ModelHost(pipe, models_dir, lambda folder: load_pipeline(  # the same run options
         OpenedModel.open(folder, run.backend, run.precision,
-                         keeps_unet=run.keeps_unet(limits.get("loras", ()))), run, every))
+                         **run.needs(limits.get("loras", ()))), run, every))
     del pipe, model  # the host alone holds the model: a switch can release it
     serve_app(host, settings, controls)
 

@@ -47,8 +47,7 @@ def _open(model_dir: Path, run: RunOptions, loras=()):
     the load."""
     from sdrt.runtime.model.opened import OpenedModel
 
-    return OpenedModel.open(model_dir, run.backend, run.precision,
-                            keeps_unet=run.keeps_unet(loras))
+    return OpenedModel.open(model_dir, run.backend, run.precision, **run.needs(loras))
 
 
 def _image_command(image: Path, mask: Path | None, prompt: str, model_dir: Path, output: Path,

@@ -62,7 +62,7 @@ def generate(prompt: str, model_dir: Path, output: Path, run: RunOptions,
                                 **options)
     paths = output_paths(output, request.num_images)  # fail on a bad -o before loading a model
     model = OpenedModel.open(model_dir, run.backend, run.precision,  # read once, here
-                             keeps_unet=run.keeps_unet(request.loras))
+                             **run.needs(request.loras))
     plan = plan_run(model, run, request)
     if plan is None:  # --dry-run
         return

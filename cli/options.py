@@ -80,10 +80,11 @@ class RunOptions:
         return {name: str(folder.expanduser().absolute()) for name, folder in folders.items()
                 if folder is not None}
 
-    def keeps_unet(self, loras=()) -> bool:
-        """Whether the run needs the fp32 denoiser graph (DeepCache, LoRAs), which auto's
-        precision then keeps to (model/auto.py)."""
-        return self.deepcache is not None or self.lora_dir is not None or bool(loras)
+    def needs(self, loras=()) -> dict[str, bool]:
+        """What the run needs of the denoiser, which auto's precision then keeps to
+        (model/auto.py): the fp32 graph for LoRAs, DeepCache graphs for --deepcache."""
+        return {"keeps_unet": self.lora_dir is not None or bool(loras),
+                "deepcache": self.deepcache is not None}
 
     def refuse_deepcache(self, command: str, why: str) -> None:
         """InputError when --deepcache was given to a command it does not apply to."""

@@ -2,7 +2,8 @@
 
 Steps: check the request against what each backend makes (SUPPORTED); record calibration inputs
 from fp32 pipeline runs where a recipe needs them; write the variant's graphs under
-`variants/<precision>-<backend>/`; run the fidelity gate (quantize/gates.py); then list the
+`variants/<precision>-<backend>/` (with DeepCache graphs cut from an OpenVINO UNet where the
+folder has fp32 ones, deepcache_ir.py); run the fidelity gate (quantize/gates.py); then list the
 variant in manifest.json with its files' sha256, sizes, gate figures and the command, or remove
 its files and raise QuantizeError with the reason; last, time a listed variant's denoiser step
 against fp32's on its backend (speed_record.py). A ControlNet folder (`sdrt export` of a
@@ -223,7 +224,13 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
     chosen = {name: make_graph(maker, options.precision, name,
                                manifest.component_path(folder, name), folder, out, feeds.get(name))
               for name in components}
-    return Variant(options.precision, backend, chosen), maker.METHODS[options.precision]
+    method = maker.METHODS[options.precision]
+    if backend == "openvino" and "unet" in chosen and chosen["unet"].file:
+        from sdrt.quantize.deepcache_ir import make_deepcache_ir
+
+        if make_deepcache_ir(folder, folder / chosen["unet"].file):
+            method += "; DeepCache graphs cut from this UNet (deepcache_ir.py)"
+    return Variant(options.precision, backend, chosen), method
 
 
 def native_bf16(maker: ModuleType) -> None:

@@ -3,9 +3,12 @@ between run only the shallow skip branch on it (Ma, Fang, Wang, CVPR 2024, arXiv
 
 The graphs come from `python -m sdrt.export.deepcache MODEL` (export/deepcache.py):
 unet/deepcache/full.onnx (the UNet, plus the cached feature as output FEATURE) and shallow.onnx
-(the branch, FEATURE as an input). The cache lives in one `CachedUNet` per generation, so
-threads never share it; calls are counted, not steps, so samplers that call the model twice
-per step (Heun, DPM2) still refresh every N calls, and the CFG pair (2B rows) is cached together.
+(the branch, FEATURE as an input). A variant with a UNet graph of its own (an OpenVINO IR one)
+gets the same cut of that graph from `sdrt quantize`, as full.xml and shallow.xml in deepcache/
+beside it (quantize/deepcache_ir.py), so DeepCache runs on the quantized UNet. The cache lives
+in one `CachedUNet` per generation, so threads never share it; calls are counted, not steps, so
+samplers that call the model twice per step (Heun, DPM2) still refresh every N calls, and the
+CFG pair (2B rows) is cached together.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import numpy as np
 from sdrt.runtime.components import UNet
 from sdrt.runtime.control.residuals import unet_levels
 from sdrt.runtime.errors import InputError, ModelError
+from sdrt.runtime.model.variants import Variant
 from sdrt.runtime.session import Session
 
 DEEPCACHE_DIR = "unet/deepcache"
 FULL_GRAPH = "full.onnx"
 SHALLOW_GRAPH = "shallow.onnx"
+FULL_IR = "full.xml"  # a variant's, cut from its own IR UNet (quantize/deepcache_ir.py)
+SHALLOW_IR = "shallow.xml"
 FEATURE = "deepcache_feature"
 PARAMETER = "DeepCache"  # the key in the PNG's A1111 parameters: the interval N
 
@@ -80,13 +86,50 @@ class CachedUNet:
         return out["out_sample"]
 
 
-def graph_paths(folder: Path) -> tuple[Path, Path]:
-    """The full and shallow graphs' paths; ModelError saying how to make them if missing."""
-    where = folder / DEEPCACHE_DIR
-    if not (where / FULL_GRAPH).is_file() or not (where / SHALLOW_GRAPH).is_file():
-        raise ModelError(f"'{folder.name}' has no DeepCache graphs; make them with "
-                         f"`python -m sdrt.export.deepcache {folder}`")
-    return where / FULL_GRAPH, where / SHALLOW_GRAPH
+def graphs_dir(folder: Path, variant: Variant | None = None) -> Path:
+    """Where the DeepCache graphs of `variant`'s UNet live: deepcache/ beside the variant's own
+    UNet graph, else the fp32 cut's unet/deepcache/."""
+    own = variant.components.get("unet") if variant is not None else None
+    if own is not None and own.file:
+        return (folder / own.file).parent / Path(DEEPCACHE_DIR).name
+    return folder / DEEPCACHE_DIR
+
+
+def find_graphs(folder: Path, variant: Variant | None = None) -> tuple[Path, Path] | None:
+    """The full and shallow graphs `variant`'s UNet runs DeepCache with, if they exist."""
+    where = graphs_dir(folder, variant)
+    for full, shallow in ((FULL_GRAPH, SHALLOW_GRAPH), (FULL_IR, SHALLOW_IR)):
+        if (where / full).is_file() and (where / shallow).is_file():
+            return where / full, where / shallow
+    return None
+
+
+def uncut_variant(folder: Path, variant: Variant) -> bool:
+    """Whether `variant` runs a UNet graph of its own that no DeepCache graphs were cut from."""
+    return graphs_dir(folder, variant) != graphs_dir(folder) \
+        and find_graphs(folder, variant) is None
+
+
+def graph_paths(folder: Path, variant: Variant | None = None) -> tuple[Path, Path]:
+    """As `find_graphs`; ModelError saying how to make them if missing."""
+    found = find_graphs(folder, variant)
+    if found is None:
+        raise ModelError(missing_graphs(folder, variant))
+    return found
+
+
+def missing_graphs(folder: Path, variant: Variant | None = None) -> str:
+    """What to run when `variant` (None: fp32) has no DeepCache graphs."""
+    make = f"`python -m sdrt.export.deepcache {folder}`"
+    if graphs_dir(folder, variant) == folder / DEEPCACHE_DIR:
+        return f"'{folder.name}' has no DeepCache graphs; make them with {make}"
+    if variant.backend != "openvino":  # quantize cuts OpenVINO IR UNets only
+        return (f"the {variant.key} variant has a UNet graph of its own, without DeepCache "
+                f"graphs; use fp32, or a variant made for OpenVINO")
+    return (f"the {variant.precision} variant of '{folder.name}' has no DeepCache graphs: make "
+            f"the fp32 ones with {make}, then the variant again with `sdrt quantize "
+            f"{folder.name} --precision {variant.precision} --backend {variant.backend} "
+            f"--force` (or run --precision fp32)")
 
 
 class LazyDeepCache:
@@ -95,8 +138,10 @@ class LazyDeepCache:
     `deepcache`), so only the shallow graph is added."""
 
     def __init__(self, folder: Path, open_graph: Callable[[Path], Session],
-                 refusal: str | None = None, full: Session | None = None) -> None:
+                 refusal: str | None = None, full: Session | None = None,
+                 variant: Variant | None = None) -> None:
         self._folder = folder
+        self._variant = variant  # whose UNet runs: its DeepCache graphs (graphs_dir)
         self._open = open_graph
         self._refusal = refusal  # why this pipeline cannot run DeepCache, if it cannot
         self._full = full
@@ -108,7 +153,7 @@ class LazyDeepCache:
             raise InputError(self._refusal)
         with self._lock:
             if self._graphs is None:
-                full, shallow = graph_paths(self._folder)
+                full, shallow = graph_paths(self._folder, self._variant)
                 self._graphs = DeepCacheGraphs(
                     self._full if self._full is not None else self._open(full),
                     self._open(shallow), unet_levels(self._folder))

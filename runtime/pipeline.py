@@ -131,7 +131,8 @@ class Pipeline:
         textual-inversion embeddings triggered by their file names (runtime/adapters/).
         `controlnet_dir` is where requests' ControlNet model names are looked up
         (runtime/control/library.py); a unit may also name a control folder by its path."""
-        model = _opened(folder, backend, precision, keeps_unet=deepcache or lora_dir is not None)
+        model = _opened(folder, backend, precision, keeps_unet=lora_dir is not None,
+                        deepcache=deepcache)
         folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
         backend = model.backend
         residency = Residency() if low_memory else None
@@ -167,7 +168,7 @@ class Pipeline:
         refusal = model.deepcache_refusal("--low-memory" if low_memory else None)
         if deepcache and refusal:
             raise InputError(refusal)
-        full = unet_graph(graph_paths(folder)[0]) if deepcache else None
+        full = unet_graph(graph_paths(folder, variant)[0]) if deepcache else None
         levels = unet_levels(folder) if arch.denoiser_graph == "unet" else ()
         denoiser = arch.open_denoiser(full if full is not None else session(arch.denoiser_graph),
                                       levels)
@@ -198,7 +199,8 @@ class Pipeline:
             library=None if controlnet_dir is None else ControlLibrary.open(controlnet_dir),
             rows=LOW_MEMORY_BATCH if residency else None)
         return cls(folder, backend, facts, model.scheduler, conditioner, denoiser, decoder,
-                   LazyDeepCache(folder, unet_graph, refusal, full), precision=variant.precision,
+                   LazyDeepCache(folder, unet_graph, refusal, full, variant),
+                   precision=variant.precision,
                    vae_encoder=LazyEncoder(lambda: encoder(encoder_session())), tiny_vae=tiny,
                    adapters=adapters, controlnets=controlnets, choice=model.choice)
 
@@ -478,14 +480,15 @@ def _check_channels(denoiser: DenoiserGraph, facts: ModelFacts) -> None:
 
 
 def _opened(folder: str | Path | OpenedModel, backend: str | None,
-            precision: str | Variant | None, *, keeps_unet: bool) -> OpenedModel:
+            precision: str | Variant | None, *, keeps_unet: bool,
+            deepcache: bool = False) -> OpenedModel:
     """`folder` opened with the backend and precision (default auto; with a backend named, fp32:
     what quantize's calibration and the benchmarks that name one measure); an OpenedModel as it
     is, when the ones given (if any, auto included) are its own."""
     if not isinstance(folder, OpenedModel):
         backend = backend or AUTO
         return OpenedModel.open(folder, backend, precision or (AUTO if backend == AUTO else "fp32"),
-                                keeps_unet=keeps_unet)
+                                keeps_unet=keeps_unet, deepcache=deepcache)
     asked = precision.precision if isinstance(precision, Variant) else precision
     if backend not in (None, AUTO, folder.backend) or asked not in (None, AUTO,
                                                                    folder.precision):

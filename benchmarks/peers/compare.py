@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sdrt.benchmarks import bench
-from sdrt.runtime.deepcache import gate_record
+from sdrt.runtime.deepcache import gate_record, uncut_variant
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.model.manifest import MANIFEST_NAME, Manifest
 from sdrt.runtime.model.variants import REFERENCE, Variant, resolve_variant
@@ -114,22 +114,21 @@ class Config:
 
 def sdrt_configs(folder: Path | None, deepcache: tuple[int, ...] = ()) -> list[Config]:
     """sdrt at fp32 on both backends, then each variant the folder's manifest lists; then with
-    each DeepCache interval, those whose UNet is the fp32 graph (DeepCache's graphs are cut
-    from it)."""
+    each DeepCache interval, those that have DeepCache graphs (the fp32 UNet's, or a variant's
+    own UNet's, runtime/deepcache.py)."""
     pairs = [(REFERENCE, "ort"), (REFERENCE, "openvino")]
-    own_unet = set()
+    uncut = set()
     if folder is not None and (folder / MANIFEST_NAME).is_file():
         listed = [Variant.from_json(entry) for entry in Manifest.load(folder).variants]
         pairs += sorted((v.precision, v.backend) for v in listed)
-        own_unet = {(v.precision, v.backend) for v in listed
-                    if v.components.get("unet") and v.components["unet"].file}
+        uncut = {(v.precision, v.backend) for v in listed if uncut_variant(folder, v)}
     configs = [Config(f"sdrt-{backend}-{precision}",
                       f"sdrt {BACKEND_NAMES[backend]} {precision}", "sdrt", precision, folder,
                       backend=backend) for precision, backend in pairs]
     return configs + [replace(c, key=f"{c.key}-deepcache{n}", label=f"{c.label} DeepCache N={n}",
                               deepcache=n)
                       for n in deepcache for c in configs
-                      if (c.precision, c.backend) not in own_unet]
+                      if (c.precision, c.backend) not in uncut]
 
 
 def peer_configs(opts: CompareOptions) -> list[Config]:

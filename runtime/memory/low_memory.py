@@ -168,7 +168,7 @@ def estimate_for(folder: Path, variant: Variant, *, width: int, height: int, ima
     `controls`: each ControlNet's graph and whether its weights are int8/int4-compressed."""
     graphs = {name: variant.graph_path(folder, name) for name in components}
     if deepcache:
-        graphs[memory.DEEPCACHE_SHALLOW] = deepcache_graphs(folder)[1]
+        graphs[memory.DEEPCACHE_SHALLOW] = deepcache_graphs(folder, variant)[1]
     nets = {memory.CONTROLNET_ROW.format(i): item for i, item in enumerate(controls)}
     graphs.update({name: path for name, (path, _) in nets.items()})
     compressed = frozenset(name for name in components

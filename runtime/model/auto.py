@@ -21,10 +21,12 @@ machine (model/speed.py) says it is faster at the same shape. Explicit values ar
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from sdrt.runtime.deepcache import uncut_variant
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.machine import has_native_bf16
 from sdrt.runtime.model.folder import IR_FILE, is_sd3_index
@@ -49,9 +51,10 @@ class Choice:
 
 
 def choose(folder: str | Path, backend: str = AUTO, precision: str = AUTO, *,
-           keeps_unet: bool = False) -> Choice:
-    """Resolve "auto" backend and precision for `folder`; `keeps_unet`: the run patches or cuts
-    the fp32 denoiser (LoRAs, DeepCache), so no variant with a denoiser graph of its own."""
+           keeps_unet: bool = False, deepcache: bool = False) -> Choice:
+    """Resolve "auto" backend and precision for `folder`; `keeps_unet`: the run patches the
+    fp32 denoiser (LoRAs), so no variant with a denoiser graph of its own; `deepcache`: the run
+    needs DeepCache graphs, so no such variant unless it has its own (runtime/deepcache.py)."""
     folder, asked = Path(folder), (backend, precision)
     if AUTO not in asked:
         return Choice(backend, precision, "", asked)
@@ -60,7 +63,9 @@ def choose(folder: str | Path, backend: str = AUTO, precision: str = AUTO, *,
     if backend == AUTO:
         backend, why_backend = _backend(denoiser)
     if precision == AUTO:
-        precision, why_precision = _precision(folder, backend, denoiser.name, keeps_unet)
+        precision, why_precision = _precision(
+            folder, backend, lambda variant: _usable(folder, variant, denoiser.name, keeps_unet,
+                                                     deepcache))
     return Choice(backend, precision,
                   f"auto: {'; '.join(w for w in (why_backend, why_precision) if w)}", asked)
 
@@ -103,11 +108,11 @@ def _bytes(folder: Path) -> int:
         if folder.is_dir() else 0
 
 
-def _precision(folder: Path, backend: str, denoiser: str, keeps_unet: bool) -> tuple[str, str]:
-    """(precision, why) for precision auto on `backend`."""
+def _precision(folder: Path, backend: str,
+               usable: Callable[[Variant], bool]) -> tuple[str, str]:
+    """(precision, why) for precision auto on `backend`, among the variants the run can use."""
     listed = {variant.key: variant for variant in _listed(folder)
-              if variant.backend == backend
-              and not (keeps_unet and _own_graph(variant, denoiser))
+              if variant.backend == backend and usable(variant)
               and (variant.precision != "bf16" or has_native_bf16())}
     reference = Variant("bf16" if f"bf16-{backend}" in listed else REFERENCE, backend)
     times = recorded_times(folder)
@@ -120,10 +125,14 @@ def _precision(folder: Path, backend: str, denoiser: str, keeps_unet: bool) -> t
     return chosen, f"{chosen} gated and measured {ratio:.2f}× {reference.precision}'s step here"
 
 
-def _own_graph(variant: Variant, component: str) -> bool:
-    """Whether `variant` runs `component` from a graph of its own (not the fp32 one)."""
-    choice = variant.components.get(component)
-    return choice is not None and choice.file is not None
+def _usable(folder: Path, variant: Variant, denoiser: str, keeps_unet: bool,
+            deepcache: bool) -> bool:
+    """Whether a run can use `variant`: one with a denoiser graph of its own cannot take LoRAs
+    (they patch the fp32 graph), nor DeepCache unless its graph was cut too."""
+    choice = variant.components.get(denoiser)
+    if choice is None or choice.file is None:
+        return True
+    return not keeps_unet and not (deepcache and uncut_variant(folder, variant))
 
 
 def _listed(folder: Path) -> list[Variant]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sdrt.runtime.architectures import architecture_for
 from sdrt.runtime.architectures.base import Architecture, refusal
+from sdrt.runtime.deepcache import missing_graphs, uncut_variant
 from sdrt.runtime.errors import InputError
 from sdrt.runtime.model.auto import AUTO, Choice, choose
 from sdrt.runtime.model.check import check_on_load
@@ -34,11 +35,12 @@ class OpenedModel:
 
     @classmethod
     def open(cls, folder: str | Path, backend: str = AUTO, precision: str | Variant = AUTO, *,
-             keeps_unet: bool = False) -> OpenedModel:
+             keeps_unet: bool = False, deepcache: bool = False) -> OpenedModel:
         """Check `folder` (model/check.py's one-line refusals), then read what it is. `backend`
         ort, openvino or auto; `precision` auto, or names a variant manifest.json lists for this
         backend (quantize's gate passes a Variant it has not listed yet). `keeps_unet`: the run
-        needs the fp32 denoiser graph (LoRAs, DeepCache), so auto picks no variant with its own."""
+        needs the fp32 denoiser graph (LoRAs), so auto picks no variant with its own;
+        `deepcache`: the run needs DeepCache graphs, so auto picks no variant without them."""
         folder = Path(folder)
         if backend not in (*BACKENDS, AUTO):
             raise InputError(f"unknown backend '{backend}'; choose one of: "
@@ -46,7 +48,8 @@ class OpenedModel:
         check_on_load(folder)  # model_index.json, paths, file heads and sizes
         choice = None
         if AUTO in (backend, precision):
-            choice = choose(folder, backend, precision, keeps_unet=keeps_unet)
+            choice = choose(folder, backend, precision, keeps_unet=keeps_unet,
+                            deepcache=deepcache)
             backend, precision = choice.backend, choice.precision
         variant = resolve_variant(folder, precision, backend)
         facts = read_facts(folder)
@@ -69,8 +72,6 @@ class OpenedModel:
         if low_memory is not None:
             return (f"--deepcache does not combine with low-memory mode ({low_memory}); drop "
                     f"--deepcache, or raise --max-memory")
-        denoiser = self.variant.components.get(self.architecture.denoiser_graph)
-        if denoiser is not None and denoiser.file:
-            return (f"the {self.precision} variant has a UNet graph of its own; DeepCache graphs "
-                    f"are cut from the fp32 one (use fp32, or bf16 on OpenVINO)")
+        if uncut_variant(self.folder, self.variant):
+            return missing_graphs(self.folder, self.variant)
         return None

@@ -8,10 +8,14 @@
 - No speed record: timing each variant's step against fp32 after its gate
   (quantize/speed_record.py) would add ~10 s a variant; test_speed_record.py tests the timing
   itself, calling record_speed directly.
+
+`quantized`, the folder holding every variant this machine makes, is made once for the package:
+test_quantize.py and test_deepcache_ir.py read it (about a minute and a half to make).
 """
 
 import pytest
 
+from sdrt.export.deepcache import make_deepcache
 from sdrt.quantize import stage
 
 CALIBRATION_PROMPTS_IN_TESTS = len(stage.CALIBRATION_GUIDANCE)
@@ -25,3 +29,22 @@ def quick_variants():
         patch.setattr(stage, "CALIBRATION_PROMPT_COUNT", CALIBRATION_PROMPTS_IN_TESTS)
         patch.setattr(stage, "record_speed", lambda folder, entry: entry)
         yield
+
+
+@pytest.fixture(scope="package")
+def quantized(tiny_onnx_dir, tmp_path_factory, quick_variants):
+    """One folder holding every variant this machine can make, and each one's manifest entry;
+    it has fp32 DeepCache graphs, so each OpenVINO variant's UNet is cut too (deepcache_ir.py)."""
+    from tests.quantize.test_quantize import MADE, STEPS, fresh_copy, needs
+
+    folder = fresh_copy(tiny_onnx_dir, tmp_path_factory.mktemp("quantized") / "tiny")
+    make_deepcache(folder)
+    entries = {}
+    for precision, backend in MADE:
+        try:
+            needs(backend, precision)
+        except pytest.skip.Exception:
+            continue
+        options = stage.QuantizeOptions(precision, backend, steps=STEPS)
+        entries[precision, backend] = stage.quantize_model(folder, options)
+    return folder, entries

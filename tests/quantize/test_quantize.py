@@ -57,21 +57,6 @@ def needs(backend: str, precision: str | None = None) -> None:
             pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_onnx_dir, tmp_path_factory):
-    """One folder holding every variant this machine can make, and each one's manifest entry."""
-    folder = fresh_copy(tiny_onnx_dir, tmp_path_factory.mktemp("quantized") / "tiny")
-    entries = {}
-    for precision, backend in MADE:
-        try:
-            needs(backend, precision)
-        except pytest.skip.Exception:
-            continue
-        options = QuantizeOptions(precision, backend, steps=STEPS)
-        entries[precision, backend] = quantize_model(folder, options)
-    return folder, entries
-
-
 @pytest.mark.parametrize(("precision", "backend"), MADE)
 def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
     needs(backend, precision)
@@ -94,6 +79,12 @@ def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
         from sdrt.quantize.openvino import bf16_supported
 
         assert variant.execution("unet") == ("bf16" if bf16_supported() else "f32")
+    # the folder has fp32 DeepCache graphs: an OpenVINO UNet of the variant's own is cut too
+    own_unet = "unet" in variant.components and variant.components["unet"].file is not None
+    cut = backend == "openvino" and own_unet
+    cut_files = [f for f in manifest.files
+                 if f.startswith(f"variants/{variant.key}/unet/deepcache/")]
+    assert ("DeepCache graphs cut" in entry["method"]) == cut == bool(cut_files)
     if precision == "bf16":  # an execution precision: no files
         assert variant.files == [] and variant.execution("unet") == "bf16"
     else:

@@ -7,7 +7,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,6 @@ PROMPTS_FILE = REPO / "tests" / "data" / "prompts.txt"
 MAX_LENGTH = 77
 Pair = tuple[ClipTokenizer, Any]  # ours, transformers.CLIPTokenizer
 BOS, EOS = 49406, 49407
-# Loading is measured warm and as the best of a few tries, so neither the disk cache nor other
-# processes on a shared CI machine decide the result; ~0.05-0.07 s measured on a 2-core VM.
-LOAD_BUDGET_S = 0.2
-LOAD_TRIES = 5
 
 # Whitespace, control and invisible characters are kept out of prompts.txt (one prompt a line,
 # and they would be invisible there) and written here as escapes.
@@ -202,16 +197,6 @@ def test_model_max_length_from_config(tmp_path: Path) -> None:
     tok16 = ClipTokenizer.from_dir(folder)
     ids = tok16([" ".join(["a"] * 30)])
     assert ids.shape == (1, 16) and ids[0, -1] == EOS
-
-
-def test_load_is_fast() -> None:
-    ClipTokenizer.from_dir(CLIP_DIR)  # warm the page cache
-    times = []
-    for _ in range(LOAD_TRIES):
-        start = time.perf_counter()
-        ClipTokenizer.from_dir(CLIP_DIR)
-        times.append(time.perf_counter() - start)
-    assert min(times) < LOAD_BUDGET_S, f"loading took {min(times):.3f} s at best"
 
 
 def test_does_not_import_transformers_or_torch() -> None:
