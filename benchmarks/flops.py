@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from sdrt.runtime import compile_cache
+from sdrt.runtime.deepcache import DEEPCACHE_DIR
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.machine import has_native_bf16
 from sdrt.runtime.model.folder import graph_file
@@ -148,10 +149,14 @@ def stage_flops(calls: list[dict], folder: Path, variant: Variant) -> dict[str, 
 
 def counted_graph(folder: Path, path: Path) -> Path | None:
     """The ONNX graph whose operations stand for a call of `path`: its component's fp32 graph
-    for a variant's file, else `path` itself where it is ONNX; None where there is none."""
+    for a variant's file (the fp32 DeepCache cut for its DeepCache graphs), else `path` itself
+    where it is ONNX; None where there is none."""
     parts = _parts(folder, path)
     try:
         if len(parts) > 2 and parts[0] == VARIANTS_DIR:
+            if parts[-2] == Path(DEEPCACHE_DIR).name:  # runtime/deepcache.py graphs_dir
+                fp32 = folder / DEEPCACHE_DIR / f"{path.stem}.onnx"
+                return fp32 if fp32.is_file() else None
             return graph_file(folder, parts[2], "ort")
     except ModelError:  # that component has no ONNX graph (an OpenVINO IR folder)
         return None

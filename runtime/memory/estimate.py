@@ -141,9 +141,12 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 def referenced_bytes(path: Path) -> int:
     """Bytes of an .onnx graph's weights: the file plus the external-data ranges it names, so a
-    weights file it shares with another graph counts only for its own tensors."""
+    weights file it shares with another graph counts only for its own tensors; an IR's own
+    .xml and .bin (it shares no weights file)."""
     from sdrt.runtime.model.onnx_proto import read_stamps
 
+    if path.suffix != ".onnx":
+        return graph_bytes(path)
     ranges = 0
     for ref in read_stamps(path).external:
         whole = (path.parent / (ref.location or "")).stat().st_size - int(ref.offset or 0)
