@@ -80,11 +80,11 @@ class RunOptions:
         return {name: str(folder.expanduser().absolute()) for name, folder in folders.items()
                 if folder is not None}
 
-    def needs(self, loras=()) -> dict[str, bool]:
+    def needs(self, loras=()) -> dict:
         """What the run needs of the denoiser, which auto's precision then keeps to
-        (model/auto.py): the fp32 graph for LoRAs, DeepCache graphs for --deepcache."""
+        (model/auto.py): the fp32 graph for LoRAs, DeepCache graphs gated at --deepcache's N."""
         return {"keeps_unet": self.lora_dir is not None or bool(loras),
-                "deepcache": self.deepcache is not None}
+                "deepcache": self.deepcache}
 
     def refuse_deepcache(self, command: str, why: str) -> None:
         """InputError when --deepcache was given to a command it does not apply to."""

@@ -132,7 +132,7 @@ class Pipeline:
         `controlnet_dir` is where requests' ControlNet model names are looked up
         (runtime/control/library.py); a unit may also name a control folder by its path."""
         model = _opened(folder, backend, precision, keeps_unet=lora_dir is not None,
-                        deepcache=deepcache)
+                        deepcache=0 if deepcache else None)  # requests name the interval
         folder, variant, facts, arch = model.folder, model.variant, model.facts, model.architecture
         backend = model.backend
         residency = Residency() if low_memory else None
@@ -481,7 +481,7 @@ def _check_channels(denoiser: DenoiserGraph, facts: ModelFacts) -> None:
 
 def _opened(folder: str | Path | OpenedModel, backend: str | None,
             precision: str | Variant | None, *, keeps_unet: bool,
-            deepcache: bool = False) -> OpenedModel:
+            deepcache: int | None = None) -> OpenedModel:
     """`folder` opened with the backend and precision (default auto; with a backend named, fp32:
     what quantize's calibration and the benchmarks that name one measure); an OpenedModel as it
     is, when the ones given (if any, auto included) are its own."""

@@ -21,12 +21,11 @@ machine (model/speed.py) says it is faster at the same shape. Explicit values ar
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from sdrt.runtime.deepcache import uncut_variant
+from sdrt.runtime.deepcache import gate_record, uncut_variant
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.machine import has_native_bf16
 from sdrt.runtime.model.folder import IR_FILE, is_sd3_index
@@ -51,10 +50,11 @@ class Choice:
 
 
 def choose(folder: str | Path, backend: str = AUTO, precision: str = AUTO, *,
-           keeps_unet: bool = False, deepcache: bool = False) -> Choice:
+           keeps_unet: bool = False, deepcache: int | None = None) -> Choice:
     """Resolve "auto" backend and precision for `folder`; `keeps_unet`: the run patches the
-    fp32 denoiser (LoRAs), so no variant with a denoiser graph of its own; `deepcache`: the run
-    needs DeepCache graphs, so no such variant unless it has its own (runtime/deepcache.py)."""
+    fp32 denoiser (LoRAs), so no variant with a denoiser graph of its own; `deepcache`: the
+    DeepCache interval N the run uses (0: not known yet), so no such variant unless DeepCache
+    graphs were cut from it and its gate at N passed (runtime/deepcache.py)."""
     folder, asked = Path(folder), (backend, precision)
     if AUTO not in asked:
         return Choice(backend, precision, "", asked)
@@ -63,9 +63,13 @@ def choose(folder: str | Path, backend: str = AUTO, precision: str = AUTO, *,
     if backend == AUTO:
         backend, why_backend = _backend(denoiser)
     if precision == AUTO:
-        precision, why_precision = _precision(
-            folder, backend, lambda variant: _usable(folder, variant, denoiser.name, keeps_unet,
-                                                     deepcache))
+        listed, extra = _listed(folder)
+        usable = [variant for variant in listed
+                  if _usable(folder, variant, denoiser.name, extra, keeps_unet, deepcache)]
+        precision, why_precision = _precision(folder, backend, usable)
+        if deepcache is not None and not keeps_unet and len(usable) < len(listed):
+            why_precision += (f" among the variants cut and gated for DeepCache"
+                              f"{f' N={deepcache}' if deepcache else ''}")
     return Choice(backend, precision,
                   f"auto: {'; '.join(w for w in (why_backend, why_precision) if w)}", asked)
 
@@ -108,11 +112,10 @@ def _bytes(folder: Path) -> int:
         if folder.is_dir() else 0
 
 
-def _precision(folder: Path, backend: str,
-               usable: Callable[[Variant], bool]) -> tuple[str, str]:
+def _precision(folder: Path, backend: str, usable: list[Variant]) -> tuple[str, str]:
     """(precision, why) for precision auto on `backend`, among the variants the run can use."""
-    listed = {variant.key: variant for variant in _listed(folder)
-              if variant.backend == backend and usable(variant)
+    listed = {variant.key: variant for variant in usable
+              if variant.backend == backend
               and (variant.precision != "bf16" or has_native_bf16())}
     reference = Variant("bf16" if f"bf16-{backend}" in listed else REFERENCE, backend)
     times = recorded_times(folder)
@@ -125,21 +128,29 @@ def _precision(folder: Path, backend: str,
     return chosen, f"{chosen} gated and measured {ratio:.2f}× {reference.precision}'s step here"
 
 
-def _usable(folder: Path, variant: Variant, denoiser: str, keeps_unet: bool,
-            deepcache: bool) -> bool:
+def _usable(folder: Path, variant: Variant, denoiser: str, extra: dict, keeps_unet: bool,
+            deepcache: int | None) -> bool:
     """Whether a run can use `variant`: one with a denoiser graph of its own cannot take LoRAs
-    (they patch the fp32 graph), nor DeepCache unless its graph was cut too."""
+    (they patch the fp32 graph), nor DeepCache at N unless its graph was cut too and that pair
+    passed DeepCache's gate at N (manifest `extra`): the losses of both add up."""
     choice = variant.components.get(denoiser)
-    if choice is None or choice.file is None:
+    if choice is None or choice.file is None:  # it runs the fp32 denoiser graph
         return True
-    return not keeps_unet and not (deepcache and uncut_variant(folder, variant))
+    if keeps_unet:
+        return False
+    if deepcache is None:
+        return True
+    return (deepcache > 0 and not uncut_variant(folder, variant)
+            and gate_record(extra, variant.precision, variant.backend, deepcache) is not None)
 
 
-def _listed(folder: Path) -> list[Variant]:
-    """The variants manifest.json lists (their gates passed); [] without a manifest."""
+def _listed(folder: Path) -> tuple[list[Variant], dict]:
+    """The variants manifest.json lists (their gates passed) and its other keys (`extra`);
+    nothing without a manifest."""
     if not (folder / MANIFEST_NAME).is_file():
-        return []
+        return [], {}
     try:
-        return [Variant.from_json(entry) for entry in Manifest.load(folder).variants]
+        manifest = Manifest.load(folder)
+        return [Variant.from_json(entry) for entry in manifest.variants], manifest.extra
     except ModelError:  # OpenedModel's variant check reports a malformed manifest
-        return []
+        return [], {}

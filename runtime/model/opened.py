@@ -35,12 +35,13 @@ class OpenedModel:
 
     @classmethod
     def open(cls, folder: str | Path, backend: str = AUTO, precision: str | Variant = AUTO, *,
-             keeps_unet: bool = False, deepcache: bool = False) -> OpenedModel:
+             keeps_unet: bool = False, deepcache: int | None = None) -> OpenedModel:
         """Check `folder` (model/check.py's one-line refusals), then read what it is. `backend`
         ort, openvino or auto; `precision` auto, or names a variant manifest.json lists for this
         backend (quantize's gate passes a Variant it has not listed yet). `keeps_unet`: the run
         needs the fp32 denoiser graph (LoRAs), so auto picks no variant with its own;
-        `deepcache`: the run needs DeepCache graphs, so auto picks no variant without them."""
+        `deepcache`: the DeepCache interval the run uses (0: not known yet), so auto picks no
+        variant with a UNet of its own but one cut and gated for it (model/auto.py)."""
         folder = Path(folder)
         if backend not in (*BACKENDS, AUTO):
             raise InputError(f"unknown backend '{backend}'; choose one of: "

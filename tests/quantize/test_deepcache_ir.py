@@ -8,7 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from sdrt.cli.main import main
 from sdrt.quantize import deepcache_gate
 from sdrt.runtime.deepcache import FEATURE, FULL_IR, SHALLOW_IR, graph_paths
 from sdrt.runtime.errors import InputError, ModelError
@@ -88,19 +90,32 @@ def test_the_pipeline_runs_deepcache_on_the_variant(cut, pipe, monkeypatch):
     assert image.info and "DeepCache: 3" in image.info["parameters"]
 
 
-def test_auto_picks_the_faster_variant_for_deepcache_only_where_it_was_cut(cut, tmp_path):
+def _with_gates(folder, gates):
+    manifest = Manifest.load(folder)
+    dataclasses.replace(manifest, extra={**manifest.extra, "deepcache": {
+        **manifest.extra["deepcache"], "gates": gates}}).save(folder)
+
+
+def test_auto_picks_the_variant_for_deepcache_only_where_cut_and_gated_at_n(cut, tmp_path):
     folder = fresh_copy(cut[0], tmp_path / "timed")
     record_times(folder, {"fp32-openvino": StepTime(1.0, (2, 64, 64), "test"),
                           VARIANT: StepTime(0.5, (2, 64, 64), "test")})
-    assert choose(folder, "openvino", deepcache=True).precision == "int8-hybrid"
+    _with_gates(folder, {f"{VARIANT}/2": {"passed": True}, f"{VARIANT}/3": {"passed": False}})
+    chosen = {n: choose(folder, "openvino", deepcache=n).precision for n in (None, 2, 3, 4, 0)}
+    # no DeepCache, or its gate passed at N; failed at 3, none at 4, N not known yet (0)
+    assert chosen == {None: "int8-hybrid", 2: "int8-hybrid", 3: "fp32", 4: "fp32", 0: "fp32"}
+    assert "gated for DeepCache N=3" in choose(folder, "openvino", deepcache=3).reason
     assert choose(folder, "openvino", keeps_unet=True).precision == "fp32"  # LoRAs: fp32 graph
+    shown = CliRunner().invoke(main, ["generate", "a cat", "--model", str(folder), "--backend",
+                                      "openvino", "--deepcache", "2", "--dry-run"])
+    assert "runs on: openvino int8-hybrid" in shown.output, shown.output
     uncut = fresh_copy(folder, tmp_path / "uncut")
     shutil.rmtree(uncut / CUT)
     manifest = Manifest.load(uncut)
     dataclasses.replace(manifest, files={p: e for p, e in manifest.files.items()
                                          if not p.startswith(CUT)}).save(uncut)
     assert choose(uncut, "openvino").precision == "int8-hybrid"
-    assert choose(uncut, "openvino", deepcache=True).precision == "fp32"
+    assert choose(uncut, "openvino", deepcache=2).precision == "fp32"
     with pytest.raises(InputError, match="--precision int8-hybrid --backend openvino --force"):
         Pipeline.load(uncut, "openvino", precision="int8-hybrid", deepcache=True)
     with pytest.raises(ModelError, match="variant of 'uncut' has no DeepCache graphs"):
@@ -124,3 +139,16 @@ def test_the_gate_holds_a_variants_cached_run_to_fp32(cut, tmp_path, monkeypatch
     assert passed["figures"]["adherence_uncached"] == 0.89
     assert passed["passed"], passed  # at the limit
     assert not failed["passed"] and "below fp32 0.900" in failed["reasons"][0]
+
+
+def test_the_estimate_and_the_flop_count_read_the_variants_cut(cut):
+    from sdrt.benchmarks.flops import counted_graph
+    from sdrt.benchmarks.low_memory import scenario_estimate
+
+    folder = cut[0]
+    plain, cached = (scenario_estimate("end_to_end", folder, "openvino", "int8-hybrid", 64, 64,
+                                       interval) for interval in (None, 2))
+    assert cached > plain  # the shallow IR graph's own files and session, one row more
+    for name in (FULL_IR, SHALLOW_IR):  # counted as the fp32 cut's operations
+        assert counted_graph(folder, folder / CUT / name) == \
+            folder / "unet" / "deepcache" / name.replace(".xml", ".onnx")
