@@ -86,13 +86,17 @@ class CachedUNet:
         return out["out_sample"]
 
 
+def _own_unet(variant: Variant | None) -> str | None:
+    """The UNet graph file `variant` runs instead of the fp32 one (None: it runs the fp32 one)."""
+    own = variant.components.get("unet") if variant is not None else None
+    return own.file if own is not None else None
+
+
 def graphs_dir(folder: Path, variant: Variant | None = None) -> Path:
     """Where the DeepCache graphs of `variant`'s UNet live: deepcache/ beside the variant's own
     UNet graph, else the fp32 cut's unet/deepcache/."""
-    own = variant.components.get("unet") if variant is not None else None
-    if own is not None and own.file:
-        return (folder / own.file).parent / Path(DEEPCACHE_DIR).name
-    return folder / DEEPCACHE_DIR
+    own = _own_unet(variant)
+    return (folder / own).parent / Path(DEEPCACHE_DIR).name if own else folder / DEEPCACHE_DIR
 
 
 def find_graphs(folder: Path, variant: Variant | None = None) -> tuple[Path, Path] | None:
@@ -106,8 +110,7 @@ def find_graphs(folder: Path, variant: Variant | None = None) -> tuple[Path, Pat
 
 def uncut_variant(folder: Path, variant: Variant) -> bool:
     """Whether `variant` runs a UNet graph of its own that no DeepCache graphs were cut from."""
-    return graphs_dir(folder, variant) != graphs_dir(folder) \
-        and find_graphs(folder, variant) is None
+    return _own_unet(variant) is not None and find_graphs(folder, variant) is None
 
 
 def graph_paths(folder: Path, variant: Variant | None = None) -> tuple[Path, Path]:
@@ -121,7 +124,7 @@ def graph_paths(folder: Path, variant: Variant | None = None) -> tuple[Path, Pat
 def missing_graphs(folder: Path, variant: Variant | None = None) -> str:
     """What to run when `variant` (None: fp32) has no DeepCache graphs."""
     make = f"`python -m sdrt.export.deepcache {folder}`"
-    if graphs_dir(folder, variant) == folder / DEEPCACHE_DIR:
+    if _own_unet(variant) is None:
         return f"'{folder.name}' has no DeepCache graphs; make them with {make}"
     if variant.backend != "openvino":  # quantize cuts OpenVINO IR UNets only
         return (f"the {variant.key} variant has a UNet graph of its own, without DeepCache "
