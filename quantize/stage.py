@@ -54,6 +54,11 @@ DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet"
 # which alone lost none) the pair lost 4 points, and 4.5 with the text encoder's int8 weights
 # too, which buy no speed; `--components unet,vae_decoder` still makes the pair, gated.
 DEFAULTS = {"bf16": (*DEFAULT_COMPONENTS, "vae_decoder"), "int8-hybrid": ("unet", "transformer")}
+# int8-hybrid on a CPU with native bf16 runs these graphs, when it does not quantize them, in
+# bf16 (no file): the hybrid UNet's float ops run in bf16 there already (quantize/openvino.py),
+# and an fp32 decoder beside it would take twice the bf16 one's time (a 512² decode is 2.5
+# TFLOP). The variant's gate generates with them, so it gates the whole set.
+BF16_REMAINDER = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
 CALIBRATION_PROMPT_COUNT = 16  # × steps UNet calls: 320 samples at 20 steps
 # Prompt i is recorded at CALIBRATION_GUIDANCE[i % 4] × the model's guidance scale
 # (calibration.record_inputs): on the embedded model, 16 prompts over these scales left the int8
@@ -225,12 +230,26 @@ def _make_variant(folder: Path, manifest: Manifest, options: QuantizeOptions, ba
                                manifest.component_path(folder, name), folder, out, feeds.get(name))
               for name in components}
     method = maker.METHODS[options.precision]
+    remainder = _bf16_remainder(maker, options.precision, manifest, chosen)
+    if remainder:
+        chosen.update(remainder)
+        method += f"; {', '.join(remainder)} in bf16 (their fp32 graphs)"
     if backend == "openvino" and "unet" in chosen and chosen["unet"].file:
         from sdrt.quantize.deepcache_ir import make_deepcache_ir
 
         if make_deepcache_ir(folder, folder / chosen["unet"].file):
             method += "; DeepCache graphs cut from this UNet (deepcache_ir.py)"
     return Variant(options.precision, backend, chosen), method
+
+
+def _bf16_remainder(maker: ModuleType, precision: str, manifest: Manifest,
+                    chosen: dict[str, ComponentVariant]) -> dict[str, ComponentVariant]:
+    """For int8-hybrid on a CPU with native bf16: the float graphs it leaves unquantized
+    (BF16_REMAINDER), run in bf16 as the bf16 variant runs them; nothing elsewhere."""
+    if precision != "int8-hybrid" or not maker.bf16_supported():
+        return {}
+    return {name: ComponentVariant(execution="bf16") for name in BF16_REMAINDER
+            if name in manifest.components and name not in chosen}
 
 
 def native_bf16(maker: ModuleType) -> None:

@@ -8,6 +8,7 @@ models such as the embedded one (benchmarks/quantize_gates.md).
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -71,14 +72,19 @@ def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
                                        f"--backend {backend}")
     variant = Variant.from_json(entry)
     made = {"int8-hybrid": {"unet"}, "bf16": {"text_encoder", "unet", "vae_decoder"}}
+    if precision == "int8-hybrid":  # its float remainder runs bf16 where that is native
+        from sdrt.quantize.openvino import bf16_supported
+
+        native = bf16_supported()
+        assert variant.execution("unet") == ("bf16" if native else "f32")
+        if native:  # and so do the graphs it leaves unquantized (stage.BF16_REMAINDER)
+            made["int8-hybrid"] |= {"text_encoder", "vae_decoder"}
+            assert variant.execution("vae_decoder") == variant.execution("text_encoder") == "bf16"
+            assert variant.components["vae_decoder"].file is None
     assert set(variant.components) == made.get(precision, {"text_encoder", "unet"})
     for rel in variant.files:  # listed with their sha256, so verify_files covers them
         assert rel.startswith(f"variants/{precision}-{backend}/")
         assert manifest.files[rel].sha256 == sha256_file(folder / rel)
-    if precision == "int8-hybrid":  # the UNet's float remainder runs bf16 where it is native
-        from sdrt.quantize.openvino import bf16_supported
-
-        assert variant.execution("unet") == ("bf16" if bf16_supported() else "f32")
     # the folder has fp32 DeepCache graphs: an OpenVINO UNet of the variant's own is cut too
     own_unet = "unet" in variant.components and variant.components["unet"].file is not None
     cut = backend == "openvino" and own_unet
@@ -90,6 +96,24 @@ def test_each_precision_is_made_gated_and_listed(quantized, precision, backend):
     else:
         assert entry["bytes"]["unet"]["variant"] < entry["bytes"]["unet"]["fp32"]
     manifest.verify_files(folder)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_hybrid_runs_its_float_graphs_in_bf16_only_where_native(monkeypatch, native):
+    """On a CPU with native bf16, int8-hybrid adds the graphs it does not quantize, at bf16
+    execution and with no file; a graph it quantizes keeps its own; elsewhere it adds none."""
+    from sdrt.quantize import openvino as ov_recipes
+    from sdrt.quantize.stage import _bf16_remainder
+    from sdrt.runtime.model.variants import ComponentVariant
+
+    monkeypatch.setattr(ov_recipes, "bf16_supported", lambda: native)
+    manifest = SimpleNamespace(components=dict.fromkeys(
+        ("text_encoder", "unet", "vae_decoder", "vae_encoder")))  # what the remainder reads
+    decoder = ComponentVariant("variants/int8-hybrid-openvino/vae_decoder/openvino_model.xml")
+    chosen = {"unet": ComponentVariant("variants/x.xml", "bf16"), "vae_decoder": decoder}
+    added = _bf16_remainder(ov_recipes, "int8-hybrid", manifest, chosen)
+    assert added == ({"text_encoder": ComponentVariant(execution="bf16")} if native else {})
+    assert _bf16_remainder(ov_recipes, "int8", manifest, {}) == {}
 
 
 def test_bf16_is_refused_without_native_bf16(tiny_onnx_dir, tmp_path, monkeypatch):
