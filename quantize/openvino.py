@@ -6,9 +6,9 @@
 - int4: weight-only compression, symmetric in groups of INT4_GROUP_SIZE input channels
   (INT4_SYM; NNCF keeps convolutions and the embedding at int8), group sizes adjusted down
   where a layer's width is not a multiple.
-- int8-hybrid: the UNet with int8 convolutions and MatMul weights, its most sensitive
-  convolutions kept float by measurement (unet_int8.py); the VAE decoder, when named, with int8
-  convolutions (decoder_int8.py); other graphs get int8 weights.
+- int8-hybrid: the UNet with int8 convolutions, and int8 MatMuls where the CPU has int8 dot
+  products (VNNI) or int8 MatMul weights elsewhere (unet_int8.py); the VAE decoder, when named,
+  with int8 convolutions (decoder_int8.py); other graphs get int8 weights.
   On CPUs with native bf16 the hybrid graphs' float remainder (the MatMuls' compute,
   normalisations, softmax) runs in bf16, as OpenVINO chooses by itself on AMX CPUs (the earlier
   hybrid recipe's step took 0.36× fp32's time so against 0.44× in f32 on AVX-512 BF16).
@@ -27,6 +27,7 @@ from sdrt.quantize.decoder_int8 import METHOD as DECODER_METHOD
 from sdrt.quantize.decoder_int8 import decoder_int8
 from sdrt.quantize.unet_int8 import METHOD as UNET_METHOD
 from sdrt.quantize.unet_int8 import unet_int8
+from sdrt.runtime.machine import has_int8_dot_products
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
     elif precision == "int8-hybrid" and component == DECODER:
         compressed = decoder_int8(model, feeds or [])
     elif needs_calibration(precision, component):
-        compressed = unet_int8(model, feeds or [])
+        compressed = unet_int8(model, feeds or [], int8_matmuls=has_int8_dot_products())
     elif precision in ("int8", "int8-hybrid"):
         compressed = weights_int8(model)
     elif precision == "int4":

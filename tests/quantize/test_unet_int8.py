@@ -1,7 +1,8 @@
 """quantize/unet_int8.py on the tiny random UNet: what the recipe must hold, read off the graph
-it writes (int8 convolutions; MatMuls, the attention products included, fed by no activation
-quantizer; the weighted MatMuls' weights int8), and outputs near fp32's on recorded inputs. The
-embedded model's gate figures: benchmarks/quantize_gates.md."""
+it writes (int8 convolutions; without VNNI, MatMuls, the attention products included, fed by no
+activation quantizer and the weighted MatMuls' weights int8; with VNNI, the weighted MatMuls and
+self-attention's QKᵀ int8 and cross-attention's products float), and outputs near fp32's on recorded
+inputs. The embedded model's gate figures: benchmarks/quantize_gates.md."""
 
 import numpy as np
 import pytest
@@ -40,6 +41,16 @@ def recipe(tiny_onnx_dir):
     return ov.Core().read_model(path), quantized, feeds, weighted
 
 
+@pytest.fixture(scope="module")
+def vnni_recipe(tiny_onnx_dir, recipe):
+    import openvino as ov
+
+    source, _, feeds, weighted = recipe
+    path = str(tiny_onnx_dir / "unet" / "model.onnx")
+    return source, unet_int8.unet_int8(ov.Core().read_model(path), feeds, int8_matmuls=True), \
+        feeds, weighted
+
+
 def test_convolutions_are_int8_and_every_matmul_computes_in_float(recipe):
     _, quantized, _, weighted = recipe
     ops = quantized.get_ops()
@@ -55,10 +66,26 @@ def test_convolutions_are_int8_and_every_matmul_computes_in_float(recipe):
                               for op in compressed)  # int8 weights, dequantized
 
 
-def test_outputs_stay_near_fp32s(recipe):
+def test_with_vnni_weighted_matmuls_and_self_attention_are_int8(vnni_recipe):
+    _, quantized, _, weighted = vnni_recipe
+    matmuls = [op for op in quantized.get_ops() if op.get_type_name() == "MatMul"]
+    int8 = {op.get_friendly_name() for op in matmuls if _fed_by(op, "FakeQuantize")}
+    products = [op.get_friendly_name() for op in matmuls
+                if op.get_friendly_name() not in weighted]
+    self_attention = {name for name in products if unet_int8.SELF_ATTENTION in name}
+    cross_attention = {name for name in products if "attn2" in name}
+    assert self_attention and cross_attention  # diffusers' names survive the export
+    # NNCF's transformer patterns quantize QKᵀ's operands, not softmax's output
+    scores = {name for name in self_attention if name.endswith("/attn1/MatMul")}
+    assert scores and scores <= int8 and not cross_attention & int8
+    assert {op.get_friendly_name() for op in matmuls} - set(products) <= int8
+
+
+@pytest.mark.parametrize("fixture", ["recipe", "vnni_recipe"])
+def test_outputs_stay_near_fp32s(request, fixture):
     import openvino as ov
 
-    source, quantized, feeds, _ = recipe
+    source, quantized, feeds, _ = request.getfixturevalue(fixture)
     core = ov.Core()
     reference = core.compile_model(source, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     int8 = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
