@@ -1,4 +1,5 @@
-"""UNet size and step time of each precision variant against fp32 on the same backend.
+"""UNet size and step time of each precision variant against fp32 (or `--reference`) on the same
+backend.
 
 One model folder, one process: for each variant (`precision-backend`, fp32 included) the
 pipeline is loaded, the UNet is called once (OpenVINO compiles the shape then; timed apart) and
@@ -9,7 +10,7 @@ execution-only precision such as bf16). Variants must be listed in the folder's 
 
 Usage: python -m sdrt.benchmarks.unet_step --model DIR
        [--variants fp32-ort,int8-ort,fp32-openvino,int8-openvino] [--batch 2] [--size 512]
-       [--runs 3] [--threads N] [--json FILE]
+       [--runs 3] [--threads N] [--reference bf16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -59,26 +60,28 @@ def measure(folder: Path, key: str, *, batch: int, size: int, runs: int,
             "step_s": times, "step_median_s": statistics.median(times)}
 
 
-def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's size and median step as a fraction of fp32's on the same backend."""
-    fp32 = {row["backend"]: row for row in rows if row["precision"] == "fp32"}
+def with_ratios(rows: list[dict], reference: str = "fp32") -> list[dict]:
+    """Each row's size and median step as a fraction of the `reference` precision's on the same
+    backend (keys `size_vs_<reference>`, `step_vs_<reference>`)."""
+    base_rows = {row["backend"]: row for row in rows if row["precision"] == reference}
     for row in rows:
-        base = fp32.get(row["backend"])
+        base = base_rows.get(row["backend"])
         if base is not None:
-            row["size_vs_fp32"] = row["unet_bytes"] / base["unet_bytes"]
-            row["step_vs_fp32"] = row["step_median_s"] / base["step_median_s"]
+            row[f"size_vs_{reference}"] = row["unet_bytes"] / base["unet_bytes"]
+            row[f"step_vs_{reference}"] = row["step_median_s"] / base["step_median_s"]
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    lines = ["| variant | UNet size | × fp32 | first call | step (median) | × fp32 step |",
-             "|---|---|---|---|---|---|"]
+def table(rows: list[dict], reference: str = "fp32") -> str:
+    """The rows as a Markdown table, ratios against `reference` (with_ratios)."""
+    lines = [f"| variant | UNet size | × {reference} | first call | step (median) | "
+             f"× {reference} step |", "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['variant']} | {row['unet_bytes'] / 1e9:.2f} GB | "
-            f"{row.get('size_vs_fp32', float('nan')):.3f} | {row['first_call_s']:.2f} s | "
-            f"{row['step_median_s']:.3f} s | {row.get('step_vs_fp32', float('nan')):.3f} |")
+            f"{row.get(f'size_vs_{reference}', float('nan')):.3f} | "
+            f"{row['first_call_s']:.2f} s | {row['step_median_s']:.3f} s | "
+            f"{row.get(f'step_vs_{reference}', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -90,14 +93,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reference", default="fp32",
+                        help="the precision ratios are against, e.g. bf16 (in --variants)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = [measure(args.model, key, batch=args.batch, size=args.size, runs=args.runs,
                     threads=args.threads) for key in args.variants.split(",")]
-    rows = with_ratios(rows)
+    rows = with_ratios(rows, args.reference)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", "utf-8")
-    print(table(rows))
+    print(table(rows, args.reference))
 
 
 if __name__ == "__main__":
