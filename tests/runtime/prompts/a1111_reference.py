@@ -160,7 +160,9 @@ def encode(model, ids: np.ndarray, multipliers: np.ndarray, *, layer: int | None
             z = out.last_hidden_state if layer is None else out.hidden_states[layer]
             if pooled is None and hasattr(out, "text_embeds"):
                 pooled = out.text_embeds.numpy()
-            if emphasis != "none":
+            # All weights 1: z·1 rescaled by mean/mean is z. Skipping it also avoids 0/0 where a
+            # tiny random encoder's chunk has a mean of exactly 0 (seen on an AMX Xeon).
+            if emphasis != "none" and not np.all(mult == 1.0):
                 before = z.mean()
                 z = z * torch.tensor(mult).reshape(1, -1, 1)
                 if emphasis == "original":
