@@ -29,6 +29,7 @@ from sdrt.runtime.deepcache import DEEPCACHE_DIR
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.machine import has_native_bf16
 from sdrt.runtime.model.folder import graph_file
+from sdrt.runtime.model.graph_files import external_bytes
 from sdrt.runtime.model.variants import VARIANTS_DIR, Variant
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def graph_macs(graph: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     not read): Conv, ConvTranspose, MatMul and Gemm, at the shapes ORT's symbolic shape
     inference gives every tensor."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import uses_external_data
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(graph), load_external_data=False)
@@ -67,7 +68,7 @@ def graph_macs(graph: Path, shapes: dict[str, tuple[int, ...]]) -> int:
         if not uses_external_data(tensor):
             inline.append(tensor)
         elif math.prod(tensor.dims) <= SHAPE_CONSTANT:
-            load_external_data_for_tensor(tensor, str(graph.parent))
+            tensor.raw_data = external_bytes(graph, tensor)  # not onnx's: hard links
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
             inline.append(tensor)

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import onnx
 from sdrt.quantize.ort_weights import METHOD as WEIGHT_ONLY
 from sdrt.quantize.ort_weights import quantize_weights
 from sdrt.runtime.memory.estimate import graph_bytes
+from sdrt.runtime.model.graph_files import vet_graph
 
 GRAPH_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one serialised ONNX message; bigger graphs keep external data
@@ -62,18 +66,39 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
                feeds: list[dict[str, np.ndarray]] | None) -> Path:
     """Write the `precision` variant of the ONNX graph `src` into `dest_dir`; its path."""
     dest = dest_dir / GRAPH_NAME
-    external = _has_external_data(src)
-    if precision == "fp16":
-        to_fp16(src, dest)
-    elif precision == "int8" and component in STATIC_COMPONENTS and streamed(src):
-        quantize_weights(src, dest)
-    elif needs_calibration(precision, component, src):
-        int8_static(src, dest, feeds or [], external=external)
-    elif precision == "int8":
-        int8_dynamic(src, dest, external=external)
-    else:
-        raise ValueError(f"onnxruntime makes no {precision} graphs")
+    if precision == "int8" and component in STATIC_COMPONENTS and streamed(src):
+        quantize_weights(src, dest)  # reads the weights itself, one tensor at a time
+        return dest
+    with _unlinked(src, dest_dir) as graph:
+        external = bool(_data_files(graph))
+        if precision == "fp16":
+            to_fp16(graph, dest)
+        elif needs_calibration(precision, component, src):
+            int8_static(graph, dest, feeds or [], external=external)
+        elif precision == "int8":
+            int8_dynamic(graph, dest, external=external)
+        else:
+            raise ValueError(f"onnxruntime makes no {precision} graphs")
     return dest
+
+
+@contextmanager
+def _unlinked(src: Path, scratch: Path) -> Iterator[Path]:
+    """`src`, or a scratch copy of it in `scratch` where a weights file of it has other hard
+    links: onnx's loader (1.23), which onnxruntime's tools use, refuses such files, and sdrt
+    hard-links a UNet's weights where two graphs share them (DeepCache). A copy on disk, not the
+    model loaded into memory: the quantizers would copy a loaded 3.4 GB UNet twice more."""
+    files = _data_files(src)
+    if all((src.parent / name).stat().st_nlink == 1 for name in files):
+        yield src
+        return
+    vet_graph(src, "ort", versions=False)  # the names copied must lie beside the graph
+    with tempfile.TemporaryDirectory(prefix=".unlinked-", dir=scratch) as folder:
+        copy = Path(folder) / src.name
+        for name in (src.name, *files):
+            (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.parent / name, Path(folder) / name)
+        yield copy
 
 
 def to_fp16(src: Path, dest: Path) -> None:
@@ -122,7 +147,10 @@ def int8_static(src: Path, dest: Path, feeds: list[dict[str, np.ndarray]], *,
                     use_external_data_format=external)
 
 
-def _has_external_data(src: Path) -> bool:
-    """Whether the graph keeps its weights beside it (optimum's `model.onnx_data`)."""
+def _data_files(src: Path) -> list[str]:
+    """The files beside graph `src` that hold its weights (optimum's `model.onnx_data`), by the
+    names its initializers give."""
     model = onnx.load(str(src), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return sorted({entry.value for tensor in model.graph.initializer
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})

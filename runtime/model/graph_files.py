@@ -114,6 +114,20 @@ def version_refusal(path: Path, backend: str) -> str | None:
         return None
 
 
+def external_bytes(graph: Path, tensor) -> bytes:
+    """The bytes of one ONNX tensor (`onnx.TensorProto`) stored in a file beside `graph`, after
+    the checks `vet_graph` makes. onnx's own loader (1.23) refuses a data file with more than one
+    hard link, and sdrt hard-links a UNet's weights where two graphs share them (DeepCache)."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    ref = ExternalRef(tensor.name, entries.get("location"), entries.get("offset"),
+                      entries.get("length"))
+    data = _external_file(graph, ref, confinement_roots(graph.parent))
+    _check_range(graph, ref, data.stat().st_size)
+    with open(data, "rb") as handle:
+        handle.seek(int(ref.offset or 0))
+        return handle.read(-1 if ref.length is None else int(ref.length))
+
+
 def _read(path: Path):
     try:
         return read_stamps(path)

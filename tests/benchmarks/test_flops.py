@@ -140,3 +140,29 @@ def test_without_openvino_the_ceilings_are_unknown(monkeypatch):
 
     monkeypatch.setattr(matmul_peak, "ceilings", missing)
     assert bench._ceilings(None, False) == {"fp32": None, "bf16": None, "int8": None}
+
+
+def test_weights_shared_by_hard_link_are_counted(tmp_path, cache):
+    """sdrt hard-links a UNet's weights into its DeepCache graphs' folder; onnx's loader refuses
+    such files, so the shape constants are read by sdrt's own vetted reader."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones((8, 4), np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 2], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Reshape", ["y", "shape"], ["z"]),
+             helper.make_node("MatMul", ["z", "v"], ["out"])]
+    inits.append(numpy_helper.from_array(np.ones((2, 5), np.float32), "v"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", 8])], [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "unet" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+              save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    (tmp_path / "unet" / "deepcache").mkdir()
+    (tmp_path / "unet" / "deepcache" / "model.onnx_data").hardlink_to(
+        path.with_name("model.onnx_data"))
+    # (3, 8) @ (8, 4) → (3, 4) → reshaped (6, 2) @ (2, 5): the second needs the shape's values
+    assert flops.graph_macs(path, {"x": (3, 8)}) == 3 * 8 * 4 + 6 * 2 * 5
