@@ -70,13 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, default=HERE / "embedded" / "tiny_vae" / "train_log.jsonl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=10_000, help="training images rendered")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--latent-noise", type=float, default=0.1,
                    help="std of the extra noise on half of each batch's latents (UNet scale)")
     p.add_argument("--fg-gain", type=float, default=4.0, help="extra loss weight on shapes")
-    p.add_argument("--minutes", type=float, default=14.0,
+    p.add_argument("--minutes", type=float, default=60.0,
                    help="wall-clock cap on training; stopping early is logged")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)

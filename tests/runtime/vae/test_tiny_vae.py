@@ -186,8 +186,8 @@ def test_embedded_tiny_vae_keeps_the_image_psnr_floor():
     assert result["figures"]["image_psnr_db"] >= MIN_TINY_VAE_PSNR_DB, result
 
 
-@pytest.mark.xfail(strict=True, reason="not met: the distilled decoder loses 10 adherence "
-                   "points against the full VAE (0.785 vs 0.885 on 200 captions), limit 3")
+@pytest.mark.xfail(strict=True, reason="not met: the distilled decoder loses 3.5 adherence "
+                   "points against the full VAE (0.850 vs 0.885 on 200 captions), limit 3")
 def test_embedded_tiny_vae_passes_its_gate():
     manifest = TinyVaeManifest.load(EMBEDDED_TINY_VAE / "onnx")
     assert all(g["passed"] for g in manifest.extra["gates"])
