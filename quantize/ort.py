@@ -102,10 +102,15 @@ def _unlinked(src: Path, scratch: Path) -> Iterator[Path]:
 
 
 def to_fp16(src: Path, dest: Path) -> None:
-    """float16 weights and compute, float32 graph inputs and outputs."""
+    """float16 weights and compute, float32 graph inputs and outputs. The types are inferred
+    before the weights are read: onnx's shape inference serialises the model it is given, which
+    fails past protobuf's 2 GiB (SD 1.5's UNet is 3.4 GB)."""
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    load_external_data_for_model(model, str(src.parent))
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     onnx.save_model(model, str(dest), save_as_external_data=weights > PROTOBUF_LIMIT // 2,
                     all_tensors_to_one_file=True, location=dest.name + "_data")
