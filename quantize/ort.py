@@ -69,8 +69,9 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
     if precision == "int8" and component in STATIC_COMPONENTS and streamed(src):
         quantize_weights(src, dest)  # reads the weights itself, one tensor at a time
         return dest
-    with _unlinked(src, dest_dir) as graph:
-        external = bool(_data_files(graph))
+    files = _data_files(src)
+    external = bool(files)
+    with _unlinked(src, files, dest_dir) as graph:
         if precision == "fp16":
             to_fp16(graph, dest)
         elif needs_calibration(precision, component, src):
@@ -83,12 +84,11 @@ def make_graph(precision: str, component: str, src: Path, dest_dir: Path,
 
 
 @contextmanager
-def _unlinked(src: Path, scratch: Path) -> Iterator[Path]:
-    """`src`, or a scratch copy of it in `scratch` where a weights file of it has other hard
-    links: onnx's loader (1.23), which onnxruntime's tools use, refuses such files, and sdrt
-    hard-links a UNet's weights where two graphs share them (DeepCache). A copy on disk, not the
-    model loaded into memory: the quantizers would copy a loaded 3.4 GB UNet twice more."""
-    files = _data_files(src)
+def _unlinked(src: Path, files: list[str], scratch: Path) -> Iterator[Path]:
+    """`src`, or a scratch copy of it in `scratch` where one of its weights `files` (_data_files)
+    has other hard links: onnx's loader (1.23), which onnxruntime's tools use, refuses such files,
+    and sdrt hard-links a UNet's weights where two graphs share them (DeepCache). A copy on disk,
+    not the model loaded into memory: the quantizers would copy a loaded 3.4 GB UNet twice more."""
     if all((src.parent / name).stat().st_nlink == 1 for name in files):
         yield src
         return
